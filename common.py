@@ -1,0 +1,97 @@
+"""Small helpers shared by every script: the user-facing error, atomic folder writes,
+device and precision choices."""
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class GrafitoError(Exception):
+    """A problem the user can fix (bad input, missing file, offline); printed without a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(); a GrafitoError becomes one 'error:' line and exit status 2."""
+    try:
+        main()
+    except GrafitoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir):
+    """Yield a fresh temporary folder beside final_dir; on success it replaces final_dir.
+
+    An interrupted write leaves final_dir untouched. The swap is two renames; if the process
+    dies between them, final_dir is missing and `<final_dir>.old` holds the previous
+    version, which recover_dir() puts back.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final_dir.with_name(final_dir.name + ".old")
+    if final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final_dir):
+    """Finish a swap that atomic_dir() could not complete."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if not final_dir.exists() and old.exists():
+        os.replace(old, final_dir)
+
+
+def resolve_device(device):
+    """'auto' picks cuda, then mps, then cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bfloat16 where the hardware runs it fast (Ampere+ GPUs, CPUs), else float16 on GPU."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "bfloat16"
+    if dtype not in DTYPES:
+        raise GrafitoError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise GrafitoError("dtype=float16 needs a CUDA device (it trains with a gradient scaler); "
+                           "use bfloat16 or float32 on the CPU")
+    return dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision for the forward pass: autocast in bf16/fp16, nothing in fp32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])

@@ -1,0 +1,579 @@
+"""GPT-2 in one file: the network, a KV cache and sampling for generation, and loading
+OpenAI's weights from the Hugging Face hub or a local folder exactly.
+
+Numerics follow OpenAI's GPT-2 as implemented by Hugging Face transformers: GELU with the
+tanh approximation, LayerNorm eps from the config (1e-5), tied token embedding and output
+weights, attention through scaled_dot_product_attention (flash kernels on GPU).
+"""
+
+import json
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import GrafitoError
+
+PRESETS = {  # OpenAI's four sizes; all use block_size 1024 and the 50257-token BPE
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases; False only for models trained from scratch
+    layer_norm_epsilon: float = 1e-5
+    vocab_multiple: int = 64  # embedding rows padded to a multiple of this (faster GPU matmuls)
+
+    def __post_init__(self):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise GrafitoError(f"GPTConfig.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.n_embd % self.n_head:
+            raise GrafitoError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GrafitoError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self):
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise GrafitoError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- the network
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx
+
+    def forward(self, x, cache=None, attn_mask=None, is_causal=True):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, attn_mask=None, is_causal=True):
+        x = x + self.attn(self.ln_1(x), cache, attn_mask, is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():
+            self.transformer.wte.weight[config.vocab_size:].zero_()  # padding rows: never a token
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; tied weights once; without the position embedding by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx, cache=None):
+        """Final-LayerNorm activations (B, T, n_embd); with a cache, idx continues the cached tokens."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} tokens exceed the model's block_size {self.config.block_size}")
+        if cache is None:
+            positions, attn_mask, is_causal = torch.arange(T, device=idx.device), None, True
+        else:
+            positions = cache.positions(T)
+            attn_mask, is_causal = cache.attention(T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x, cache, attn_mask, is_causal)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        """logits, loss = model(idx, targets).
+
+        Without targets: logits at every position, (B, T, vocab_size), and loss None.
+        With targets (B, T): positions whose target is -1 (any negative) are ignored, and the
+        output layer runs only at the supervised positions, so logits is (N, vocab_size) for
+        the N supervised positions in row-major order. loss is their cross-entropy, averaged
+        (loss_reduction='mean') or summed ('sum').
+        """
+        x = self.hidden_states(idx)
+        vocab = self.config.vocab_size
+        if targets is None:
+            return self.lm_head(x)[..., :vocab], None
+        supervised = targets >= 0
+        logits = self.lm_head(x[supervised])[:, :vocab]
+        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        if loss_reduction == "mean":
+            loss = loss / supervised.sum().clamp(min=1)  # no supervised token: loss 0, not NaN
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **options):
+        """nanoGPT's generate with a KV cache: idx (B, T) with up to max_new_tokens appended.
+
+        temperature=0 is greedy. Options: top_p, repetition_penalty, stop_ids (a row that
+        produces one stops; it is padded with that id until every row has stopped),
+        prompt_mask (B, T) for left-padded prompts of different lengths, generator.
+        """
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, **options))
+        return torch.cat([idx] + [t[:, None] for t in new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, stop_ids=(), prompt_mask=None, generator=None):
+        """Yield the next token of every row, (B,), one step at a time (see generate)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield from self._decode(idx, max_new_tokens, temperature, top_k, top_p,
+                                    repetition_penalty, stop_ids, prompt_mask, generator)
+        finally:
+            self.train(was_training)
+
+    def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                stop_ids, prompt_mask, generator):
+        block_size, (B, T) = self.config.block_size, idx.shape
+        if T > block_size:  # keep the most recent context, as nanoGPT does
+            idx, T = idx[:, -block_size:], block_size
+            prompt_mask = None if prompt_mask is None else prompt_mask[:, -block_size:]
+        # every token so far, for the penalty and for restarting the cache when the context fills
+        tokens = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+        real = torch.ones_like(tokens, dtype=torch.bool)
+        if prompt_mask is not None:
+            real[:, :T] = prompt_mask
+        seen = None
+        if repetition_penalty != 1.0:
+            counts = torch.zeros(B, self.config.vocab_size, device=idx.device)
+            seen = counts.scatter_add_(1, idx, real[:, :T].float()) > 0  # padding is not "seen"
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = KVCache(self.config, B, min(T + max_new_tokens, block_size), idx.device, prompt_mask)
+        logits = self._last_logits(idx, cache)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+            if len(stop):
+                token = torch.where(finished, stop[0], token)
+                finished |= torch.isin(token, stop)
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            tokens[:, T + step] = token
+            yield token
+            remaining = max_new_tokens - step - 1
+            if remaining == 0 or (len(stop) and bool(finished.all())):
+                return
+            if cache.length == cache.max_len:  # context full: restart from the most recent tokens
+                keep = max(block_size // 2, block_size - remaining)
+                upto = T + step + 1
+                window, window_mask = left_pad([row[ok][-keep:] for row, ok in zip(tokens[:, :upto], real[:, :upto])], 0)
+                cache = KVCache(self.config, B, min(window.shape[1] + remaining, block_size), idx.device, window_mask)
+                logits = self._last_logits(window, cache)
+            else:
+                logits = self._last_logits(token[:, None], cache)
+
+    def _last_logits(self, idx, cache):
+        return self.lm_head(self.hidden_states(idx, cache)[:, -1])[:, :self.config.vocab_size]
+
+    # ------------------------------------------------------------------------- weights I/O
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """GPT-2 from a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub repo id of
+        GPT-2 architecture, or a local folder with config.json and model.safetensors
+        (or pytorch_model.bin). overrides: block_size (crop the context), dropout."""
+        source = PretrainedSource(name_or_path)
+        config_file = source.config_file()
+        config = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
+        for key, value in overrides.items():
+            if key not in ("block_size", "dropout", "vocab_multiple"):
+                raise GrafitoError(f"from_pretrained: cannot override {key!r} of a pretrained model")
+            if key == "block_size" and value > config.block_size:
+                raise GrafitoError(f"block_size {value} exceeds the {config.block_size} positions "
+                                   f"{name_or_path} was trained with")
+            setattr(config, key, value)
+        config.__post_init__()
+        model = cls(config)
+        model.load_hf_state_dict(read_weights(source.weight_files()), source=str(name_or_path))
+        return model
+
+    def load_hf_state_dict(self, state, source="checkpoint"):
+        """Copy weights in Hugging Face GPT-2 layout (with or without the 'transformer.'
+        prefix) into this model; a missing or misshapen tensor is one error naming it."""
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        tied_head = state.pop("lm_head.weight", None)
+        problems, copies = [], []
+        for name, param in self._hf_params():
+            key = name.removeprefix("transformer.")
+            tensor = state.pop(key, None)
+            expected = _hf_shape(name, param, self.config)
+            if tensor is None:
+                problems.append(f"missing {key!r} (expected shape {tuple(expected)})")
+            elif tuple(tensor.shape) != tuple(expected):
+                if key == "wpe.weight" and tensor.shape[0] > expected[0] and tensor.shape[1] == expected[1]:
+                    tensor = tensor[:expected[0]]  # block_size below the trained context: crop
+                else:
+                    problems.append(f"{key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+                    continue
+            if tensor is not None:
+                copies.append((name, param, tensor))
+        if problems:
+            raise GrafitoError(f"{source}: weights do not fit this GPT-2 config: " + "; ".join(problems[:5])
+                               + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        with torch.no_grad():
+            for name, param, tensor in copies:
+                tensor = tensor.t() if _is_conv1d(name) else tensor
+                param[:tensor.shape[0]].copy_(tensor)  # wte fills the unpadded rows only
+        if tied_head is not None and not torch.equal(tied_head, self.transformer.wte.weight[:self.config.vocab_size].to(tied_head.dtype)):
+            raise GrafitoError(f"{source}: lm_head.weight differs from wte.weight; grafito needs GPT-2's tied output layer")
+        buffers = [k for k in state if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)]
+        unexpected = sorted(set(state) - set(buffers))
+        if unexpected:
+            warnings.warn(f"{source}: ignored {len(unexpected)} tensors that GPT-2 does not use: {unexpected[:5]}")
+
+    def hf_state_dict(self):
+        """Weights in Hugging Face GPT2LMHeadModel layout, loadable by transformers and by from_pretrained."""
+        if any(getattr(module, "merged", True) is False for module in self.modules()):
+            raise GrafitoError("this model has unmerged LoRA adapters; merge them (lora.merge_lora) "
+                               "or save the adapter instead")
+        state = {}
+        for name, param in self._hf_params():
+            tensor = param.detach()
+            if name == "transformer.wte.weight":
+                tensor = tensor[:self.config.vocab_size]
+            state[name] = (tensor.t() if _is_conv1d(name) else tensor).contiguous().cpu()
+        if not self.config.bias:  # export as GPT-2 with zero biases: same function, standard layout
+            for name, param in self.named_parameters():
+                if name.endswith("weight") and name.startswith(("transformer.h.", "transformer.ln_f")):
+                    state[name.removesuffix("weight") + "bias"] = torch.zeros(param.shape[0], dtype=param.dtype)
+        return state
+
+    def save_pretrained(self, directory):
+        """Write config.json and model.safetensors in Hugging Face GPT-2 format."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(hf_config(self.config), indent=2) + "\n")
+        save_file(self.hf_state_dict(), directory / "model.safetensors", metadata={"format": "pt"})
+
+    def _hf_params(self):
+        """(name, parameter) of every weight GPT-2 checkpoints hold; LoRA factors and the tied head excluded."""
+        for name, param in self.named_parameters():
+            if "lora_" not in name and name != "lm_head.weight":
+                yield name, param
+
+
+def _is_conv1d(name):
+    """OpenAI's checkpoints store these linear weights as (in, out) 'Conv1D' matrices."""
+    return name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+
+
+def _hf_shape(name, param, config):
+    if name == "transformer.wte.weight":
+        return (config.vocab_size, config.n_embd)
+    return tuple(reversed(param.shape)) if _is_conv1d(name) else tuple(param.shape)
+
+
+def hf_config(config):
+    """The config.json transformers writes for GPT-2, from a GPTConfig."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+        "n_positions": config.block_size, "n_ctx": config.block_size, "vocab_size": config.vocab_size,
+        "layer_norm_epsilon": config.layer_norm_epsilon, "activation_function": "gelu_new",
+        "n_inner": None, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "attn_pdrop": config.dropout, "embd_pdrop": config.dropout, "resid_pdrop": config.dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+    }
+
+
+def config_from_hf(hf, where="config.json"):
+    """GPTConfig from a Hugging Face GPT-2 config.json; anything GPT-2-incompatible is an error."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise GrafitoError(f"{where}: model_type is {hf['model_type']!r}; grafito loads GPT-2 (model_type 'gpt2') only")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+    if missing:
+        raise GrafitoError(f"{where}: missing {', '.join(missing)}; is this a GPT-2 config.json?")
+    unsupported = []
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        unsupported.append(f"activation_function={hf['activation_function']!r}")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        unsupported.append(f"n_inner={hf['n_inner']}")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
+        unsupported.append("non-standard attention scaling")
+    if hf.get("add_cross_attention"):
+        unsupported.append("cross-attention")
+    if hf.get("tie_word_embeddings", True) is False:
+        unsupported.append("untied output embeddings")
+    if unsupported:
+        raise GrafitoError(f"{where}: unsupported GPT-2 variant ({', '.join(unsupported)})")
+    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class PretrainedSource:
+    """Where pretrained GPT-2 files come from: a local folder or a hub repository.
+
+    config.json is fetched (and checked) before the weights, so a wrong model fails before
+    a multi-GB download.
+    """
+
+    def __init__(self, name_or_path):
+        self.name = str(name_or_path)
+        path = Path(self.name).expanduser()
+        self.folder = path if path.is_dir() else None
+        self.repo_id = HUB_REPOS.get(self.name)
+        if self.folder is None and self.repo_id is None:
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", self.name) and not self.name.startswith((".", "/", "~")):
+                self.repo_id = self.name
+            else:
+                raise GrafitoError(f"{self.name!r}: no such model folder, and not a GPT-2 name "
+                                   f"({', '.join(PRESETS)}) or a hub repo id (owner/name)")
+        self.hint = ("Pass a local folder instead (init_from=path/to/dir) holding config.json and "
+                     "model.safetensors, e.g. one written by GPT2LMHeadModel.save_pretrained, or retry "
+                     "online (unset HF_HUB_OFFLINE).")
+        if self.repo_id == self.name:
+            self.hint = f"No local folder {self.name!r} exists either. " + self.hint
+
+    def config_file(self):
+        if self.folder is None:
+            import hub
+
+            return hub.download(self.repo_id, "config.json", local_hint=self.hint)
+        config = self.folder / "config.json"
+        if not config.is_file():
+            raise GrafitoError(f"{self.folder} has no config.json: a model folder holds config.json and "
+                               f"model.safetensors (or pytorch_model.bin)")
+        return config
+
+    def weight_files(self):
+        if self.folder is not None:
+            for filename in WEIGHT_FILES:
+                if (self.folder / filename).is_file():
+                    return self._with_shards(self.folder / filename, lambda shard: self.folder / shard)
+            raise GrafitoError(f"{self.folder} has config.json but no weights ({', '.join(WEIGHT_FILES)})")
+        import hub
+
+        fetch = lambda filename: hub.download(self.repo_id, filename, local_hint=self.hint)
+        unavailable = None
+        for filename in WEIGHT_FILES:
+            try:
+                return self._with_shards(fetch(filename), fetch)
+            except hub.HubFileMissing:
+                continue
+            except hub.HubUnavailable as err:  # offline: another format may still be cached
+                unavailable = err
+        raise unavailable or GrafitoError(f"hub repo {self.repo_id!r} holds none of {', '.join(WEIGHT_FILES)}")
+
+    @staticmethod
+    def _with_shards(path, fetch):
+        if not path.name.endswith(".index.json"):
+            return [path]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return [fetch(shard) for shard in shards]
+
+
+def read_weights(files):
+    """One state dict from safetensors or PyTorch files (PyTorch ones with weights_only=True)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in files:
+        try:
+            if str(path).endswith(".safetensors"):
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:
+            raise GrafitoError(f"could not read weights from {path}: {type(err).__name__}: {err}") from None
+    return state
+
+
+# ----------------------------------------------------------------------------- KV cache and sampling
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions.
+
+    prompt_mask (B, T), True on real tokens, describes left-padded prompts of different
+    lengths: padding keys are never attended to and positions count from each row's first
+    real token.
+    """
+
+    def __init__(self, config, batch_size, max_len, device, prompt_mask=None):
+        self.shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.keys = [None] * config.n_layer
+        self.values = [None] * config.n_layer
+        self.max_len = max_len
+        self.device = device
+        self.length = 0
+        self.key_valid = None
+        self.pad_count = None
+        if prompt_mask is not None and not bool(prompt_mask.all()):
+            if bool((prompt_mask[:, 1:] < prompt_mask[:, :-1]).any()):
+                raise ValueError("prompt_mask must describe left padding: zeros, then ones, in every row")
+            self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=prompt_mask.device)
+            self.key_valid[:, :prompt_mask.shape[1]] = prompt_mask
+            self.pad_count = (~prompt_mask).sum(dim=1)
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far."""
+        if self.keys[layer] is None:  # allocated on first use, in the dtype the model computes in
+            self.keys[layer] = k.new_zeros(self.shape)
+            self.values[layer] = v.new_zeros(self.shape)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def positions(self, T):
+        positions = torch.arange(self.length, self.length + T, device=self.device)
+        if self.pad_count is None:
+            return positions
+        return (positions[None, :] - self.pad_count[:, None]).clamp(min=0)
+
+    def attention(self, T):
+        """(attn_mask, is_causal) for T new queries after the cached ones."""
+        if self.key_valid is None:
+            if T == 1:
+                return None, False  # one new token sees every cached key
+            if self.length == 0:
+                return None, True  # plain causal prefill: the fast kernels apply
+        query_pos = torch.arange(self.length, self.length + T, device=self.device)[:, None]
+        key_pos = torch.arange(self.length + T, device=self.device)[None, :]
+        mask = key_pos <= query_pos
+        if self.key_valid is not None:
+            # a padding query sees only itself, so its softmax never has an empty row (NaN)
+            mask = (mask & self.key_valid[:, None, None, :self.length + T]) | (key_pos == query_pos)
+        return mask, False
+
+
+def left_pad(sequences, pad_id):
+    """Token lists or 1-D tensors of different lengths -> (idx (B, T), prompt_mask (B, T))."""
+    sequences = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    width = max(len(s) for s in sequences)
+    device = sequences[0].device
+    idx = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool, device=device)
+    for i, s in enumerate(sequences):
+        if len(s):
+            idx[i, width - len(s):] = s
+            mask[i, width - len(s):] = True
+    return idx, mask
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                seen=None, generator=None):
+    """Next token ids (B,) from last-position logits (B, V)."""
+    logits = logits.float()
+    if seen is not None and repetition_penalty != 1.0:  # CTRL-style: push seen tokens down
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # smallest nucleus
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def training_flops(config, n_tokens, n_supervised, seq_len, lora=False):
+    """Matmul FLOPs of a forward+backward over n_tokens, logits at n_supervised positions.
+
+    Counts what grafito computes: the output layer only where the loss is taken, and with
+    LoRA no weight gradients for the frozen matrices (their backward is one matmul, not two).
+    Attention scores count all seq_len keys (PaLM's convention); LoRA's own tiny matmuls are left out.
+    """
+    C, L = config.n_embd, config.n_layer
+    weight_pass = 4 if lora else 6  # forward 2 + input grads 2 (+ weight grads 2 when trained)
+    body = weight_pass * 12 * L * C * C * n_tokens
+    attention = 12 * L * C * seq_len * n_tokens
+    head = weight_pass * C * config.vocab_size * n_supervised
+    return body + attention + head

@@ -1,0 +1,43 @@
+"""Test set-up: repository root on sys.path, offline hub, tokenizer cache from ../shared."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network; the offline errors are tested
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+
+GRAFITO_25K = SHARED / "data" / "grafito-25k"
+HH_RLHF_TEST = SHARED / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+needs_shared = pytest.mark.skipif(not GRAFITO_25K.exists(), reason="../shared data not present")
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: a random tiny transformers GPT-2 saved with save_pretrained; returns (folder, model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0, name="hf"):
+        torch.manual_seed(seed)
+        config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(config).eval()
+        with torch.no_grad():  # random biases and LayerNorm affines too, so every tensor is checked
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make

@@ -1,0 +1,217 @@
+"""GPT-2 numerics against transformers, the KV cache, sampling and the weight loader."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from common import GrafitoError
+from model import GPT, GPTConfig, KVCache, left_pad, sample_next
+
+
+def hf_logits(hf_model, idx):
+    with torch.no_grad():
+        return hf_model(idx).logits
+
+
+def original_layout(folder, out, n_layer, n_positions, as_bin=False):
+    """Rewrite a save_pretrained folder in the layout of OpenAI's hub files: no 'transformer.'
+    prefix, plus the attn.bias / attn.masked_bias buffers."""
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    state = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    for i in range(n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, n_positions)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if as_bin:
+        torch.save(state, out / "pytorch_model.bin")
+    else:
+        save_file(state, out / "model.safetensors")
+    return out
+
+
+SHAPES = [  # n_layer, n_head, n_embd, n_positions, vocab, block_size override
+    (2, 2, 32, 64, 97, None),
+    (3, 4, 64, 48, 130, 32),  # block_size below n_positions: wpe cropped
+    (1, 1, 48, 16, 64, None),
+]
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,n_positions,vocab,block", SHAPES)
+@pytest.mark.parametrize("layout", ["save_pretrained", "original", "original_bin"])
+def test_logits_match_transformers(hf_checkpoint, tmp_path, layout, n_layer, n_head, n_embd, n_positions, vocab, block):
+    folder, hf = hf_checkpoint(n_layer, n_head, n_embd, n_positions, vocab)
+    if layout != "save_pretrained":
+        folder = original_layout(folder, tmp_path / layout, n_layer, n_positions, as_bin=layout == "original_bin")
+    overrides = {"block_size": block} if block else {}
+    model = GPT.from_pretrained(folder, **overrides).eval()
+    T = block or n_positions
+    idx = torch.randint(0, vocab, (3, T))
+    logits, loss = model(idx)
+    assert loss is None
+    assert logits.shape == (3, T, vocab)
+    assert (logits - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_gpt2_presets_have_openai_sizes():
+    sizes = {name: GPT(GPTConfig.preset(name, n_layer=1)).config for name in ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]}
+    assert [(c.n_head, c.n_embd) for c in sizes.values()] == [(12, 768), (16, 1024), (20, 1280), (25, 1600)]
+    full = GPT(GPTConfig.preset("gpt2"))
+    assert full.num_params() == 124_439_808 - 1024 * 768 + 47 * 768  # HF count minus wpe, plus padded rows
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=90)).eval()
+    model.save_pretrained(tmp_path / "ours")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = torch.randint(0, 90, (2, 24))
+    assert (model(idx)[0] - hf_logits(hf, idx)).abs().max().item() <= 1e-5
+    again = GPT.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(again(idx)[0], model(idx)[0])
+
+
+def test_model_without_biases_exports_as_zero_biases(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=False)).eval()
+    model.save_pretrained(tmp_path / "nobias")
+    idx = torch.randint(0, 50, (1, 16))
+    assert torch.allclose(GPT.from_pretrained(tmp_path / "nobias").eval()(idx)[0], model(idx)[0], atol=1e-6)
+
+
+def test_masked_loss_equals_full_logits_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=70)).eval()
+    idx = torch.randint(0, 70, (4, 32))
+    targets = torch.randint(0, 70, (4, 32))
+    targets[torch.rand(4, 32) < 0.6] = -1
+    logits_sup, loss = model(idx, targets)
+    full_logits, _ = model(idx)
+    expected = F.cross_entropy(full_logits.view(-1, 70), targets.view(-1), ignore_index=-1)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert logits_sup.shape == ((targets >= 0).sum().item(), 70)
+    _, loss_sum = model(idx, targets, loss_reduction="sum")
+    assert torch.allclose(loss_sum, expected * (targets >= 0).sum(), rtol=1e-5)
+    _, no_loss = model(idx, torch.full_like(targets, -1))
+    assert no_loss.item() == 0.0
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=40, vocab_size=80)).eval()
+    idx = torch.randint(0, 80, (2, 40))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, 40, "cpu")
+    with torch.no_grad():
+        steps = [model.lm_head(model.hidden_states(idx[:, :7], cache))]  # prefill
+        steps += [model.lm_head(model.hidden_states(idx[:, t:t + 1], cache)) for t in range(7, 30)]
+        steps += [model.lm_head(model.hidden_states(idx[:, 30:], cache))]  # a chunk after the cache
+    incremental = torch.cat(steps, dim=1)[..., :80]
+    assert (incremental - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=60)).eval()
+    prompts = [torch.randint(0, 60, (n,)) for n in (5, 11, 8)]
+    idx, mask = left_pad(prompts, pad_id=0)
+    batched = model.generate(idx, 12, temperature=0, prompt_mask=mask)[:, idx.shape[1]:]
+    for row, prompt in zip(batched, prompts):
+        alone = model.generate(prompt[None], 12, temperature=0)[0, len(prompt):]
+        assert torch.equal(row, alone)
+
+
+def test_greedy_generation_equals_transformers_and_uncached_greedy(hf_checkpoint):
+    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113)
+    model = GPT.from_pretrained(folder).eval()
+    idx = torch.randint(0, 113, (2, 9))
+    ours = model.generate(idx, 40, temperature=0)
+    theirs = hf.generate(idx, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    uncached = idx
+    for _ in range(40):  # no cache: the whole sequence every step
+        uncached = torch.cat([uncached, model(uncached)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours, uncached)
+
+
+def test_generation_past_the_context_window_keeps_going():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=40)).eval()
+    out = model.generate(torch.randint(0, 40, (2, 10)), 30, temperature=0)
+    assert out.shape == (2, 40)
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    assert torch.equal(sample_next(logits, 0.8, generator=gen(1)), sample_next(logits, 0.8, generator=gen(1)))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen(2)), logits.argmax(-1))
+    # top-p keeps the smallest set of tokens whose probability reaches p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    picks = {int(sample_next(probs.log(), 1.0, top_p=0.8, generator=gen(s))) for s in range(200)}
+    assert picks == {0, 1}
+    picks = {int(sample_next(probs.log(), 1.0, top_p=0.81, generator=gen(s))) for s in range(200)}
+    assert picks == {0, 1, 2}
+    seen = torch.zeros(1, 4, dtype=torch.bool)
+    seen[0, 0] = True
+    assert int(sample_next(probs.log() + 5, 0, repetition_penalty=2.0, seen=seen)) == 1
+
+
+def test_stop_ids_end_rows_and_pad_them():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=30)).eval()
+    idx = torch.randint(0, 30, (3, 4))
+    free = model.generate(idx, 20, temperature=0)[:, 4:]
+    stop = int(free[0, 2])
+    stopped = model.generate(idx, 20, temperature=0, stop_ids=[stop])[:, 4:]
+    for row_free, row in zip(free, stopped):
+        hits = (row_free == stop).nonzero()
+        if len(hits):
+            first = int(hits[0])
+            assert torch.equal(row[:first + 1], row_free[:first + 1])
+            assert (row[first:] == stop).all()
+
+
+# ----------------------------------------------------------------------------- loader errors
+
+def test_missing_and_misshapen_weights_name_the_key(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint()
+    state = load_file(folder / "model.safetensors")
+    broken = tmp_path / "missing"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    save_file({k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.weight"}, broken / "model.safetensors")
+    with pytest.raises(GrafitoError, match=r"missing 'h\.1\.mlp\.c_fc\.weight'"):
+        GPT.from_pretrained(broken)
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"].t().contiguous()
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(GrafitoError, match=r"'h\.0\.attn\.c_attn\.weight' has shape \(96, 32\), expected \(32, 96\)"):
+        GPT.from_pretrained(broken)
+
+
+def test_missing_folder_and_offline_hub_errors(tmp_path):
+    with pytest.raises(GrafitoError, match="no such model folder"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GrafitoError, match="has no config.json"):
+        GPT.from_pretrained(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8,
+                                                   "n_positions": 8, "vocab_size": 10}))
+    with pytest.raises(GrafitoError, match="no weights"):
+        GPT.from_pretrained(empty)
+    # HF_HUB_OFFLINE=1 (conftest): nothing cached, so a clear error naming the local alternative
+    with pytest.raises(GrafitoError, match=r"(?s)unreachable.*init_from=path/to/dir"):
+        GPT.from_pretrained("gpt2")
+    with pytest.raises(GrafitoError, match=r"(?s)unreachable.*No local folder 'someone/fine-tune'"):
+        GPT.from_pretrained("someone/fine-tune")
+
+
+def test_non_gpt2_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(GrafitoError, match="GPT-2 .* only"):
+        GPT.from_pretrained(tmp_path)

@@ -1,0 +1,165 @@
+"""GPT-2 BPE and the grafito chat template: the one place where conversations become
+tokens and loss masks (prepare, train, sample and eval all import it).
+
+A conversation is a list of (instruction, answer) turns, rendered as
+
+    ### Instruction: {instruction}\n\n### Answer: {answer}\n\n### Instruction: ...<|endoftext|>
+
+The loss mask is 1 on the answer tokens and on the final <|endoftext|> (so the model learns
+to stop) and 0 on everything else.
+
+Token boundaries: each turn is encoded as two segments, the prompt "...### Answer:" and the
+answer " {answer}" with its leading space (BPE merges that space into the answer's first
+word). Both cuts fall where GPT-2's pre-tokenizer cuts the whole text anyway, so the ids
+equal encoding the full text in one go; tests check this on the real datasets.
+
+Run `python tokenizer.py` to see which tokens of a conversation are supervised.
+"""
+
+import functools
+import os
+import sys
+
+import tiktoken
+
+from common import GrafitoError
+
+EOT = 50256  # <|endoftext|>
+VOCAB_SIZE = 50257
+INSTRUCTION = "### Instruction:"
+ANSWER = "### Answer:"
+TURN_SEPARATOR = "\n\n"
+TEMPLATE = f"{INSTRUCTION} {{instruction}}{TURN_SEPARATOR}{ANSWER} {{answer}}"  # for meta.json
+
+
+@functools.cache
+def get_encoding():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} does not hold them" if cache else "TIKTOKEN_CACHE_DIR is unset"
+        raise GrafitoError(
+            f"could not load the GPT-2 BPE files ({type(err).__name__}: {err}); offline, point "
+            f"TIKTOKEN_CACHE_DIR at a tiktoken cache holding them, e.g. "
+            f"export TIKTOKEN_CACHE_DIR=$(cd ../shared/tiktoken && pwd) ({where})") from None
+
+
+def encode(text):
+    """Plain text to ids; special-token strings in the text are encoded as ordinary text."""
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(ids):
+    return get_encoding().decode(list(ids))
+
+
+def decode_bytes(ids):
+    """Raw UTF-8 bytes, for streaming output that must not split a multi-byte character."""
+    return get_encoding().decode_bytes(list(ids))
+
+
+def _prompt_segment(instruction, first_turn):
+    separator = "" if first_turn else TURN_SEPARATOR
+    return f"{separator}{INSTRUCTION} {instruction.strip()}{TURN_SEPARATOR}{ANSWER}"
+
+
+def _segments(conversation):
+    """(text, supervised) pieces of a conversation, without the final end-of-text."""
+    if not conversation:
+        raise ValueError("a conversation needs at least one (instruction, answer) turn")
+    segments = []
+    for i, (instruction, answer) in enumerate(conversation):
+        if not answer.strip():
+            raise ValueError(f"turn {i + 1} has an empty answer; drop it before rendering")
+        segments.append((_prompt_segment(instruction, i == 0), 0))
+        segments.append((" " + answer.strip(), 1))
+    return segments
+
+
+def render(conversation):
+    """Conversation -> (ids, mask): mask is 1 on answer tokens and the final end-of-text."""
+    return render_batch([conversation])[0]
+
+
+def render_batch(conversations, num_threads=8):
+    """render() for many conversations, encoding all segments with tiktoken's threaded batch call."""
+    all_segments = [_segments(c) for c in conversations]
+    flat_texts = [text for segments in all_segments for text, _ in segments]
+    flat_ids = get_encoding().encode_ordinary_batch(flat_texts, num_threads=num_threads)
+    rendered, k = [], 0
+    for segments in all_segments:
+        ids, mask = [], []
+        for _, supervised in segments:
+            ids.extend(flat_ids[k])
+            mask.extend([supervised] * len(flat_ids[k]))
+            k += 1
+        ids.append(EOT)
+        mask.append(1)
+        rendered.append((ids, mask))
+    return rendered
+
+
+def render_text(conversation):
+    """The text render() encodes, with the end-of-text marker spelled out."""
+    return "".join(text for text, _ in _segments(conversation)) + "<|endoftext|>"
+
+
+def render_prompt(history, instruction):
+    """Ids of earlier turns (with their answers) plus a new instruction, ending at '### Answer:'.
+
+    The model's reply starts with a space-prefixed token, as the answers it was trained on.
+    """
+    ids = []
+    for text, _ in _segments(history) if history else []:
+        ids += encode(text)
+    return ids + encode(_prompt_segment(instruction, not history))
+
+
+def show_supervised(ids, mask, color=None):
+    """The decoded text with supervised spans marked: green on a terminal, else [[...]]."""
+    color = sys.stdout.isatty() if color is None else color
+    start, end = ("\x1b[42m", "\x1b[0m") if color else ("[[", "]]")
+    out, span, span_supervised = [], [], None
+    for token, supervised in zip(ids, mask):
+        if span and supervised != span_supervised:
+            text = decode(span)
+            out.append(f"{start}{text}{end}" if span_supervised else text)
+            span = []
+        span.append(token)
+        span_supervised = supervised
+    if span:
+        text = decode(span)
+        out.append(f"{start}{text}{end}" if span_supervised else text)
+    return "".join(out)
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Show which tokens of a conversation are supervised.")
+    parser.add_argument("turns", nargs="*", help="instruction answer [instruction answer ...]")
+    parser.add_argument("--dataset", help="a prepared data folder: show its first conversations")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("-n", type=int, default=3, help="conversations to show from --dataset")
+    args = parser.parse_args()
+    if args.dataset:
+        import data
+
+        split = data.load_split(args.dataset, args.split)
+        for i in range(min(args.n, split.num_conversations)):
+            ids, mask = split.conversation(i)
+            print(show_supervised(ids, mask), end="\n\n")
+        return
+    turns = args.turns or ["What is 2+2?", "4", "And 3+3?", "6, because 3 + 3 = 6."]
+    if len(turns) % 2:
+        raise GrafitoError("give instruction/answer pairs: an even number of texts")
+    ids, mask = render(list(zip(turns[::2], turns[1::2])))
+    print(show_supervised(ids, mask))
+    print(f"{len(ids)} tokens, {sum(mask)} supervised")
+
+
+if __name__ == "__main__":
+    from common import run_cli
+
+    run_cli(main)
