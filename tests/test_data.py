@@ -1,0 +1,313 @@
+"""prepare/: parsing real and synthetic sources, cleaning, masks, the bin format, bad input."""
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import GRAFITO_25K, HH_RLHF_TEST, ROOT, needs_shared
+
+sys.path.insert(0, str(ROOT / "prepare"))
+
+import data  # noqa: E402
+import dolly  # noqa: E402
+import grafito25k  # noqa: E402
+import hh_rlhf  # noqa: E402
+import pipeline  # noqa: E402
+import tokenizer  # noqa: E402
+from common import GrafitoError  # noqa: E402
+from pipeline import Record, Report  # noqa: E402
+
+
+def args_for(out_dir, block_size=1024, **extra):
+    p = pipeline.parser("test", "test", block_size)
+    ns = p.parse_args(["--out_dir", str(out_dir)])
+    for k, v in extra.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def supervised_texts(ids, mask):
+    """Decoded supervised spans, end-of-text removed."""
+    spans, current = [], []
+    for t, m in zip(ids + [None], mask + [0]):
+        if m:
+            current.append(t)
+        elif current:
+            spans.append(tokenizer.decode([x for x in current if x != tokenizer.EOT]))
+            current = []
+    return spans
+
+
+# ----------------------------------------------------------------------------- grafito-25k (real file)
+
+@needs_shared
+def test_grafito_parses_every_sample_with_its_turns_together():
+    text = GRAFITO_25K.read_text(encoding="utf-8")
+    blocks = text.split("\n\n\n")  # independent of the parser: samples end at two blank lines
+    line_start_instructions = len(re.findall(r"(?m)^### Instruction:", text))
+    line_start_answers = len(re.findall(r"(?m)^### Answer:", text))
+    # the one sample with two answers in a row (a leaked 'human:' turn) cannot be a conversation
+    non_alternating = [b for b in blocks if re.search(r"(?m)^### Answer:(?:(?!^### Instruction:).)*^### Answer:", b, re.S | re.M)]
+    assert len(non_alternating) == 1
+    report = Report("grafito-25k")
+    records = grafito25k.parse(text, report)
+    assert report.read == len(blocks) == 24127
+    assert len(records) == len(blocks) - 1
+    assert report.skipped == {"turns_do_not_alternate": 1}
+    assert sum(len(r.turns) for r in records) == line_start_instructions - 1  # 24,694 - 1
+    assert line_start_answers - 2 == sum(len(r.turns) for r in records)
+    multi = [r for r in records if len(r.turns) > 1]
+    assert len(multi) == sum(1 for b in blocks if len(re.findall(r"(?m)^### Instruction:", b)) > 1)
+    # '### Answer: ### Instruction: text' is repaired to the text, never kept as a marker
+    assert report.repaired["answer_began_with_instruction_marker"] == text.count("### Answer: ### Instruction:")
+    assert not any(a.startswith("### Instruction:") for r in records for _, a in r.turns)
+
+
+@needs_shared
+def test_grafito_masks_supervise_exactly_the_cleaned_answers(tmp_path):
+    report = Report("grafito-25k")
+    records = grafito25k.parse(GRAFITO_25K.read_text(encoding="utf-8"), report)
+    kept = pipeline.clean_records(records, report, detokenize=True, check_context=True)
+    assert not any("### " in text for r in kept for turn in r.turns for text in turn)  # no template marker survives
+    for record, ids, mask in pipeline.tokenize(kept, 1024, "truncate", report):
+        assert supervised_texts(ids, mask) == [" " + a for _, a in record.turns]
+        assert ids[-1] == tokenizer.EOT and mask[-1] == 1
+
+
+@needs_shared
+def test_grafito_script_writes_the_format_and_report(tmp_path):
+    out = tmp_path / "g"
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "grafito25k.py"), "--input", str(GRAFITO_25K),
+                             "--out_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    meta = data.load_meta(out)
+    report = json.loads((out / "report.json").read_text())
+    assert meta["source"]["sha256"] == grafito25k.SHA256
+    assert report["records_read"] == 24127
+    assert report["conversations"] == meta["splits"]["train"]["conversations"] + meta["splits"]["val"]["conversations"]
+    assert report["dropped"]["duplicate_exact"] >= 5 and report["dropped"]["empty_answer"] >= 46
+    train = data.load_split(out, "train")
+    assert train.tokens.dtype == np.uint16 and train.mask.dtype == np.uint8
+    assert len(train.tokens) == len(train.mask) == train.offsets[-1]
+    ends = train.offsets[1:] - 1
+    assert (train.tokens[ends] == tokenizer.EOT).all() and (train.mask[ends] == 1).all()
+    assert (train.tokens[train.offsets[:-1]] == tokenizer.encode("###")[0]).all()  # every conversation starts a prompt
+    assert (train.mask[train.offsets[:-1]] == 0).all()
+    assert "kept" in result.stdout and "in " in result.stdout
+
+
+# ----------------------------------------------------------------------------- hh-rlhf (real split)
+
+@needs_shared
+def test_hh_rlhf_reads_every_record_and_supervises_only_assistant_text():
+    report = Report(str(HH_RLHF_TEST))
+    rows = pipeline.read_json_lines(HH_RLHF_TEST, report, ["chosen"])
+    assert report.read == len(rows) == 2312
+    records = hh_rlhf.parse(rows, report, "chosen")
+    assert len(records) + sum(report.skipped.values()) == 2312
+    kept = pipeline.clean_records(records, report)
+    by_line = {line: obj["chosen"] for line, obj in rows}
+    checked = 0
+    for record, ids, mask in pipeline.tokenize(kept, 512, "truncate", report):
+        raw = by_line[record.line]
+        human = [pipeline.normalize_whitespace(t) for t in re.findall(r"\n\nHuman:(.*?)(?=\n\nAssistant:)", raw, re.S)]
+        spans = supervised_texts(ids, mask)
+        assert spans == [" " + a for _, a in record.turns]
+        prompts = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+        for h in human[:len(record.turns)]:  # every Human turn sits in the unsupervised prompt text
+            assert f"### Instruction: {h}\n\n### Answer:" in prompts
+        checked += 1
+    assert checked > 2000
+
+
+def test_hh_rlhf_turns_map_and_bad_transcripts_are_counted():
+    rows = [(1, {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: see you"}),
+            (2, {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c"}),
+            (3, {"chosen": "preamble\n\nHuman: a\n\nAssistant: b"})]
+    report = Report("x")
+    records = hh_rlhf.parse(rows, report, "chosen")
+    assert [r.turns for r in records] == [[(" hi", " hello"), (" bye", " see you")]]
+    assert report.skipped == {"turns_do_not_alternate": 1, "text_before_first_turn": 1}
+    with pytest.raises(GrafitoError, match="line 2: turns do not alternate"):
+        hh_rlhf.parse(rows, Report("x", strict=True), "chosen")
+
+
+# ----------------------------------------------------------------------------- dolly (synthetic file)
+
+def write_jsonl(path, lines, compress=False):
+    text = "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n"
+    if compress:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def dolly_row(instruction, response, context="", category="open_qa"):
+    return {"instruction": instruction, "context": context, "response": response, "category": category}
+
+
+def test_dolly_subset_context_duplicates_and_bad_lines(tmp_path):
+    rows = [
+        dolly_row("What is the capital of France?", "Paris."),
+        dolly_row("What is the capital of France?", "Paris."),  # exact duplicate
+        dolly_row("what is the capital of france", "paris"),  # normalised duplicate
+        dolly_row("Given this paragraph, when was X founded?", "In 1901.", context="X was founded in 1901 by Y.",
+                  category="closed_qa"),
+        dolly_row("Given this paragraph, who founded Z?", "Ada.", category="closed_qa"),  # context missing
+        dolly_row("Write a poem about the sea", "waves " * 40, category="creative_writing"),  # too long
+        dolly_row("Name a colour", "Blue", category="brainstorming"),
+        "{not json",
+        {"instruction": "no response key", "context": "", "category": "open_qa"},
+    ]
+    path = write_jsonl(tmp_path / "dolly.jsonl", rows)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "dolly.py"), "--input", str(path), "--out_dir", str(out),
+                             "--val_fraction", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["records_read"] == 9
+    assert report["skipped_malformed"] == {"bad_json": 1, "missing_key": 1}
+    assert report["first_lines"]["bad_json"] == [8]
+    assert report["dropped"] == {"duplicate_exact": 1, "duplicate_normalized": 1, "instruction_refers_to_missing_text": 1,
+                                 "response_longer_than_max": 1}
+    train = data.load_split(out, "train")
+    texts = [tokenizer.decode(train.conversation(i)[0]) for i in range(train.num_conversations)]
+    assert texts[1] == ("### Instruction: Given this paragraph, when was X founded?\n\nContext: X was founded in 1901 by Y."
+                        "\n\n### Answer: In 1901.<|endoftext|>")
+    assert len(texts) == 3
+
+
+def test_dolly_category_filter_and_unknown_category(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [dolly_row("A?", "a", category="open_qa"),
+                                               dolly_row("B?", "b", category="classification")])
+    report = Report("d")
+    records = dolly.select(pipeline.read_json_lines(path, report, dolly.KEYS), report, ["classification"], 84, "keep")
+    assert [r.turns[0][0] for r in records] == ["B?"] and report.dropped == {"category_not_selected": 1}
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "dolly.py"), "--input", str(path),
+                             "--categories", "poetry"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "unknown poetry" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_truncated_gzip_empty_file_and_wrong_schema_are_clear_errors(tmp_path):
+    full = write_jsonl(tmp_path / "full.jsonl.gz", [{"chosen": "\n\nHuman: a\n\nAssistant: b"}] * 2000, compress=True)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(full.read_bytes()[:-30])
+    with pytest.raises(GrafitoError, match="truncated"):
+        pipeline.read_json_lines(cut, Report("cut"), ["chosen"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(GrafitoError, match="empty file"):
+        pipeline.read_json_lines(empty, Report("empty"), ["chosen"])
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "x"}, {"prompt": "y"}])
+    with pytest.raises(GrafitoError, match="none of 2 records has the fields chosen"):
+        pipeline.read_json_lines(wrong, Report("wrong"), ["chosen"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}, "{oops", {"chosen": "y"}])
+    report = Report("bad")
+    assert len(pipeline.read_json_lines(bad, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
+    with pytest.raises(GrafitoError, match=r"line 2: bad json"):
+        pipeline.read_json_lines(bad, Report("bad", strict=True), ["chosen"])
+
+
+def test_scripts_offline_name_the_input_option(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HOME": str(tmp_path)}
+    for script in ("hh_rlhf.py", "dolly.py"):
+        result = subprocess.run([sys.executable, str(ROOT / "prepare" / script), "--out_dir", str(tmp_path / "o")],
+                                capture_output=True, text=True, cwd=ROOT, env=env)
+        assert result.returncode == 2
+        assert "--input PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grafito_download_path_checks_the_pinned_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "DOWNLOAD_CACHE", tmp_path / "cache")
+    source = tmp_path / "grafito-25k"
+    source.write_text("### Instruction: a\n\n### Answer: b\n")
+    good = pipeline.sha256_of(source)
+    path = pipeline.fetch_url(source.as_uri(), good, "g")
+    assert path.read_text() == source.read_text()
+    with pytest.raises(GrafitoError, match="does not match the pinned"):
+        pipeline.fetch_url(source.as_uri(), "0" * 64, "other")
+    with pytest.raises(GrafitoError, match="--input PATH"):
+        pipeline.fetch_url((tmp_path / "missing").as_uri(), good, "missing")
+
+
+def test_grafito_malformed_samples_are_counted_or_stop_with_strict():
+    text = ("### Instruction: q1\n\n### Answer: a1\n\n\n"
+            "### Instruction: only a question\n\n\n"
+            "stray text\n\n\n"
+            "### Instruction: q2\n\n### Answer: line one\nline two\n\n### Instruction: q3\n\n### Answer: a3\n")
+    report = Report("g")
+    records = grafito25k.parse(text, report)
+    assert [r.turns for r in records] == [[("q1", "a1")], [("q2", "line one\nline two"), ("q3", "a3")]]
+    assert [r.line for r in records] == [1, 12]
+    assert report.skipped == {"instruction_without_answer": 1, "text_outside_a_turn": 1}
+    assert report.lines["instruction_without_answer"] == [6]
+    with pytest.raises(GrafitoError, match="line 6: instruction without answer"):
+        grafito25k.parse(text, Report("g", strict=True))
+
+
+# ----------------------------------------------------------------------------- cleaning and format
+
+def test_cleaning_repairs_text():
+    assert pipeline.repair_mojibake("videogaÃƒÂ±ame") == "videogañame"  # double mojibake, from the original README
+    assert pipeline.repair_mojibake("Iâ€™m") == "I’m"
+    assert pipeline.repair_mojibake("naïve café") == "naïve café"
+    assert pipeline.normalize_whitespace("a\u00a0b\u200b  c \n\n\n\n    code()  \r\n") == "a b c\n\n    code()"
+    assert pipeline.detokenize_ptb("`` Ring of Fire '' ( 13.24 ) , by Cash 's band") == '"Ring of Fire" (13.24), by Cash\'s band'
+    assert pipeline.missing_context("Given this paragraph about London, when was it founded?")
+    assert not pipeline.missing_context("Given this paragraph, when was it founded?\n\nContext: London was founded in 47 AD.")
+    assert not pipeline.missing_context("who supported the passage of the indian removal act")
+
+
+def test_cleaning_drops_by_reason():
+    records = [Record(1, [("Q?", "Q?")]), Record(2, [("Q?", "  ")]), Record(3, [("Q?", ")")]),
+               Record(4, [("Q?", "fine\n\nHuman: leaked")]), Record(5, [("Q?", "A"), ("R?", " ")]), Record(6, [("other", "thing")])]
+    report = Report("x")
+    kept = pipeline.clean_records(records, report)
+    assert [r.line for r in kept] == [5, 6] and kept[0].turns == [("Q?", "A")]
+    assert report.dropped == {"answer_repeats_instruction": 1, "empty_answer": 1, "answer_without_words": 1,
+                              "role_marker_inside_text": 1}
+    assert report.repaired["empty_last_answer_removed"] == 1
+
+
+def test_overlong_conversations_truncate_at_a_turn_or_drop():
+    long_answer = "word " * 60
+    records = [Record(1, [("a", "short"), ("b", long_answer)]), Record(2, [("c", long_answer)])]
+    report = Report("x")
+    out = pipeline.tokenize(records, 40, "truncate", report)
+    assert [(r.line, len(r.turns)) for r, _, _ in out] == [(1, 1)] and len(out[0][1]) <= 40
+    assert report.dropped == {"longer_than_block_size": 1}
+    assert pipeline.tokenize(records, 40, "drop", Report("y")) == []
+
+
+def test_val_split_is_stable_when_data_is_added():
+    turns = [[(f"question {i}", f"answer {i}")] for i in range(400)]
+    first = [pipeline.in_val(t, 0.1, 1337) for t in turns]
+    assert 15 < sum(first) < 65
+    assert first == [pipeline.in_val(t, 0.1, 1337) for t in turns]
+    assert first != [pipeline.in_val(t, 0.1, 7) for t in turns]
+
+
+def test_rewrite_is_atomic_and_token_ids_must_fit_uint16(tmp_path):
+    conv = tokenizer.render([("q", "a")])
+    data.write_dataset(tmp_path / "d", {"train": [conv], "val": []}, {"dataset": "t"})
+    before = (tmp_path / "d" / "train.bin").read_bytes()
+    with pytest.raises(GrafitoError, match="uint16"):
+        data.write_dataset(tmp_path / "d", {"train": [([70000], [1])], "val": []}, {"dataset": "t"})
+    assert (tmp_path / "d" / "train.bin").read_bytes() == before  # the failed rewrite left the old files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    split = data.load_split(tmp_path / "d", "train")
+    assert split.conversation(0) == conv
+    (tmp_path / "d" / "train.mask.bin").write_bytes(b"\x01")
+    with pytest.raises(GrafitoError, match="disagree with meta.json"):
+        data.load_split(tmp_path / "d", "train")
+    with pytest.raises(GrafitoError, match="prepare script first"):
+        data.resolve_dataset(tmp_path / "nothing")
