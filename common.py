@@ -95,3 +95,34 @@ def autocast(device, dtype):
         return contextlib.nullcontext()
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+# Dense tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from the vendors' datasheets (without sparsity).
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),  # SXM; NVL and PCIe match the longer names first
+    "GH200": (989e12, 494e12),
+    "B200": (2250e12, 1100e12),
+    "A100": (312e12, 156e12),
+    "A10G": (70e12, 35e12),
+    "A10": (125e12, 62.5e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "A6000": (154.8e12, 77.4e12),
+    "V100": (125e12, None),
+    "T4": (65e12, None),
+}
+
+
+def peak_flops(device, dtype):
+    """The accelerator's peak FLOP/s for this dtype, or None when unknown (CPUs, unlisted GPUs)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, (half, tf32) in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return half if dtype in ("bfloat16", "float16") else tf32
+    return None

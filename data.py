@@ -111,3 +111,100 @@ def load_split(folder, split):
                            f"{len(mask)} mask bytes, offsets end at {offsets[-1]}, meta says {n_tokens}); "
                            f"rerun the prepare script")
     return Split(split, tokens, mask, offsets)
+
+
+# ----------------------------------------------------------------------------- batches for training
+
+def pack_rows(lengths, capacity, order, open_rows=8):
+    """Group conversations (in `order`) into rows of at most `capacity` tokens.
+
+    First fit over a few open rows: a conversation goes into the first open row it fits,
+    else opens a new one; when too many rows are open the oldest is closed. No conversation
+    is split, except one longer than a row, which is cut at the row end.
+    Returns a list of rows, each a list of conversation indices.
+    """
+    rows, open_list = [], []  # open_list: [free tokens, [indices]]
+    for i in order:
+        need = min(int(lengths[i]), capacity)
+        for slot in open_list:
+            if slot[0] >= need:
+                slot[0] -= need
+                slot[1].append(int(i))
+                break
+        else:
+            open_list.append([capacity - need, [int(i)]])
+            if len(open_list) > open_rows:
+                rows.append(open_list.pop(0)[1])
+        if open_list and any(free == 0 for free, _ in open_list):
+            rows.extend(members for free, members in open_list if free == 0)
+            open_list = [slot for slot in open_list if slot[0] > 0]
+    rows.extend(slot[1] for slot in open_list)
+    return rows
+
+
+class PackedBatches:
+    """Training rows of block_size + 1 tokens packed from whole conversations.
+
+    Each epoch visits every conversation once, in a seeded random order (shuffle=True) or
+    in file order. Input x is a row's first block_size tokens, target y the next token at
+    each position, -1 where that token is unsupervised or padding. The position (epoch,
+    cursor) is all the state; restoring it resumes the exact sequence of batches.
+    """
+
+    def __init__(self, split, block_size, seed=0, shuffle=True, pad_id=50256):
+        if split.num_conversations == 0:
+            raise GrafitoError(f"the {split.name} split has no conversations")
+        self.split, self.block_size, self.seed, self.shuffle, self.pad_id = split, block_size, seed, shuffle, pad_id
+        self.lengths = split.lengths
+        self.epoch, self.cursor = 0, 0
+        self._rows_epoch, self._rows = None, None
+
+    def rows_of_epoch(self, epoch):
+        if self._rows_epoch != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            else:
+                order = np.arange(len(self.lengths))
+            self._rows, self._rows_epoch = pack_rows(self.lengths, self.block_size + 1, order), epoch
+        return self._rows
+
+    def packing_efficiency(self):
+        """Share of row positions holding real tokens in epoch 0."""
+        rows = self.rows_of_epoch(0)
+        return float(np.minimum(self.lengths, self.block_size + 1).sum()) / (len(rows) * (self.block_size + 1))
+
+    def next_rows(self, n):
+        """The next n rows, continuing into the next epoch when this one runs out."""
+        out = []
+        while len(out) < n:
+            rows = self.rows_of_epoch(self.epoch)
+            take = rows[self.cursor:self.cursor + n - len(out)]
+            out += take
+            self.cursor += len(take)
+            if self.cursor >= len(rows):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def batch(self, rows):
+        """(x, y) int64 arrays (len(rows), block_size)."""
+        width = self.block_size + 1
+        tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        supervised = np.zeros((len(rows), width), dtype=bool)
+        offsets = self.split.offsets
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                start = int(offsets[i])
+                n = min(int(offsets[i + 1]) - start, width - at)
+                tokens[r, at:at + n] = self.split.tokens[start:start + n]
+                supervised[r, at:at + n] = self.split.mask[start:start + n]
+                at += n
+        x = tokens[:, :-1]
+        y = np.where(supervised[:, 1:], tokens[:, 1:], -1)
+        return x, y
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

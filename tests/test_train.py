@@ -1,0 +1,228 @@
+"""train.py: masked SFT learns, resume is exact, DDP equals one process, LoRA, configs, errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import data
+import lora
+import tokenizer
+import train
+from common import GrafitoError
+from configurator import load_config, read_config_file
+from conftest import GRAFITO_25K, ROOT, needs_shared
+from model import GPT, GPTConfig
+
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
+        "--device=cpu", "--dtype=float32", "--plot=false", "--log_interval=1", "--warmup_iters=2"]
+
+
+def prepare_head(folder, n_train, n_val):
+    """The first real grafito-25k conversations, prepared in the standard format."""
+    sys.path.insert(0, str(ROOT / "prepare"))
+    import grafito25k
+    import pipeline
+
+    if not GRAFITO_25K.exists():
+        pytest.skip("../shared data not present")
+    text = "\n\n\n".join(GRAFITO_25K.read_text(encoding="utf-8").split("\n\n\n")[:n_train + n_val + 10])
+    report = pipeline.Report("grafito-25k head")
+    kept = pipeline.clean_records(grafito25k.parse(text, report), report, detokenize=True)
+    rendered = tokenizer.render_batch([r.turns for r in kept])
+    data.write_dataset(folder, {"train": rendered[:n_train], "val": rendered[n_train:n_train + n_val]},
+                       {"dataset": folder.name, "vocab_size": 50257})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    return prepare_head(tmp_path_factory.mktemp("data") / "tiny", 100, 20)
+
+
+@pytest.fixture(scope="module")
+def handful(tmp_path_factory):
+    return prepare_head(tmp_path_factory.mktemp("data") / "handful", 12, 4)
+
+
+def run(tmp_path, dataset, *overrides, out="out"):
+    config = load_config(train.DEFAULTS, TINY + [f"--dataset={dataset}", f"--out_dir={tmp_path / out}", *overrides])
+    train.validate(config)
+    trainer = train.Trainer(config)
+    trainer.run()
+    return trainer
+
+
+def logged(out_dir, key):
+    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_tiny_model_overfits_a_handful_of_real_conversations(tmp_path, handful):
+    run(tmp_path, handful, "--max_iters=80", "--eval_interval=80", "--learning_rate=5e-3", "--min_lr=5e-4",
+        "--batch_size=2")
+    losses = logged(tmp_path / "out", "train_loss")
+    start, end = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (78, 79, 80)])
+    assert start > 10 and end < 0.25 * start, (start, end)
+
+
+def test_packed_rows_hold_whole_conversations_and_shifted_masks(tiny_dataset):
+    split = data.load_split(tiny_dataset, "train")
+    batches = data.PackedBatches(split, 128, seed=3)
+    rows = batches.rows_of_epoch(0)
+    assert sorted(i for row in rows for i in row) == list(range(split.num_conversations))  # each once per epoch
+    for row in rows:
+        assert sum(min(split.lengths[i], 129) for i in row) <= 129 or len(row) == 1
+    x, y = batches.batch(rows[:4])
+    for r, row in enumerate(rows[:4]):
+        tokens = np.concatenate([split.conversation(i)[0] for i in row])[:129]
+        mask = np.concatenate([split.conversation(i)[1] for i in row])[:129]
+        n = len(tokens)
+        assert (x[r, :min(n, 128)] == tokens[:128]).all()
+        expected_y = np.where(mask[1:], tokens[1:], -1)
+        assert (y[r, :n - 1] == expected_y).all() and (y[r, n - 1:] == -1).all()
+    assert batches.rows_of_epoch(1) != rows  # a new order each epoch
+
+
+def test_resume_is_exact(tmp_path, tiny_dataset):
+    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", "--learning_rate=1e-3"]
+    straight = run(tmp_path, tiny_dataset, "--max_iters=8", *common, out="straight")
+    run(tmp_path, tiny_dataset, "--max_iters=4", *common, out="resumed")
+    resumed = run(tmp_path, tiny_dataset, "--max_iters=8", "--init_from=resume", *common, out="resumed")
+    a, b = logged(tmp_path / "straight", "train_loss"), logged(tmp_path / "resumed", "train_loss")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
+    for (name, p), (_, q) in zip(straight.raw_model.named_parameters(), resumed.raw_model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_resume_refuses_a_changed_batch_and_a_missing_checkpoint(tmp_path, tiny_dataset):
+    with pytest.raises(GrafitoError, match="cannot resume.*not found"):
+        run(tmp_path, tiny_dataset, "--init_from=resume", "--max_iters=2")
+    run(tmp_path, tiny_dataset, "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(GrafitoError, match=r"batch_size \(4 -> 2\)"):
+        run(tmp_path, tiny_dataset, "--init_from=resume", "--max_iters=4", "--batch_size=2")
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
+    args = [str(ROOT / "train.py"), *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", "--eval_interval=4",
+            "--gradient_accumulation_steps=2", "--batch_size=2", "--learning_rate=1e-3"]
+    single = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          f"--out_dir={tmp_path / 'two'}"], capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = logged(tmp_path / "one", "train_loss"), logged(tmp_path / "two", "train_loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+
+
+@pytest.fixture
+def tiny_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128))
+    model.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_lora_run_trains_adapters_only_and_resumes(tmp_path, tiny_dataset, tiny_pretrained):
+    args = [f"--init_from={tiny_pretrained}", "--lora_r=4", "--lora_targets=q,v,mlp_fc", "--learning_rate=5e-3",
+            "--lr_decay_iters=6", "--eval_interval=3", "--lora_merge=true"]
+    trainer = run(tmp_path, tiny_dataset, "--max_iters=6", *args, out="lora")
+    base = GPT.from_pretrained(tiny_pretrained)
+    for name, param in base.named_parameters():
+        assert torch.equal(param, dict(trainer.raw_model.named_parameters())[name]) or name.endswith(
+            ("c_attn.weight", "c_fc.weight")), name  # merged layers differ, everything else is the base
+    ckpt = tmp_path / "lora" / checkpoint.LATEST
+    adapter_bytes = (ckpt / lora.ADAPTER_WEIGHTS).stat().st_size
+    assert adapter_bytes < 0.1 * (tiny_pretrained / "model.safetensors").stat().st_size
+    assert not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / lora.ADAPTER_CONFIG).read_text())["base_model"] == str(tiny_pretrained.resolve())
+    # the frozen base is untouched: the adapter re-applied to a fresh base equals the merged export
+    merged = GPT.from_pretrained(tmp_path / "lora" / checkpoint.MERGED).eval()
+    reloaded = checkpoint.load_model(tmp_path / "lora").eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    assert torch.allclose(merged(idx)[0], reloaded(idx)[0], atol=1e-5)
+    losses = logged(tmp_path / "lora", "train_loss")
+    assert losses[6] < losses[1]
+    run(tmp_path, tiny_dataset, "--max_iters=3", *args, out="lora_resumed")
+    run(tmp_path, tiny_dataset, "--max_iters=6", "--init_from=resume", *args, out="lora_resumed")
+    again = logged(tmp_path / "lora_resumed", "train_loss")
+    assert all(abs(losses[s] - again[s]) < 1e-6 for s in losses)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset, monkeypatch):
+    run(tmp_path, tiny_dataset, "--max_iters=2", "--eval_interval=2")
+    saved = (tmp_path / "out" / checkpoint.LATEST / "model.safetensors").read_bytes()
+    real_step = train.Trainer.train_step
+
+    def poisoned(self):
+        loss_sum, supervised = real_step(self)
+        return loss_sum * float("nan"), supervised
+
+    monkeypatch.setattr(train.Trainer, "train_step", poisoned)
+    with pytest.raises(GrafitoError, match="loss became nan by step 3.*untouched"):
+        run(tmp_path, tiny_dataset, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert (tmp_path / "out" / checkpoint.LATEST / "model.safetensors").read_bytes() == saved
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size=0"], "batch_size = 0 is invalid"),
+    (["--learning_rate=-1"], "learning_rate = -1.0 is invalid"),
+    (["--bacth_size=2"], "unknown option --bacth_size (did you mean batch_size?)"),
+    (["--max_iters=ten"], "--max_iters='ten': expected int"),
+    (["--init_from=gpt2", "--lora_r=4", "--lora_targets=q,query"], "lora targets"),
+    (["--lora_r=4"], "LoRA adapts a pretrained model"),
+])
+def test_config_errors_name_the_key(argv, message):
+    with pytest.raises(GrafitoError) as err:
+        train.validate(load_config(train.DEFAULTS, TINY + argv))
+    assert message in str(err.value)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("learning_rate = 1e-4\nbatchsize = 4\n")
+    with pytest.raises(GrafitoError, match="unknown config key 'batchsize'"):
+        load_config(train.DEFAULTS, [str(bad)])
+    bad.write_text("max_iters = 1.5\n")
+    with pytest.raises(GrafitoError, match="max_iters = 1.5 should be a int"):
+        load_config(train.DEFAULTS, [str(bad)])
+    config = load_config(train.DEFAULTS, [str(ROOT / "config" / "ruby_002.py"), "--max_iters", "20", "--compile"])
+    assert config["max_iters"] == 20 and config["compile"] is True and config["learning_rate"] == 1e-4
+
+
+def test_block_size_larger_than_the_model_and_cli_errors(tmp_path, tiny_dataset, tiny_pretrained):
+    with pytest.raises(GrafitoError, match="block_size = 256 is larger than the model's context"):
+        run(tmp_path, tiny_dataset, f"--init_from={tiny_pretrained}", "--block_size=256", "--max_iters=1")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--batch_size=0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "batch_size = 0 is invalid" in result.stderr and "Traceback" not in result.stderr
+
+
+ORIGINAL_TABLE = {  # the original README's model table
+    "obsidian_000.py": dict(block_size=512, epochs=2.0, learning_rate=5e-4, dataset="hh_rlhf"),
+    "ruby_002.py": dict(init_from="gpt2", block_size=1024, max_iters=1000, learning_rate=1e-4, dataset="grafito25k"),
+    "lazuli_001.py": dict(init_from="gpt2-medium"), "diamond_001.py": dict(init_from="gpt2-large"),
+    "emerald_003.py": dict(init_from="gpt2-xl"), "cpu_tiny.py": dict(init_from="scratch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_TABLE))
+def test_every_config_takes_a_step_on_a_tiny_stand_in(name, tmp_path, tiny_dataset, tiny_pretrained):
+    path = ROOT / "config" / name
+    values = read_config_file(path)
+    assert {k: values[k] for k in ORIGINAL_TABLE[name]} == ORIGINAL_TABLE[name]
+    stand_in = [] if values["init_from"] == "scratch" else [f"--init_from={tiny_pretrained}"]
+    config = load_config(train.DEFAULTS, [str(path), f"--dataset={tiny_dataset}", f"--out_dir={tmp_path / 'o'}",
+                                          "--device=cpu", "--dtype=float32", "--compile=false", "--max_iters=1",
+                                          "--epochs=0", "--block_size=64", "--batch_size=2", "--plot=false", *stand_in])
+    train.validate(config)
+    trainer = train.Trainer(config)
+    trainer.run()
+    assert trainer.step == 1 and (tmp_path / "o" / checkpoint.BEST).is_dir()
