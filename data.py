@@ -208,3 +208,11 @@ class PackedBatches:
 
     def load_state_dict(self, state):
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def eval_batches(split, block_size, batch_size, max_batches=0):
+    """All of a split in file order, packed into (x, y) batches; the first max_batches if > 0."""
+    packed = PackedBatches(split, block_size, shuffle=False)
+    rows = packed.rows_of_epoch(0)
+    batches = [packed.batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return batches[:max_batches] if max_batches else batches

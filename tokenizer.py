@@ -116,6 +116,80 @@ def render_prompt(history, instruction):
     return ids + encode(_prompt_segment(instruction, not history))
 
 
+def turns_from_rendered(ids, mask):
+    """The inverse of render(): (ids, mask) of a conversation back to its (instruction, answer) turns."""
+    turns, prompt, answer = [], [], []
+    for token, supervised in zip(list(ids) + [None], list(mask) + [0]):
+        if supervised:
+            answer.append(token)
+            continue
+        if answer:
+            instruction = decode(prompt).strip().removeprefix(INSTRUCTION).removesuffix(ANSWER).strip()
+            turns.append((instruction, decode([t for t in answer if t != EOT]).strip()))
+            prompt, answer = [], []
+        if token is not None:
+            prompt.append(token)
+    return turns
+
+
+class AnswerStream:
+    """Generated tokens -> the text of one answer, as it grows.
+
+    add() returns only text that is final: complete UTF-8 characters (a token may end inside
+    one), never the start of a template marker ('### Instruction:' or '### Answer:' ends the
+    answer; a partial '##' is held back until it is clear, and dropped if the tokens run out
+    while it starts a line), and no leading or trailing whitespace. `done` turns True at end-of-text or a marker; `text` is the whole answer.
+    """
+
+    STOPS = (INSTRUCTION, ANSWER)
+
+    def __init__(self):
+        import codecs
+
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._raw = ""  # everything decoded so far
+        self._emitted = 0  # characters of the answer already returned
+        self.done = False
+
+    @property
+    def text(self):
+        return self._answer(final=True)
+
+    def add(self, token):
+        if self.done:
+            return ""
+        if token == EOT:
+            self.done = True
+            self._raw += self._utf8.decode(b"", final=True)
+            return self._emit(final=True)
+        self._raw += self._utf8.decode(get_encoding().decode_single_token_bytes(int(token)))
+        if any(stop in self._raw for stop in self.STOPS):
+            self.done = True
+            return self._emit(final=True)
+        return self._emit(final=False)
+
+    def finish(self):
+        """No more tokens (max_new_tokens reached): release what was held back."""
+        self._raw += self._utf8.decode(b"", final=True)
+        self.done = True
+        return self._emit(final=True)
+
+    def _answer(self, final):
+        cut = min([self._raw.index(s) for s in self.STOPS if s in self._raw], default=len(self._raw))
+        text = self._raw[:cut].lstrip()
+        held = max((k for s in self.STOPS for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if final:  # at the end, drop only a partial marker that starts a line, as real markers do
+            starts_line = held and (held == len(text) or text[len(text) - held - 1] == "\n")
+            held = held if starts_line else 0
+        return text[:len(text) - held].rstrip()
+
+    def _emit(self, final):
+        answer = self._answer(final)
+        new = answer[self._emitted:]
+        self._emitted = max(self._emitted, len(answer))
+        return new
+
+
 def show_supervised(ids, mask, color=None):
     """The decoded text with supervised spans marked: green on a terminal, else [[...]]."""
     color = sys.stdout.isatty() if color is None else color

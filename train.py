@@ -184,6 +184,21 @@ def learning_rate(step, config, max_iters):
     return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - config["min_lr"])
 
 
+@torch.no_grad()
+def masked_val_loss(model, batches, device, dtype):
+    """Mean cross-entropy over every supervised token of (x, y) batches (eval mode, autocast)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for x, y in batches:
+        with autocast(device, dtype):
+            _, loss_sum = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), loss_reduction="sum")
+        total += loss_sum.float()
+        count += int((y >= 0).sum())
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -266,11 +281,8 @@ class Trainer:
         return c["gradient_accumulation_steps"]
 
     def _val_batches(self):
-        val = data.PackedBatches(self.val_split, self.config["block_size"], shuffle=False)
-        rows = val.rows_of_epoch(0)
-        size = self.config["batch_size"]
-        batches = [val.batch(rows[i:i + size]) for i in range(0, len(rows), size)]
-        return batches[:self.config["eval_iters"]] if self.config["eval_iters"] else batches
+        return data.eval_batches(self.val_split, self.config["block_size"], self.config["batch_size"],
+                                 self.config["eval_iters"])
 
     def _announce(self, rows_per_epoch):
         c = self.config
@@ -325,19 +337,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, supervised
 
-    @torch.no_grad()
     def evaluate(self):
-        """Masked validation loss: mean cross-entropy over every supervised val token."""
-        self.raw_model.eval()
-        total = torch.zeros((), device=self.device)
-        count = 0
-        for x, y in self.val_batches:
-            with autocast(self.device, self.dtype):
-                _, loss_sum = self.raw_model(self._to_device(x), self._to_device(y), loss_reduction="sum")
-            total += loss_sum.float()
-            count += int((y >= 0).sum())
-        self.raw_model.train()
-        return total.item() / max(count, 1)
+        return masked_val_loss(self.raw_model, self.val_batches, self.device, self.dtype)
 
     # ------------------------------------------------------------------------- the loop
 

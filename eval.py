@@ -1,0 +1,211 @@
+"""Reproduce the original grafito README's zero-shot table for any models, with real metrics beside it.
+
+    python eval.py --models=gpt2,gpt2-medium,out/ruby_002
+    python eval.py --models=base-124m=gpt2,ruby-002=out/ruby_002 --out=eval/zero_shot.md
+
+For each model: the six README queries, "custom prompted" (wrapped in the chat template),
+answered greedily; a markdown table with one row per query and one column per model, cells
+cut to 33 characters with '..' as in the README, '(repeats the query)' for an answer that
+only repeats it. Beside it: masked validation loss and perplexity on every prepared dataset
+(data/*/), and the share of held-out short-answer questions from grafito-25k's val split
+whose greedy answer contains the reference answer. The table goes to --out, everything to
+the .json beside it.
+"""
+
+import json
+import math
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import data
+import tokenizer
+from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
+from configurator import load_config
+from model import left_pad
+from train import masked_val_loss
+
+# The README shows the last query only as "write a code in python to sum 2.."; its end is ours.
+README_QUERIES = [
+    "what is 2+2",
+    "what's your purpose",
+    "i'm in a bad situtation",  # sic, as in the README
+    "what's your name",
+    "how can i make a videogame",
+    "write a code in python to sum 2 numbers",
+]
+
+DEFAULTS = dict(
+    models="gpt2",  # comma-separated model sources, each optionally label=source
+    queries="",  # a text file with one query per line instead of the README's six
+    out="eval/zero_shot.md",  # the table; the JSON with all numbers goes beside it (.json)
+    max_new_tokens=48,
+    datasets="",  # comma-separated prepared datasets for val loss; empty: every folder in data/
+    eval_iters=0,  # val batches per dataset, 0 for all
+    accuracy_samples=200,  # short-answer questions from accuracy_dataset's val split, 0 to skip
+    accuracy_dataset="grafito25k",
+    batch_size=8,
+    device="auto",
+    dtype="auto",
+)
+CELL = 33  # the README's column width
+
+
+def parse_models(spec):
+    models = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        label, _, source = item.rpartition("=")
+        models.append((label or source, source))
+    if not models:
+        raise GrafitoError("--models is empty: give model sources, e.g. --models=gpt2,out/ruby_002")
+    return models
+
+
+def squash(text):
+    return re.sub(r"[\W_]+", "", text.casefold())
+
+
+def cut(text):
+    """One line of at most 33 characters, '..' marking a cut, as in the README."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= CELL else text[:CELL - 2] + ".."
+
+
+def format_cell(answer, query):
+    """A table cell for an answer: '(repeats the query)' when it says nothing but the query."""
+    if answer.strip() and not re.sub(re.escape(squash(query)), "", squash(answer)):
+        return "(repeats the query)"
+    return cut(answer)
+
+
+def markdown_table(queries, labels, answers):
+    """answers[label][i] is the model's answer to queries[i]."""
+    header = ["query (custom prompted)"] + labels
+    rows = [[cut(q)] + [format_cell(answers[label][i], q) for label in labels]
+            for i, q in enumerate(queries)]
+    widths = [max(CELL, len(h)) for h in header]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n"
+
+
+def greedy_answers(model, prompts, max_new_tokens, batch_size):
+    """Greedy answers to chat-templated prompts, batched with left padding."""
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer.render_prompt([], p) for p in prompts[start:start + batch_size]]
+        idx, mask = left_pad(ids, pad_id=tokenizer.EOT)
+        streams = [tokenizer.AnswerStream() for _ in ids]
+        for tokens in model.generate_stream(idx.to(device), max_new_tokens, temperature=0, prompt_mask=mask.to(device),
+                                            stop_ids=[tokenizer.EOT]):
+            for stream, token in zip(streams, tokens.tolist()):
+                stream.add(token)
+            if all(s.done for s in streams):
+                break
+        answers += [s.text for s in streams]
+    return answers
+
+
+def normalize_answer(text):
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def short_answer_questions(dataset, n):
+    """Up to n single-turn val conversations whose answer has at most 5 words."""
+    if n == 0:
+        return []
+    split = data.load_split(dataset, "val")
+    questions = []
+    for i in range(split.num_conversations):
+        turns = tokenizer.turns_from_rendered(*split.conversation(i))
+        if len(turns) == 1 and 0 < len(turns[0][1].split()) <= 5 and normalize_answer(turns[0][1]):
+            questions.append(turns[0])
+            if len(questions) == n:
+                break
+    return questions
+
+
+def prepared_datasets(names):
+    if names:
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return sorted(p.name for p in data.DATA_ROOT.glob("*") if (p / "meta.json").is_file())
+
+
+def evaluate_model(label, source, config, queries, questions, datasets):
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    started = time.perf_counter()
+    model = checkpoint.load_model(source).eval().to(device=device, dtype=DTYPES[dtype])
+    result = {"label": label, "source": str(source), "dtype": dtype}
+    result["answers"] = greedy_answers(model, queries, config["max_new_tokens"], config["batch_size"])
+    result["val"] = {}
+    for name in datasets:
+        block = min(model.config.block_size, data.load_meta(name)["block_size"])
+        batches = data.eval_batches(data.load_split(name, "val"), block, config["batch_size"], config["eval_iters"])
+        loss = masked_val_loss(model, batches, device, "float32")  # weights already in dtype
+        result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+                               "tokens": int(sum((y >= 0).sum() for _, y in batches))}
+    if questions:
+        replies = greedy_answers(model, [q for q, _ in questions], 24, config["batch_size"])
+        hits = [normalize_answer(ref) in normalize_answer(reply) for (_, ref), reply in zip(questions, replies)]
+        result["short_answer_accuracy"] = {"correct": sum(hits), "samples": len(hits), "accuracy": sum(hits) / len(hits)}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    del model
+    return result
+
+
+def metrics_table(results, datasets):
+    header = ["model"] + [f"{d} val loss (ppl)" for d in datasets] + ["short-answer accuracy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = [r["label"]] + [f"{r['val'][d]['loss']:.3f} ({r['val'][d]['perplexity']:.1f})" for d in datasets]
+        acc = r.get("short_answer_accuracy")
+        cells.append(f"{acc['accuracy']:.1%} ({acc['correct']}/{acc['samples']})" if acc else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    config = load_config(DEFAULTS)
+    models = parse_models(config["models"])
+    if config["queries"]:
+        path = Path(config["queries"])
+        if not path.is_file():
+            raise GrafitoError(f"--queries={path}: no such file")
+        queries = [q.strip() for q in path.read_text(encoding="utf-8").splitlines() if q.strip()]
+        if not queries:
+            raise GrafitoError(f"--queries={path}: no queries in the file")
+    else:
+        queries = README_QUERIES
+    datasets = prepared_datasets(config["datasets"])
+    questions = []
+    if config["accuracy_samples"]:
+        try:
+            questions = short_answer_questions(config["accuracy_dataset"], config["accuracy_samples"])
+        except GrafitoError as err:
+            print(f"(no short-answer accuracy: {err})", file=sys.stderr)
+    results = []
+    for label, source in models:
+        print(f"evaluating {label} ({source}) ...", file=sys.stderr)
+        results.append(evaluate_model(label, source, config, queries, questions, datasets))
+    labels = [r["label"] for r in results]
+    table = markdown_table(queries, labels, {r["label"]: r["answers"] for r in results})
+    metrics = metrics_table(results, datasets)
+    out = Path(config["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n" + metrics)
+    out.with_suffix(".json").write_text(json.dumps({"queries": queries, "config": config, "results": results}, indent=2) + "\n")
+    print(table)
+    print(metrics)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

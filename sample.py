@@ -1,0 +1,226 @@
+"""Talk to a model: one answer, several samples, an interactive chat, or plain continuation.
+
+    python sample.py --out_dir=out/ruby_002 --start="what is 2+2"   # a trained model answers
+    python sample.py --init_from=gpt2 --raw --start="Once upon a time"  # GPT-2 continues text
+    python sample.py --out_dir=out/ruby_002 --chat                   # multi-turn chat (/clear, /quit)
+    python sample.py --init_from=gpt2 --shots=3 --start="who wrote hamlet"   # few-shot prompting
+
+The model comes from init_from: 'resume' (the run in out_dir: its best/ weights, a LoRA
+adapter merged into its base), a GPT-2 name, a hub repo id, or a local model folder.
+Prompts are wrapped in the chat template unless --raw. Decoding uses the KV cache;
+temperature=0 is greedy. Answers stop at end-of-text or at a new '### Instruction:'.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint
+import data
+import tokenizer
+from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
+from configurator import load_config
+
+DEFAULTS = dict(
+    init_from="resume",  # resume (the run in out_dir) | gpt2, gpt2-medium, ... | hub repo id | model folder
+    out_dir="out/ruby_002",
+    start="what is 2+2",  # the prompt, or FILE:path to read it from a file
+    num_samples=1,
+    max_new_tokens=200,
+    temperature=0.7,  # 0 is greedy
+    top_k=50,  # 0 disables
+    top_p=1.0,
+    repetition_penalty=1.0,
+    seed=1337,
+    device="auto",
+    dtype="auto",  # weights are cast to this for decoding: bfloat16 halves the memory traffic
+    raw=False,  # plain continuation of start, no chat template
+    chat=False,  # interactive multi-turn chat on stdin
+    shots="",  # few-shot examples before every prompt: a .jsonl file of {"instruction", "answer"}, or a number N
+    shots_dataset="grafito25k",  # where --shots=N draws its examples from (train split)
+    verbose=False,  # print tokens/s
+)
+
+
+def load_for_inference(config):
+    """(model, device) ready for decoding in the configured dtype."""
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    source = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
+    model = checkpoint.load_model(source).eval()
+    model.to(device=device, dtype=DTYPES[dtype])
+    return model, device
+
+
+def read_start(start):
+    if start.startswith("FILE:"):
+        path = Path(start[5:]).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise GrafitoError(f"--start=FILE:{path}: {err.strerror}") from None
+    return start
+
+
+def load_shots(shots, dataset, seed):
+    """Example turns to prepend: from a JSON-lines file, or N conversations of a prepared train split."""
+    if not shots:
+        return []
+    if shots.isdigit():
+        split = data.load_split(dataset, "train")
+        picks = np.random.default_rng(seed).choice(split.num_conversations, size=int(shots), replace=False)
+        return [turn for i in picks for turn in tokenizer.turns_from_rendered(*split.conversation(int(i)))]
+    path = Path(shots).expanduser()
+    if not path.is_file():
+        raise GrafitoError(f"--shots={shots}: neither a number nor a file")
+    turns = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+            turns.append((example["instruction"], example["answer"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise GrafitoError(f"{path}, line {line_no}: expected a JSON object with 'instruction' and 'answer'") from None
+    return turns
+
+
+def fit_prompt(history, instruction, block_size, max_new_tokens, warn):
+    """Prompt ids for history + instruction that leave room for the reply: the oldest turns go
+    first, then (a single over-long instruction) the prompt's left end. Returns (ids, turns kept)."""
+    budget = max(1, block_size - max_new_tokens)
+    while True:
+        ids = tokenizer.render_prompt(history, instruction)
+        if len(ids) <= budget or not history:
+            break
+        history = history[1:]
+        warn("context full: dropping the oldest turns of the conversation")
+    if len(ids) > budget:
+        warn(f"prompt of {len(ids)} tokens is longer than the {budget} that leave room for the answer; "
+             f"keeping its last {budget} tokens")
+        ids = ids[-budget:]
+    return ids, history
+
+
+class Warner:
+    """Prints each distinct warning once."""
+
+    def __init__(self):
+        self.said = set()
+
+    def __call__(self, message):
+        if message not in self.said:
+            self.said.add(message)
+            print(f"({message})", file=sys.stderr)
+
+
+def generate_answers(model, prompt_ids, config, generator, on_text=None):
+    """Answer texts for num_samples copies of the prompt; on_text(str) streams sample 0."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * config["num_samples"], dtype=torch.long, device=device)
+    streams = [tokenizer.AnswerStream() for _ in range(config["num_samples"])]
+    started, count = time.perf_counter(), 0
+    for tokens in model.generate_stream(idx, config["max_new_tokens"], temperature=config["temperature"],
+                                        top_k=config["top_k"] or None, top_p=config["top_p"],
+                                        repetition_penalty=config["repetition_penalty"],
+                                        stop_ids=[tokenizer.EOT], generator=generator):
+        count += 1
+        for i, (stream, token) in enumerate(zip(streams, tokens.tolist())):
+            text = stream.add(token)
+            if i == 0 and on_text and text:
+                on_text(text)
+        if all(s.done for s in streams):
+            break
+    for i, stream in enumerate(streams):
+        if not stream.done:
+            text = stream.finish()
+            if i == 0 and on_text and text:
+                on_text(text)
+    seconds = time.perf_counter() - started
+    return [s.text for s in streams], count, seconds
+
+
+def continue_raw(model, text, config, generator):
+    """--raw: plain continuation, stopping only at end-of-text."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(text) or [tokenizer.EOT]
+    block = model.config.block_size
+    if len(ids) >= block:
+        Warner()(f"prompt of {len(ids)} tokens exceeds the context; keeping its last {block - 1}")
+        ids = ids[-(block - 1):]
+    idx = torch.tensor([ids] * config["num_samples"], dtype=torch.long, device=device)
+    out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"], top_k=config["top_k"] or None,
+                         top_p=config["top_p"], repetition_penalty=config["repetition_penalty"],
+                         stop_ids=[tokenizer.EOT], generator=generator)
+    for i, row in enumerate(out.tolist()):
+        new = row[len(ids):]
+        new = new[:new.index(tokenizer.EOT)] if tokenizer.EOT in new else new
+        print(("" if i == 0 else "---------------\n") + text + tokenizer.decode(new))
+
+
+def chat(model, config, shots, generator, lines=None):
+    """Interactive multi-turn chat; reads stdin lines (a terminal or a pipe)."""
+    interactive = lines is None and sys.stdin.isatty()
+    lines = iter(lines) if lines is not None else sys.stdin
+    warn, history = Warner(), []
+    if interactive:
+        print("chat: type a message; /clear forgets the conversation, /quit (or Ctrl-D) leaves")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = next(lines, None)
+        if line is None or line.strip() == "/quit":
+            break
+        message = line.strip()
+        if message == "/clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not message:
+            continue
+        ids, kept = fit_prompt(shots + history, message, model.config.block_size, config["max_new_tokens"], warn)
+        dropped = len(shots) + len(history) - len(kept)
+        history = kept[max(0, len(shots) - dropped):]  # the examples stay for the next turn; old turns go
+        answers, _, _ = generate_answers(model, ids, {**config, "num_samples": 1}, generator,
+                                         on_text=lambda t: print(t, end="", flush=True))
+        print()
+        if answers[0]:  # an empty reply leaves no turn to remember
+            history.append((message, answers[0]))
+    return history
+
+
+def main():
+    config = load_config(DEFAULTS)
+    for key in ("num_samples", "max_new_tokens"):
+        if config[key] < 1:
+            raise GrafitoError(f"{key} must be at least 1, got {config[key]}")
+    if config["temperature"] < 0 or not 0 < config["top_p"] <= 1 or config["repetition_penalty"] <= 0:
+        raise GrafitoError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+    model, device = load_for_inference(config)
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    shots = load_shots(config["shots"], config["shots_dataset"], config["seed"])
+    if config["chat"]:
+        chat(model, config, shots, generator)
+        return
+    text = read_start(config["start"])
+    if config["raw"]:
+        continue_raw(model, text, config, generator)
+        return
+    ids, _ = fit_prompt(shots, text, model.config.block_size, config["max_new_tokens"], Warner())
+    stream = (lambda t: print(t, end="", flush=True)) if config["num_samples"] == 1 else None
+    answers, count, seconds = generate_answers(model, ids, config, generator, on_text=stream)
+    if stream:
+        print()
+    else:
+        print("\n---------------\n".join(answers))
+    if config["verbose"]:
+        print(f"({count} tokens x {config['num_samples']} in {seconds:.2f}s: "
+              f"{count * config['num_samples'] / seconds:.1f} tokens/s, prompt {len(ids)} tokens)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
