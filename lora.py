@@ -134,6 +134,21 @@ def apply_lora(model, lora_config):
     return model
 
 
+def cast_frozen_linears(model, dtype):
+    """Store the frozen block matrices (and their biases) in the autocast dtype.
+
+    Autocast rounds them to that dtype for every matmul anyway, so the results are the same;
+    what goes away is a cast of every weight at every step, and half their memory.
+    Embeddings and LayerNorms keep float32 (the residual stream stays float32).
+    """
+    for module in model.transformer.h.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+    return model
+
+
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

@@ -78,10 +78,31 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if _explicit_attention_is_faster(q, cache, attn_mask, is_causal):
+            y = _causal_attention(q, k, v, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def _explicit_attention_is_faster(q, cache, attn_mask, is_causal):
+    """PyTorch's CPU flash-attention kernel is slower than plain matmuls + softmax for the
+    short sequences of CPU training (fwd+bwd of a 4x12x256x64 layer: 24 ms against 14 ms,
+    bench.py); the explicit path stores B*H*T*T scores, so it is used only while those stay small."""
+    B, H, T, _ = q.shape
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and cache is None and attn_mask is None
+            and is_causal and B * H * T * T <= 2 ** 25)
+
+
+def _causal_attention(q, k, v, dropout):
+    """softmax(q k^T / sqrt(d) + causal mask) v, as scaled_dot_product_attention computes it."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return F.dropout(weights, dropout) @ v if dropout else weights @ v
 
 
 class MLP(nn.Module):
@@ -121,6 +142,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self._compiled_decode = None
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -141,7 +163,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, shared_grad=None):
         """Final-LayerNorm activations (B, T, n_embd); with a cache, idx continues the cached tokens."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -152,32 +174,68 @@ class GPT(nn.Module):
         else:
             positions = cache.positions(T)
             attn_mask, is_causal = cache.attention(T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        tokens = (self.transformer.wte(idx) if shared_grad is None
+                  else _TiedEmbedding.apply(idx, self.transformer.wte.weight, shared_grad))
+        x = self.transformer.drop(tokens + self.transformer.wpe(positions))
         for block in self.transformer.h:
             x = block(x, cache, attn_mask, is_causal)
         if cache is not None:
-            cache.length += T
+            cache.advance(positions)
         return self.transformer.ln_f(x)
+
+    def decode_step(self, token, cache):
+        """Logits (B, vocab) of the next token after one new token per row, through the cache."""
+        if cache.length >= cache.max_len:
+            raise ValueError(f"the KV cache is full ({cache.max_len} positions)")
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=cache.device)
+        cache.key_valid[:, cache.length] = True
+        if self._compiled_decode is None:
+            logits = self._decode_one(token, slot, cache.next_position, cache.keys, cache.values, cache.key_valid)
+        else:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):  # read when (re)compiling, which happens inside the call
+                logits = self._compiled_decode(token, slot, cache.next_position, cache.keys, cache.values,
+                                               cache.key_valid)
+        cache.length += 1
+        cache.next_position += 1
+        return logits
+
+    def _decode_one(self, token, slot, position, keys, values, key_valid):
+        writer = _SlotWriter(keys, values, slot)
+        x = self.transformer.wte(token[:, None]) + self.transformer.wpe(position[:, None])
+        mask = key_valid[:, None, None, :]
+        for block in self.transformer.h:
+            x = block(x, writer, mask, False)
+        return self.lm_head(self.transformer.ln_f(x)[:, -1])[:, :self.config.vocab_size]
+
+    def compile_decode(self):
+        """torch.compile the one-token decode step for inference: fixed shapes (the cache
+        length is rounded up to a multiple of 256, so one graph serves many prompts) and
+        frozen weights, which lets the CPU backend pre-pack them for its matmul kernels.
+        Call it after the model has its final device and dtype; it is not for training."""
+        self._compiled_decode = torch.compile(self._decode_one, dynamic=False)
+        return self
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         """logits, loss = model(idx, targets).
 
         Without targets: logits at every position, (B, T, vocab_size), and loss None.
-        With targets (B, T): positions whose target is -1 (any negative) are ignored, and the
-        output layer runs only at the supervised positions, so logits is (N, vocab_size) for
-        the N supervised positions in row-major order. loss is their cross-entropy, averaged
-        (loss_reduction='mean') or summed ('sum').
+        With targets (B, T): positions whose target is -1 (any negative) are ignored; loss is
+        the cross-entropy of the others, averaged (loss_reduction='mean') or summed ('sum').
+        The output layer then runs only at those positions and fused with the loss, chunk by
+        chunk, so the logits are never materialised and None is returned in their place.
         """
-        x = self.hidden_states(idx)
-        vocab = self.config.vocab_size
         if targets is None:
-            return self.lm_head(x)[..., :vocab], None
+            return self.lm_head(self.hidden_states(idx))[..., :self.config.vocab_size], None
+        shared_grad = TiedGradient()  # the tied embedding/output weight gets one gradient buffer
+        x = self.hidden_states(idx, shared_grad=shared_grad)
         supervised = targets >= 0
-        logits = self.lm_head(x[supervised])[:, :vocab]
-        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        loss = linear_cross_entropy(x[supervised], self.lm_head.weight, targets[supervised], self.config.vocab_size,
+                                    shared_grad=shared_grad)
         if loss_reduction == "mean":
             loss = loss / supervised.sum().clamp(min=1)  # no supervised token: loss 0, not NaN
-        return logits, loss
+        return None, loss
 
     # ------------------------------------------------------------------------- generation
 
@@ -221,7 +279,8 @@ class GPT(nn.Module):
             seen = counts.scatter_add_(1, idx, real[:, :T].float()) > 0  # padding is not "seen"
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(self.config, B, min(T + max_new_tokens, block_size), idx.device, prompt_mask)
+        dtype = self._compute_dtype(idx.device)
+        cache = KVCache(self.config, B, self._cache_length(T + max_new_tokens), idx.device, dtype, prompt_mask)
         logits = self._last_logits(idx, cache)
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
@@ -239,13 +298,24 @@ class GPT(nn.Module):
                 keep = max(block_size // 2, block_size - remaining)
                 upto = T + step + 1
                 window, window_mask = left_pad([row[ok][-keep:] for row, ok in zip(tokens[:, :upto], real[:, :upto])], 0)
-                cache = KVCache(self.config, B, min(window.shape[1] + remaining, block_size), idx.device, window_mask)
+                cache = KVCache(self.config, B, self._cache_length(window.shape[1] + remaining), idx.device, dtype,
+                                window_mask)
                 logits = self._last_logits(window, cache)
             else:
-                logits = self._last_logits(token[:, None], cache)
+                logits = self.decode_step(token, cache)
 
     def _last_logits(self, idx, cache):
         return self.lm_head(self.hidden_states(idx, cache)[:, -1])[:, :self.config.vocab_size]
+
+    def _cache_length(self, tokens):
+        if self._compiled_decode is not None:  # few distinct shapes, few compilations
+            tokens = math.ceil(tokens / 256) * 256
+        return min(tokens, self.config.block_size)
+
+    def _compute_dtype(self, device):
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.transformer.wte.weight.dtype
 
     # ------------------------------------------------------------------------- weights I/O
 
@@ -467,37 +537,134 @@ def read_weights(files):
     return state
 
 
+# ----------------------------------------------------------------------------- fused output layer + loss
+
+def linear_cross_entropy(h, weight, targets, vocab_size, chunk_rows=1024, shared_grad=None):
+    """Summed cross-entropy of h @ weight[:vocab_size].T against targets, in row chunks.
+
+    Equal to F.cross_entropy(F.linear(h, weight)[:, :vocab_size], targets, reduction='sum'),
+    gradients included, but each chunk's softmax becomes its gradient on the spot, so no
+    (N x vocab) float32 logits, log-softmax or its backward are kept for autograd. Matmuls
+    run in the autocast dtype when autocast is on; the softmax and the loss in float32.
+    With shared_grad (a TiedGradient), the weight's gradient is handed to the tied token
+    embedding instead, which adds its own part to the same buffer. One backward only.
+    """
+    device_type = h.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows, compute_dtype, shared_grad)
+
+
+class TiedGradient:
+    """One float32 gradient buffer for GPT-2's tied embedding/output weight.
+
+    The output layer's backward (which autograd runs first) leaves its gradient here; the
+    embedding's backward adds the lookups' gradient into it and returns the sum. PyTorch's
+    own way allocates, zero-fills and then adds a second vocab x n_embd buffer every step.
+    """
+
+    def __init__(self):
+        self.grad = None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, compute_dtype, shared_grad):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w = weight[:vocab_size].to(compute_dtype)
+            hc = h.to(compute_dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            if need_w:
+                grad_w[vocab_size:].zero_()  # padding rows; the others are written by the first chunk
+            for start in range(0, h.shape[0], chunk_rows):
+                rows, t = hc[start:start + chunk_rows], targets[start:start + chunk_rows]
+                logits = rows @ w.t()
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                # log-sum-exp, exactly, from the largest logit and its probability (never below 1/vocab)
+                top, top_index = logits.max(dim=-1, keepdim=True)
+                lse = top.float() - probs.gather(1, top_index).log()
+                loss += (lse - logits.gather(1, t[:, None]).float()).sum()
+                if need_h or need_w:
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+                    g = probs.to(compute_dtype)
+                    if need_h:
+                        grad_h[start:start + chunk_rows] = g @ w
+                    if need_w and start == 0:
+                        grad_w[:vocab_size] = g.t() @ rows
+                    elif need_w:
+                        grad_w[:vocab_size] += g.t() @ rows
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype, ctx.shared_grad = weight.dtype, shared_grad
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors  # made for this one backward: scaled in place
+        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        if grad_w is not None:
+            grad_w.mul_(grad_loss)
+            if ctx.shared_grad is not None:
+                ctx.shared_grad.grad, grad_w = grad_w, None
+            else:
+                grad_w = grad_w.to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """Token embedding lookup whose weight gradient goes into the output layer's buffer."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, shared_grad):
+        ctx.save_for_backward(idx)
+        ctx.weight_shape, ctx.weight_dtype, ctx.shared_grad = weight.shape, weight.dtype, shared_grad
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        (idx,) = ctx.saved_tensors
+        grad = ctx.shared_grad.grad
+        if grad is None:  # the output layer had no gradient to share
+            grad = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=grad_out.device)
+        grad.index_add_(0, idx.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(grad.dtype))
+        ctx.shared_grad.grad = None
+        return None, grad.to(ctx.weight_dtype), None
+
+
 # ----------------------------------------------------------------------------- KV cache and sampling
 
 class KVCache:
     """Keys and values of every layer, preallocated for max_len positions.
 
-    prompt_mask (B, T), True on real tokens, describes left-padded prompts of different
-    lengths: padding keys are never attended to and positions count from each row's first
-    real token.
+    Filled two ways: a prefill of any number of tokens through hidden_states() (attention
+    over the filled part), then one token per row at a time through GPT.decode_step()
+    (attention over the whole buffer, unwritten slots masked: fixed shapes, so the step
+    compiles to one graph). prompt_mask (B, T), True on real tokens, describes left-padded
+    prompts of different lengths: padding is never attended to and positions count from
+    each row's first real token.
     """
 
-    def __init__(self, config, batch_size, max_len, device, prompt_mask=None):
-        self.shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.keys = [None] * config.n_layer
-        self.values = [None] * config.n_layer
-        self.max_len = max_len
-        self.device = device
-        self.length = 0
-        self.key_valid = None
-        self.pad_count = None
+    def __init__(self, config, batch_size, max_len, device, dtype, prompt_mask=None):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len, self.device, self.length = max_len, device, 0
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.prompt_mask = None
         if prompt_mask is not None and not bool(prompt_mask.all()):
             if bool((prompt_mask[:, 1:] < prompt_mask[:, :-1]).any()):
                 raise ValueError("prompt_mask must describe left padding: zeros, then ones, in every row")
-            self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=prompt_mask.device)
-            self.key_valid[:, :prompt_mask.shape[1]] = prompt_mask
-            self.pad_count = (~prompt_mask).sum(dim=1)
+            self.prompt_mask = prompt_mask
+        self.pad_count = None if self.prompt_mask is None else (~self.prompt_mask).sum(dim=1)
+        self.next_position = None  # (B,) position of each row's next token, once prefilled
 
     def update(self, layer, k, v):
-        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far."""
-        if self.keys[layer] is None:  # allocated on first use, in the dtype the model computes in
-            self.keys[layer] = k.new_zeros(self.shape)
-            self.values[layer] = v.new_zeros(self.shape)
+        """Prefill: store k, v (B, H, T, D) after the cached positions; return the filled part."""
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -511,7 +678,7 @@ class KVCache:
 
     def attention(self, T):
         """(attn_mask, is_causal) for T new queries after the cached ones."""
-        if self.key_valid is None:
+        if self.prompt_mask is None:
             if T == 1:
                 return None, False  # one new token sees every cached key
             if self.length == 0:
@@ -519,10 +686,35 @@ class KVCache:
         query_pos = torch.arange(self.length, self.length + T, device=self.device)[:, None]
         key_pos = torch.arange(self.length + T, device=self.device)[None, :]
         mask = key_pos <= query_pos
-        if self.key_valid is not None:
+        if self.prompt_mask is not None:
+            valid = torch.ones(self.key_valid.shape[0], self.length + T, dtype=torch.bool, device=self.device)
+            valid[:, :self.prompt_mask.shape[1]] = self.prompt_mask
             # a padding query sees only itself, so its softmax never has an empty row (NaN)
-            mask = (mask & self.key_valid[:, None, None, :self.length + T]) | (key_pos == query_pos)
+            mask = (mask & valid[:, None, None, :]) | (key_pos == query_pos)
         return mask, False
+
+    def advance(self, positions):
+        """Book-keeping after a prefill that ended at `positions` (T,) or (B, T)."""
+        T = positions.shape[-1]
+        self.key_valid[:, self.length:self.length + T] = True
+        if self.prompt_mask is not None and self.length == 0:
+            self.key_valid[:, :self.prompt_mask.shape[1]] = self.prompt_mask
+        last = positions[..., -1]
+        self.next_position = (last + 1).expand(self.key_valid.shape[0]).clone() if last.dim() == 0 else last + 1
+        self.length += T
+
+
+class _SlotWriter:
+    """The cache as a decode step sees it: writes one position (a tensor index) and hands
+    every layer's whole buffers to attention, so shapes never change between steps."""
+
+    def __init__(self, keys, values, slot):
+        self.keys, self.values, self.slot = keys, values, slot
+
+    def update(self, layer, k, v):
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer], self.values[layer]
 
 
 def left_pad(sequences, pad_id):

@@ -38,6 +38,7 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     dtype="auto",  # weights are cast to this for decoding: bfloat16 halves the memory traffic
+    compile=False,  # torch.compile the one-token decode step (a one-off compile, then faster tokens)
     raw=False,  # plain continuation of start, no chat template
     chat=False,  # interactive multi-turn chat on stdin
     shots="",  # few-shot examples before every prompt: a .jsonl file of {"instruction", "answer"}, or a number N
@@ -51,8 +52,13 @@ def load_for_inference(config):
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
     source = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
+    if config["init_from"] == "resume" and not Path(source).is_dir():
+        raise GrafitoError(f"no training run in out_dir={source}: train one (python train.py config/ruby_002.py) "
+                           f"or talk to another model, e.g. --init_from=gpt2 or --init_from=path/to/model")
     model = checkpoint.load_model(source).eval()
     model.to(device=device, dtype=DTYPES[dtype])
+    if config["compile"]:
+        model.compile_decode()
     return model, device
 
 

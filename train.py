@@ -24,7 +24,7 @@ import torch
 import checkpoint
 import data
 import lora
-from common import GrafitoError, atomic_dir, autocast, peak_flops, resolve_device, resolve_dtype, run_cli
+from common import DTYPES, GrafitoError, atomic_dir, autocast, peak_flops, resolve_device, resolve_dtype, run_cli
 from configurator import format_config, load_config
 from model import GPT, GPTConfig, training_flops
 
@@ -136,7 +136,7 @@ def setup_distributed(config):
     return rank, local_rank, world, device
 
 
-def build_model(config, device, resume_state):
+def build_model(config, device, dtype, resume_state):
     """(model, base model name for adapters) for init_from; LoRA applied when lora_r > 0."""
     init_from = config["init_from"]
     if init_from == "resume":
@@ -156,6 +156,8 @@ def build_model(config, device, resume_state):
         base_model = str(path.resolve()) if path.is_dir() else init_from
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))
+    if lora.lora_layers(model) and dtype in ("bfloat16", "float16"):
+        lora.cast_frozen_linears(model, DTYPES[dtype])
     if config["block_size"] > model.config.block_size:
         raise GrafitoError(f"config: block_size = {config['block_size']} is larger than the model's context "
                            f"({model.config.block_size} positions)")
@@ -166,7 +168,7 @@ def make_optimizer(model, config, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases and LayerNorms
-    fused = device.startswith("cuda")
+    fused = device.startswith(("cuda", "cpu"))  # one kernel for the whole update (CPU support: torch >= 2.4)
     return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]), fused=fused)
 
 
@@ -233,7 +235,7 @@ class Trainer:
             if changed:
                 raise GrafitoError("cannot resume with different " + ", ".join(
                     f"{k} ({resume_state['config'][k]!r} -> {config[k]!r})" for k in changed))
-        self.model, self.base_model = build_model(config, self.device, resume_state)
+        self.model, self.base_model = build_model(config, self.device, self.dtype, resume_state)
         self.lora = bool(lora.lora_layers(self.model))
 
         self.train_split = data.load_split(config["dataset"], "train")
@@ -442,11 +444,10 @@ class Trainer:
         log.close()
         print(f"done: {self.step} steps, best val loss {self.best_val:.4f} (perplexity "
               f"{math.exp(min(self.best_val, 50)):.2f}); weights in {self.out_dir / checkpoint.BEST}")
-        if self.lora and self.config["lora_merge"]:
-            lora.load_adapter(self.raw_model, self.out_dir / checkpoint.BEST)
-            lora.merge_lora(self.raw_model)
+        if self.lora and self.config["lora_merge"]:  # into a fresh float32 base, not the training copy
+            merged = checkpoint.load_weights(self.out_dir / checkpoint.BEST)
             with atomic_dir(self.out_dir / checkpoint.MERGED) as tmp:
-                self.raw_model.save_pretrained(tmp)
+                merged.save_pretrained(tmp)
             print(f"merged adapter into the base: {self.out_dir / checkpoint.MERGED}")
         if self.config["plot"]:
             plot_losses(self.out_dir)

@@ -89,15 +89,52 @@ def test_masked_loss_equals_full_logits_cross_entropy():
     idx = torch.randint(0, 70, (4, 32))
     targets = torch.randint(0, 70, (4, 32))
     targets[torch.rand(4, 32) < 0.6] = -1
-    logits_sup, loss = model(idx, targets)
+    no_logits, loss = model(idx, targets)
     full_logits, _ = model(idx)
     expected = F.cross_entropy(full_logits.view(-1, 70), targets.view(-1), ignore_index=-1)
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert logits_sup.shape == ((targets >= 0).sum().item(), 70)
+    assert no_logits is None
     _, loss_sum = model(idx, targets, loss_reduction="sum")
     assert torch.allclose(loss_sum, expected * (targets >= 0).sum(), rtol=1e-5)
     _, no_loss = model(idx, torch.full_like(targets, -1))
     assert no_loss.item() == 0.0
+
+
+def test_model_gradients_equal_full_logits_cross_entropy():
+    """The fused output layer and the shared tied-weight gradient change nothing but speed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70))
+    idx, targets = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
+    targets[torch.rand(3, 16) < 0.5] = -1
+    logits, _ = model(idx)
+    F.cross_entropy(logits.reshape(-1, 70), targets.reshape(-1), ignore_index=-1).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(idx, targets)[1].backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, expected[name], atol=1e-6), name
+
+
+def test_fused_output_loss_gradients_equal_the_reference():
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(128, 32, requires_grad=True)  # 100 real rows + padding, as the tied embedding
+    targets = torch.randint(0, 100, (300,))
+    reference = F.cross_entropy(F.linear(h, weight)[:, :100], targets, reduction="sum")
+    reference.backward()
+    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    from model import linear_cross_entropy
+
+    fused = linear_cross_entropy(h, weight, targets, 100, chunk_rows=64)  # several chunks
+    (fused * 0.5).backward()
+    assert torch.allclose(fused, reference, rtol=1e-5)
+    assert torch.allclose(h.grad, expected_h * 0.5, atol=1e-5) and torch.allclose(weight.grad, expected_w * 0.5, atol=1e-5)
+    assert (weight.grad[100:] == 0).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax: as autocast's own path
+        fused_bf16 = linear_cross_entropy(h, weight, targets, 100)
+        reference_bf16 = F.cross_entropy(F.linear(h, weight)[:, :100].float(), targets, reduction="sum")
+    assert torch.allclose(fused_bf16, reference_bf16, rtol=1e-4)
 
 
 def test_kv_cache_matches_full_forward():
@@ -105,12 +142,13 @@ def test_kv_cache_matches_full_forward():
     model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=40, vocab_size=80)).eval()
     idx = torch.randint(0, 80, (2, 40))
     full, _ = model(idx)
-    cache = KVCache(model.config, 2, 40, "cpu")
+    cache = KVCache(model.config, 2, 40, "cpu", torch.float32)
     with torch.no_grad():
-        steps = [model.lm_head(model.hidden_states(idx[:, :7], cache))]  # prefill
-        steps += [model.lm_head(model.hidden_states(idx[:, t:t + 1], cache)) for t in range(7, 30)]
-        steps += [model.lm_head(model.hidden_states(idx[:, 30:], cache))]  # a chunk after the cache
-    incremental = torch.cat(steps, dim=1)[..., :80]
+        steps = [model.lm_head(model.hidden_states(idx[:, :7], cache))[..., :80]]  # prefill
+        steps += [model.lm_head(model.hidden_states(idx[:, t:t + 1], cache))[..., :80] for t in range(7, 20)]
+        steps += [model.decode_step(idx[:, t], cache)[:, None] for t in range(20, 30)]  # fixed-shape steps
+        steps += [model.lm_head(model.hidden_states(idx[:, 30:], cache))[..., :80]]  # a chunk after them
+    incremental = torch.cat(steps, dim=1)
     assert (incremental - full).abs().max().item() < 1e-5
 
 
@@ -215,3 +253,13 @@ def test_non_gpt2_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(GrafitoError, match="GPT-2 .* only"):
         GPT.from_pretrained(tmp_path)
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=300, vocab_size=64)).eval()
+    idx = torch.randint(0, 64, (2, 7))
+    eager = model.generate(idx, 12, temperature=0)
+    model.compile_decode()
+    assert torch.equal(model.generate(idx, 12, temperature=0), eager)
+    assert model._cache_length(19) == 256 and model._cache_length(290) == 300  # shapes bucketed, capped

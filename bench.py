@@ -1,0 +1,410 @@
+"""How fast grafito trains and generates on this machine, optionally beside Hugging Face transformers.
+
+    python bench.py                                  # gpt2 (124M) shape, random weights, no download
+    python bench.py --compare=hf                     # the same shapes through transformers, interleaved
+    python bench.py --model=gpt2-medium --dtype=bfloat16 --compile --device=cuda
+
+Rows: a full fine-tuning step on plain LM batches (every token supervised) and on masked
+SFT batches (real prepared data when data/<dataset> exists, else a synthetic mask with the
+given supervised fraction), a LoRA step on the masked batches, prompt prefill and KV-cache
+decoding at batch 1 and batch N. Each row: warm-up steps excluded, `repeats` timed runs
+(ours and transformers' alternating), the median reported, GPU timings synchronised.
+Step memory is what one step (or generate call) needs above the memory resident before
+it: the peak RSS on Linux CPUs, max allocated on GPUs.
+transformers trains with torch.optim.AdamW's defaults (what a user writes), grafito with
+its fused AdamW, as train.py does. MFU divides the FLOPs each implementation performs (model.training_flops: transformers
+computes logits at every position, grafito only where the loss is taken) by the peak of
+the device: the datasheet table for GPUs, or on CPUs a bf16/fp32 matmul peak measured here
+first. The last line of output is one JSON object with every number.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+import common
+import data
+import lora
+import tokenizer
+from common import DTYPES, GrafitoError, autocast, peak_flops, resolve_device, resolve_dtype, run_cli
+from configurator import load_config
+from model import GPT, PRESETS, GPTConfig, training_flops
+
+DEFAULTS = dict(
+    model="gpt2",  # a GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights)
+    n_layer=0,  # > 0 overrides the preset (tiny shapes for smoke tests)
+    n_head=0,
+    n_embd=0,
+    batch_size=4,
+    block_size=256,
+    dtype="bfloat16",  # bfloat16 | float32 | float16 (GPU only)
+    compile=False,
+    supervised=0.4,  # supervised share of the synthetic masked batches
+    dataset="grafito25k",  # masked batches from this prepared dataset when it exists
+    lora_r=16,
+    repeats=5,
+    warmup=2,
+    prompt_tokens=128,  # prefill length
+    decode_tokens=128,  # new tokens per decode run
+    decode_batch=8,  # the "batch N" decode row
+    rows="train,masked,lora,decode",  # which rows to run
+    compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes
+    device="auto",
+    seed=1337,
+)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def reset_peak_memory(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident set size to the current one
+
+
+def peak_memory_mb(device):
+    """Max allocated on GPU; on Linux CPUs the process's peak resident memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def interleaved(timers, repeats, warmup):
+    """{name: [seconds, ...]}: each timer (a callable returning seconds) run in turns, after warm-up."""
+    for _, timer in timers:
+        for _ in range(warmup):
+            timer()
+    times = {name: [] for name, _ in timers}
+    for _ in range(repeats):
+        for name, timer in timers:
+            times[name].append(timer())
+    return times
+
+
+def measured_peak(device, dtype):
+    """FLOP/s of the device: datasheet for known GPUs, else the best of a few large matmuls."""
+    known = peak_flops(device, dtype)
+    if known:
+        return known, "datasheet"
+    size = 2048
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    best = min(timed(lambda: a @ b, device) for _ in range(6))
+    return 2 * size ** 3 / best, f"measured ({size}^3 {dtype} matmul)"
+
+
+# ----------------------------------------------------------------------------- the workloads
+
+def masked_batch(config, rng):
+    """(x, y, source): rows packed from real prepared data when present, else synthetic."""
+    B, T = config["batch_size"], config["block_size"]
+    try:
+        split = data.load_split(config["dataset"], "train")
+        batches = data.PackedBatches(split, T, seed=config["seed"])
+        x, y = batches.batch(batches.next_rows(B))
+        return x, y, f"{config['dataset']} (real, {float((y >= 0).mean()):.0%} supervised)"
+    except GrafitoError:
+        x = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
+        y = np.where(rng.random((B, T)) < config["supervised"], rng.integers(0, tokenizer.VOCAB_SIZE, (B, T)), -1)
+        return x, y, f"synthetic, {config['supervised']:.0%} supervised"
+
+
+class Trainer:
+    """One model + AdamW taking optimizer steps on fixed batches."""
+
+    def __init__(self, model, device, dtype, compile_model, fused_adamw):
+        self.model = model.to(device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw or None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.device, self.dtype = device, dtype
+
+    def step(self, **inputs):
+        with autocast(self.device, self.dtype):
+            out = self.forward(**inputs)
+        loss = out[1] if isinstance(out, tuple) else out.loss
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def our_trainer(gpt_config, device, dtype, compile_model, lora_r=0):
+    """A GPT set up as train.py sets it up: fused AdamW; LoRA with frozen matrices in the autocast dtype."""
+    torch.manual_seed(0)
+    model = GPT(gpt_config)
+    if lora_r:
+        lora.apply_lora(model, lora.LoRAConfig(r=lora_r))
+        if dtype in ("bfloat16", "float16"):
+            lora.cast_frozen_linears(model, DTYPES[dtype])
+    return Trainer(model, device, dtype, compile_model, fused_adamw=device.startswith(("cuda", "cpu")))
+
+
+def hf_model(gpt_config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=gpt_config.n_layer, n_head=gpt_config.n_head, n_embd=gpt_config.n_embd,
+                                      n_positions=gpt_config.block_size, vocab_size=gpt_config.vocab_size,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def hf_labels(x, y):
+    """transformers shifts labels itself: the label at position t is the token at t (-100 to skip)."""
+    return torch.cat([torch.full_like(y[:, :1], -100), torch.where(y[:, :-1] >= 0, x[:, 1:], -100)], dim=1)
+
+
+class TransformersWorker:
+    """transformers.GPT2LMHeadModel in a child process started as a user would run it (without
+    grafito's CPU allocator settings, AdamW with PyTorch's defaults), timed call by call over
+    a pipe so that its runs alternate with ours."""
+
+    def __init__(self, gpt_config, device, dtype, compile_model):
+        env = dict(os.environ, GRAFITO_SYSTEM_MALLOC="1")
+        if common.THP_SET_BY_GRAFITO:
+            env.pop("THP_MEM_ALLOC_ENABLE", None)
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ask(setup={"gpt_config": asdict(gpt_config), "device": device, "dtype": dtype, "compile": compile_model})
+
+    def ask(self, **message):
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        reply = json.loads(self.process.stdout.readline() or '{"error": "transformers worker exited"}')
+        if "error" in reply:
+            raise GrafitoError(f"transformers worker: {reply['error']}")
+        return reply
+
+    def timer(self, name):
+        return lambda: self.ask(run=name)["seconds"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def worker():
+    """The child side of TransformersWorker: JSON requests on stdin, one JSON reply per line."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # whatever libraries print must not reach the pipe
+    state, jobs = {}, {}
+    for line in sys.stdin:
+        message = json.loads(line)
+        try:
+            reply = _worker_handle(message, state, jobs)
+        except Exception as err:  # reported to the parent as one line
+            reply = {"error": f"{type(err).__name__}: {err}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def _worker_handle(message, state, jobs):
+    if "setup" in message:
+        state.update(message["setup"])
+        state["gpt_config"] = GPTConfig(**state["gpt_config"])
+        return {"ok": True}
+    device, dtype = state["device"], state["dtype"]
+    if "train" in message:
+        if "trainer" not in state:
+            state["trainer"] = Trainer(hf_model(state["gpt_config"]), device, dtype, state["compile"], fused_adamw=False)
+        x = torch.tensor(message["x"], device=device)
+        labels = hf_labels(x, torch.tensor(message["y"], device=device))
+        trainer = state["trainer"]
+        jobs[message["train"]] = lambda: trainer.step(input_ids=x, labels=labels)
+        return {"ok": True}
+    if "generate" in message:
+        if "decoder" not in state:
+            state.pop("trainer", None)
+            state["decoder"] = hf_model(state["gpt_config"]).eval().to(device=device, dtype=DTYPES[dtype])
+        decoder, prompt = state["decoder"], torch.tensor(message["prompt"], device=device)
+        n = message["new_tokens"]
+        jobs[message["generate"]] = torch.no_grad()(lambda: decoder.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+        return {"ok": True}
+    if "run" in message:
+        return {"seconds": timed(jobs[message["run"]], device)}
+    if "reset_memory" in message:
+        reset_peak_memory(device)
+        return {"ok": True}
+    if "memory" in message:
+        return {"mb": peak_memory_mb(device)}
+    raise ValueError(f"unknown request {message}")
+
+
+def train_rows(config, gpt_config, device, dtype, peak, rng, theirs):
+    rows = []
+    B, T = config["batch_size"], config["block_size"]
+    wanted = config["rows"].split(",")
+    x_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
+    y_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
+    x_masked, y_masked, source = masked_batch(config, rng)
+    n_tokens = B * T
+
+    def row(name, batch_note, x, y, trainer, lora_row=False):
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        timers = [("grafito", lambda: timed(lambda: trainer.step(idx=xt, targets=yt), device))]
+        if theirs is not None and not lora_row:
+            theirs.ask(train=name, x=x.tolist(), y=y.tolist())
+            timers.append(("transformers", theirs.timer(name)))
+            theirs.ask(reset_memory=True)
+        reset_peak_memory(device)
+        times = interleaved(timers, config["repeats"], config["warmup"])
+        memory = {"grafito": peak_memory_mb(device)}
+        if theirs is not None and not lora_row:
+            memory["transformers"] = theirs.ask(memory=True)["mb"]
+        supervised = {"grafito": int((y >= 0).sum()), "transformers": n_tokens}  # transformers: logits everywhere
+        for who, seconds in times.items():
+            median = statistics.median(seconds)
+            flops = training_flops(gpt_config, n_tokens, supervised[who], T, lora=lora_row)
+            rows.append({"row": name, "impl": who, "batch": batch_note, "tokens_per_s": n_tokens / median,
+                         "step_ms": median * 1e3, "mfu": flops / median / peak, "memory_mb": memory[who],
+                         "times_ms": [round(t * 1e3, 1) for t in seconds]})
+
+    if "train" in wanted or "masked" in wanted:
+        trainer = our_trainer(gpt_config, device, dtype, config["compile"])
+        if "train" in wanted:
+            row("train full, plain LM", f"{B}x{T}, all supervised", x_plain, y_plain, trainer)
+        if "masked" in wanted:
+            row("train full, masked SFT", f"{B}x{T}, {source}", x_masked, y_masked, trainer)
+        del trainer
+    if "lora" in wanted:
+        trainer = our_trainer(gpt_config, device, dtype, config["compile"], lora_r=config["lora_r"])
+        row("train LoRA, masked SFT", f"{B}x{T}, r={config['lora_r']} q,v", x_masked, y_masked, trainer, lora_row=True)
+    return rows
+
+
+def decode_rows(config, gpt_config, device, dtype, theirs):
+    rows = []
+    torch.manual_seed(0)
+    ours = GPT(gpt_config).eval().to(device=device, dtype=DTYPES[dtype])
+    if config["compile"]:
+        ours.compile_decode()
+    P, N = config["prompt_tokens"], config["decode_tokens"]
+    if P + N > gpt_config.block_size:
+        raise GrafitoError(f"prompt_tokens + decode_tokens = {P + N} exceed block_size {gpt_config.block_size}")
+    for batch in (1, config["decode_batch"]):
+        prompt = torch.randint(0, tokenizer.VOCAB_SIZE, (batch, P), device=device)
+        ours_runs = {"prefill": torch.no_grad()(lambda: ours.generate(prompt, 1, temperature=0)),
+                     "generate": torch.no_grad()(lambda: ours.generate(prompt, N, temperature=0))}
+        timers = [(f"grafito {kind}", lambda fn=fn: timed(fn, device)) for kind, fn in ours_runs.items()]
+        if theirs is not None:
+            for kind, n in (("prefill", 1), ("generate", N)):
+                theirs.ask(generate=f"{kind} {batch}", prompt=prompt.tolist(), new_tokens=n)
+                timers.append((f"transformers {kind}", theirs.timer(f"{kind} {batch}")))
+            theirs.ask(reset_memory=True)
+        reset_peak_memory(device)
+        times = interleaved(timers, config["repeats"], 1)
+        memory = {"grafito": peak_memory_mb(device)}
+        if theirs is not None:
+            memory["transformers"] = theirs.ask(memory=True)["mb"]
+        for who in memory:
+            prefill, total = statistics.median(times[f"{who} prefill"]), statistics.median(times[f"{who} generate"])
+            rows.append({"row": f"prefill, batch {batch}", "impl": who, "batch": f"{batch}x{P} prompt",
+                         "tokens_per_s": batch * P / prefill, "step_ms": prefill * 1e3, "mfu": None,
+                         "memory_mb": memory[who]})
+            rows.append({"row": f"decode, batch {batch}", "impl": who, "batch": f"{batch}x{N - 1} new tokens",
+                         "tokens_per_s": batch * (N - 1) / (total - prefill), "step_ms": (total - prefill) / (N - 1) * 1e3,
+                         "mfu": None, "memory_mb": memory[who]})
+    return rows
+
+
+def with_ratios(rows):
+    """ours/theirs on every row that has both, and LoRA over our full masked step."""
+    by_key = {(r["row"], r["impl"]): r for r in rows}
+    for r in rows:
+        other = by_key.get((r["row"], "transformers"))
+        r["ratio_vs_transformers"] = r["tokens_per_s"] / other["tokens_per_s"] if other and r["impl"] == "grafito" else None
+    lora_row, full_row = by_key.get(("train LoRA, masked SFT", "grafito")), by_key.get(("train full, masked SFT", "grafito"))
+    if lora_row and full_row:
+        lora_row["ratio_vs_full"] = lora_row["tokens_per_s"] / full_row["tokens_per_s"]
+    return rows
+
+
+def print_table(rows, header):
+    print(header)
+    print("| row | impl | batch | tokens/s | ms/step (per token for decode) | MFU | ours/transformers | peak memory MB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r.get("ratio_vs_transformers")
+        ratio = f"{ratio:.2f}x" if ratio else (f"{r['ratio_vs_full']:.2f}x our full step" if r.get("ratio_vs_full") else "")
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        memory = f"{r['memory_mb']:,.0f}" if r["memory_mb"] is not None else ""
+        print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['step_ms']:,.1f} | {mfu} | {ratio} | {memory} |")
+
+
+def main():
+    config = load_config(DEFAULTS)
+    if config["model"] not in PRESETS:
+        raise GrafitoError(f"--model must be one of {', '.join(PRESETS)}")
+    if config["compare"] not in ("", "hf"):
+        raise GrafitoError("--compare takes 'hf' (transformers) or nothing")
+    for key in ("batch_size", "block_size", "repeats", "decode_tokens", "prompt_tokens", "decode_batch"):
+        if config[key] < 1:
+            raise GrafitoError(f"--{key} must be at least 1")
+    device = resolve_device(config["device"])
+    dtype = resolve_dtype(config["dtype"], device)
+    shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
+    gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, peak_source = measured_peak(device, dtype)
+    machine = (torch.cuda.get_device_name() if device.startswith("cuda")
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    header = (f"grafito bench: {config['model']} shape ({sum(p.numel() for p in GPT(gpt_config).parameters()) / 1e6:.0f}M), "
+              f"{dtype}{', compiled' if config['compile'] else ''}, {device} ({machine}), torch {torch.__version__}; "
+              f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}")
+    rng = np.random.default_rng(config["seed"])
+    rows = []
+    theirs = TransformersWorker(gpt_config, device, dtype, config["compile"]) if config["compare"] == "hf" else None
+    try:
+        if "decode" in config["rows"].split(","):  # first: its memory figures are then its own
+            rows += decode_rows(config, gpt_config, device, dtype, theirs)
+        if {"train", "masked", "lora"} & set(config["rows"].split(",")):
+            rows += train_rows(config, gpt_config, device, dtype, peak, rng, theirs)
+    finally:
+        if theirs is not None:
+            theirs.close()
+    rows = with_ratios(rows)
+    print_table(rows, header)
+    print(json.dumps({"config": config, "device": device, "machine": machine, "torch": torch.__version__,
+                      "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        worker()
+    else:
+        run_cli(main)
