@@ -24,7 +24,8 @@ import torch
 import checkpoint
 import data
 import lora
-from common import DTYPES, GrafitoError, atomic_dir, autocast, peak_flops, resolve_device, resolve_dtype, run_cli
+from common import (DTYPES, GrafitoError, atomic_dir, autocast, peak_flops, resolve_device, resolve_dtype, run_cli,
+                    trim_cpu_memory)
 from configurator import format_config, load_config
 from model import GPT, GPTConfig, training_flops
 
@@ -283,6 +284,9 @@ class Trainer:
         return c["gradient_accumulation_steps"]
 
     def _val_batches(self):
+        if self.val_split.num_conversations == 0:  # prepared with --val_fraction 0
+            print("(no val split: evaluations only save checkpoints, and best/ follows the latest)")
+            return []
         return data.eval_batches(self.val_split, self.config["block_size"], self.config["batch_size"],
                                  self.config["eval_iters"])
 
@@ -367,6 +371,7 @@ class Trainer:
             bar.update(1)
             at_eval = self.step % c["eval_interval"] == 0 or self.step == self.max_iters
             if self.step % c["log_interval"] == 0 or at_eval:
+                trim_cpu_memory()
                 train_loss = self._train_loss(window_loss, window_sup)
                 elapsed = time.perf_counter() - window_start
                 self._log_step(log, bar, train_loss, lr, window_steps, window_sup.item(), elapsed)
@@ -406,19 +411,23 @@ class Trainer:
 
     def _evaluate_and_save(self, log, bar, train_loss):
         """Evaluate, write the latest checkpoint and, on improvement, best/; True means stop early."""
-        val_loss = self.evaluate()
-        if not math.isfinite(val_loss):
-            raise GrafitoError(f"validation loss became {val_loss} at step {self.step}; stopped without saving")
-        improved = self.step > 0 and val_loss < self.best_val  # step 0 is the starting model: a reference only
-        if improved:
-            self.best_val, self.evals_without_gain = val_loss, 0
-        elif self.step > 0:
-            self.evals_without_gain += 1
-        bar.write(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
-                  + (f", train loss {train_loss:.4f}" if train_loss is not None else "") + (" (best)" if improved else ""))
-        log.write(json.dumps({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                              "time": time.time()}) + "\n")
-        log.flush()
+        if self.val_batches:
+            val_loss = self.evaluate()
+            if not math.isfinite(val_loss):
+                raise GrafitoError(f"validation loss became {val_loss} at step {self.step}; stopped without saving")
+            improved = self.step > 0 and val_loss < self.best_val  # step 0 is the starting model: a reference
+            if improved:
+                self.best_val, self.evals_without_gain = val_loss, 0
+            elif self.step > 0:
+                self.evals_without_gain += 1
+            bar.write(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
+                      + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
+                      + (" (best)" if improved else ""))
+            log.write(json.dumps({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                  "time": time.time()}) + "\n")
+            log.flush()
+        else:
+            improved = self.step > 0  # nothing to compare: best/ follows the latest weights
         if self.step > 0:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "sampler": self.sampler.state_dict(), "rng": rng_state(), "best_val": self.best_val,
@@ -442,8 +451,9 @@ class Trainer:
 
     def _finish(self, log):
         log.close()
-        print(f"done: {self.step} steps, best val loss {self.best_val:.4f} (perplexity "
-              f"{math.exp(min(self.best_val, 50)):.2f}); weights in {self.out_dir / checkpoint.BEST}")
+        best = (f"best val loss {self.best_val:.4f} (perplexity {math.exp(min(self.best_val, 50)):.2f})"
+                if self.val_batches else "no val split")
+        print(f"done: {self.step} steps, {best}; weights in {self.out_dir / checkpoint.BEST}")
         if self.lora and self.config["lora_merge"]:  # into a fresh float32 base, not the training copy
             merged = checkpoint.load_weights(self.out_dir / checkpoint.BEST)
             with atomic_dir(self.out_dir / checkpoint.MERGED) as tmp:

@@ -263,3 +263,16 @@ def test_compiled_decode_step_gives_the_same_tokens():
     model.compile_decode()
     assert torch.equal(model.generate(idx, 12, temperature=0), eager)
     assert model._cache_length(19) == 256 and model._cache_length(290) == 300  # shapes bucketed, capped
+
+
+def test_explicit_cpu_attention_equals_sdpa():
+    from model import _causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    ours = _causal_attention(q, k, v, dropout=0.0)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected))

@@ -226,3 +226,10 @@ def test_every_config_takes_a_step_on_a_tiny_stand_in(name, tmp_path, tiny_datas
     trainer = train.Trainer(config)
     trainer.run()
     assert trainer.step == 1 and (tmp_path / "o" / checkpoint.BEST).is_dir()
+
+
+def test_a_dataset_without_val_split_still_trains_and_saves(tmp_path, tmp_path_factory):
+    no_val = prepare_head(tmp_path_factory.mktemp("data") / "noval", 10, 0)
+    trainer = run(tmp_path, no_val, "--max_iters=2", "--eval_interval=1")
+    assert trainer.step == 2 and (tmp_path / "out" / checkpoint.BEST / "model.safetensors").exists()
+    assert not logged(tmp_path / "out", "val_loss")
