@@ -577,7 +577,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-            if need_w:
+            if need_w and h.shape[0] == 0:
+                grad_w.zero_()  # no supervised row: no chunk will write it
+            elif need_w:
                 grad_w[vocab_size:].zero_()  # padding rows; the others are written by the first chunk
             for start in range(0, h.shape[0], chunk_rows):
                 rows, t = hc[start:start + chunk_rows], targets[start:start + chunk_rows]

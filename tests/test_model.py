@@ -100,6 +100,17 @@ def test_masked_loss_equals_full_logits_cross_entropy():
     assert no_loss.item() == 0.0
 
 
+def test_batch_without_supervised_tokens_gives_zero_gradients():
+    """A packed row can hold only prompt tokens; its gradient must be zero, not garbage."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=70))
+    torch.empty(1 << 20).fill_(float("nan"))  # leave NaNs in freed memory an uninitialised buffer could reuse
+    _, loss = model(torch.randint(0, 70, (2, 16)), torch.full((2, 16), -1))
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or (param.grad == 0).all(), name
+
+
 def test_model_gradients_equal_full_logits_cross_entropy():
     """The fused output layer and the shared tied-weight gradient change nothing but speed."""
     torch.manual_seed(0)
