@@ -324,12 +324,13 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, **overrides):
         """GPT-2 from a preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub repo id of
         GPT-2 architecture, or a local folder with config.json and model.safetensors
-        (or pytorch_model.bin). overrides: block_size (crop the context), dropout."""
+        (or pytorch_model.bin). overrides: block_size (crop the context), dropout, and
+        bias=False to reload a model trained without biases (saved with zero biases)."""
         source = PretrainedSource(name_or_path)
         config_file = source.config_file()
         config = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
         for key, value in overrides.items():
-            if key not in ("block_size", "dropout", "vocab_multiple"):
+            if key not in ("block_size", "dropout", "vocab_multiple", "bias"):
                 raise GrafitoError(f"from_pretrained: cannot override {key!r} of a pretrained model")
             if key == "block_size" and value > config.block_size:
                 raise GrafitoError(f"block_size {value} exceeds the {config.block_size} positions "
@@ -345,6 +346,11 @@ class GPT(nn.Module):
         prefix) into this model; a missing or misshapen tensor is one error naming it."""
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
         tied_head = state.pop("lm_head.weight", None)
+        if not self.config.bias:
+            nonzero = [key for key in self._zero_bias_names() if key in state and state.pop(key).any()]
+            if nonzero:
+                raise GrafitoError(f"{source}: bias=False, but biases such as {nonzero[0]!r} are not zero; "
+                                   f"load it without the bias override")
         problems, copies = [], []
         for name, param in self._hf_params():
             key = name.removeprefix("transformer.")
@@ -386,10 +392,15 @@ class GPT(nn.Module):
                 tensor = tensor[:self.config.vocab_size]
             state[name] = (tensor.t() if _is_conv1d(name) else tensor).contiguous().cpu()
         if not self.config.bias:  # export as GPT-2 with zero biases: same function, standard layout
-            for name, param in self.named_parameters():
-                if name.endswith("weight") and name.startswith(("transformer.h.", "transformer.ln_f")):
-                    state[name.removesuffix("weight") + "bias"] = torch.zeros(param.shape[0], dtype=param.dtype)
+            for key, size in self._zero_bias_names().items():
+                state["transformer." + key] = torch.zeros(size, dtype=self.transformer.wte.weight.dtype)
         return state
+
+    def _zero_bias_names(self):
+        """{checkpoint key: size} of the biases GPT-2 has and a bias=False model leaves out."""
+        return {name.removeprefix("transformer.").removesuffix("weight") + "bias": param.shape[0]
+                for name, param in self._hf_params()
+                if name.endswith("weight") and name.startswith(("transformer.h.", "transformer.ln_f"))}
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors in Hugging Face GPT-2 format."""

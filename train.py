@@ -145,8 +145,9 @@ def build_model(config, device, dtype, resume_state):
         base_model = resume_state["base_model"]
         if checkpoint.is_adapter(folder):
             model = checkpoint.load_weights(folder, merge=False, dropout=config["dropout"])
-        else:
-            model = GPT.from_pretrained(folder, dropout=config["dropout"])
+        else:  # a scratch run without biases was saved with zero biases; rebuild it without them
+            no_bias = {"bias": False} if base_model == "scratch" and not config["bias"] else {}
+            model = GPT.from_pretrained(folder, dropout=config["dropout"], **no_bias)
     elif init_from == "scratch":
         model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
                               n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"]))
