@@ -131,9 +131,6 @@ def setup_distributed(config):
         torch.cuda.set_device(device)
     else:  # share the cores between the processes on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if config["gradient_accumulation_steps"] % world:
-        raise GrafitoError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} must be a multiple "
-                           f"of the {world} processes")
     return rank, local_rank, world, device
 
 
@@ -276,13 +273,17 @@ class Trainer:
             self._announce(rows_per_epoch)
 
     def _accumulation_steps(self):
-        """Micro-batches per step over all processes, a multiple of the process count."""
+        """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
         c = self.config
         if c["tokens_per_step"]:
-            per_micro = c["batch_size"] * c["block_size"]
-            steps = math.ceil(c["tokens_per_step"] / per_micro)
-            return math.ceil(steps / self.world) * self.world
-        return c["gradient_accumulation_steps"]
+            steps = math.ceil(c["tokens_per_step"] / (c["batch_size"] * c["block_size"]))
+        else:
+            steps = c["gradient_accumulation_steps"]
+        rounded = math.ceil(steps / self.world) * self.world
+        if rounded != steps and self.master:
+            print(f"note: {steps} micro-batches per step rounded up to {rounded}, a multiple of the "
+                  f"{self.world} processes (every process runs the same number)")
+        return rounded
 
     def _val_batches(self):
         if self.val_split.num_conversations == 0:  # prepared with --val_fraction 0

@@ -124,6 +124,19 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
 
 
+def test_accumulation_rounds_up_to_the_process_count():
+    """The codename configs say gradient_accumulation_steps=1; under torchrun each process needs one."""
+    from types import SimpleNamespace
+
+    def steps(world, **config):
+        config = {"tokens_per_step": 0, "gradient_accumulation_steps": 1, "batch_size": 4, "block_size": 128, **config}
+        return train.Trainer._accumulation_steps(SimpleNamespace(config=config, world=world, master=False))
+
+    assert steps(1) == 1 and steps(8) == 8 and steps(2, gradient_accumulation_steps=6) == 6
+    assert steps(4, gradient_accumulation_steps=6) == 8
+    assert steps(1, tokens_per_step=4 * 128 * 3 + 1) == 4 and steps(2, tokens_per_step=4 * 128 * 3) == 4
+
+
 @pytest.fixture
 def tiny_pretrained(tmp_path):
     torch.manual_seed(0)
