@@ -380,8 +380,7 @@ class Trainer:
                 window_loss.zero_(), window_sup.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if at_eval:
-                stop = self._evaluate_and_save(log, bar, train_loss) if self.master else False
-                stop = self._broadcast(stop)
+                stop = self._evaluate_on_master(log, bar, train_loss)
                 window_start = time.perf_counter()  # evaluation time is not training throughput
         bar.close()
         if self.master:
@@ -435,21 +434,34 @@ class Trainer:
                      "sampler": self.sampler.state_dict(), "rng": rng_state(), "best_val": self.best_val,
                      "evals_without_gain": self.evals_without_gain, "config": self.config,
                      "base_model": self.base_model, "format": "grafito-train-1"}
-            checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state)
-            if improved:
+            if improved:  # before ckpt/: a resume from ckpt/ must never know of a best/ that is not there
                 checkpoint.save_checkpoint(self.out_dir, checkpoint.BEST, self.raw_model, self.base_model)
+            checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state)
         patience = self.config["early_stop_patience"]
         if patience and self.evals_without_gain >= patience:
             bar.write(f"early stop: no better val loss in {patience} evaluations")
             return True
         return False
 
-    def _broadcast(self, flag):
-        if self.world == 1:
-            return flag
-        tensor = torch.tensor(int(flag), device=self.device)
-        torch.distributed.broadcast(tensor, src=0)
-        return bool(tensor.item())
+    def _evaluate_on_master(self, log, bar, train_loss):
+        """Rank 0 evaluates and saves; every rank learns whether to stop, or that rank 0 failed
+        (and says so, rather than dying in its next collective with a cryptic peer error)."""
+        STOP, FAILED = 1, 2
+        outcome, error = 0, None
+        if self.master:
+            try:
+                outcome = STOP if self._evaluate_and_save(log, bar, train_loss) else 0
+            except BaseException as err:
+                outcome, error = FAILED, err
+        if self.world > 1:
+            tensor = torch.tensor(outcome, device=self.device)
+            torch.distributed.broadcast(tensor, src=0)
+            outcome = int(tensor.item())
+        if error is not None:
+            raise error
+        if outcome == FAILED:
+            raise GrafitoError(f"rank {self.rank}: stopping, rank 0 failed while evaluating or saving (see its message)")
+        return outcome == STOP
 
     def _finish(self, log):
         log.close()

@@ -124,6 +124,19 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
 
 
+def test_ddp_stops_every_rank_when_rank_0_fails_to_save(tmp_path, tiny_dataset):
+    """Only rank 0 saves; when that fails the other rank stops with a message saying why."""
+    out = tmp_path / "out"
+    (out / "best").mkdir(parents=True)
+    (out / "best.old").write_text("a file where the previous best/ is parked: the swap fails")
+    args = [str(ROOT / "train.py"), *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", "--eval_interval=2",
+            "--gradient_accumulation_steps=2", "--batch_size=2", f"--out_dir={out}"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode != 0
+    assert "rank 1: stopping, rank 0 failed" in ddp.stdout + ddp.stderr
+
+
 def test_accumulation_rounds_up_to_the_process_count():
     """The codename configs say gradient_accumulation_steps=1; under torchrun each process needs one."""
     from types import SimpleNamespace
