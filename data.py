@@ -173,6 +173,11 @@ class PackedBatches:
         rows = self.rows_of_epoch(0)
         return float(np.minimum(self.lengths, self.block_size + 1).sum()) / (len(rows) * (self.block_size + 1))
 
+    def overlong(self):
+        """(conversations longer than a row, their tokens past the row end): what packing cuts off."""
+        excess = np.maximum(self.lengths.astype(np.int64) - (self.block_size + 1), 0)
+        return int((excess > 0).sum()), int(excess.sum())
+
     def next_rows(self, n):
         """The next n rows, continuing into the next epoch when this one runs out."""
         out = []

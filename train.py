@@ -304,6 +304,11 @@ class Trainer:
         print(f"data: {self.train_split.num_conversations:,} train conversations in {rows_per_epoch:,} rows of "
               f"{c['block_size']} tokens ({self.sampler.packing_efficiency():.1%} filled), "
               f"{len(self.val_batches)} val batches")
+        cut, cut_tokens = self.sampler.overlong()
+        if cut:
+            print(f"note: {cut:,} train conversations are longer than a row ({c['block_size'] + 1} tokens) and lose "
+                  f"their last {cut_tokens:,} tokens ({cut_tokens / len(self.train_split.tokens):.1%} of the split); "
+                  f"prepare with --block_size={c['block_size']} to drop them or cut them at a turn boundary instead")
         print(f"steps: {self.max_iters:,} of {self.rows_per_step} rows ({tokens_per_step:,} tokens, gradient "
               f"accumulation {self.accum}) = {self.max_iters * self.rows_per_step / rows_per_epoch:.2f} epochs")
 

@@ -88,6 +88,9 @@ def test_packed_rows_hold_whole_conversations_and_shifted_masks(tiny_dataset):
         expected_y = np.where(mask[1:], tokens[1:], -1)
         assert (y[r, :n - 1] == expected_y).all() and (y[r, n - 1:] == -1).all()
     assert batches.rows_of_epoch(1) != rows  # a new order each epoch
+    cut, cut_tokens = data.PackedBatches(split, 48).overlong()  # reported by train.py: what the row end cuts off
+    long = [n for n in split.lengths if n > 49]
+    assert cut == len(long) > 0 and cut_tokens == sum(n - 49 for n in long)
 
 
 def test_resume_is_exact(tmp_path, tiny_dataset):
