@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import lora
-from common import GrafitoError, atomic_dir, recover_dir
+from common import GrafitoError, atomic_dir, readable_dir, recover_dir
 from model import GPT
 
 TRAIN_STATE = "train_state.pt"
@@ -83,10 +83,9 @@ def load_weights(folder, base_loader=None, merge=True, **overrides):
 def resolve_model_source(source):
     """A training out_dir resolves to its best/ (else ckpt/) weights; anything else is passed on."""
     path = Path(str(source)).expanduser()
-    for name in (BEST, LATEST):
-        recover_dir(path / name)
-        if (path / name).is_dir() and ((path / name / "config.json").is_file() or is_adapter(path / name)):
-            return path / name
+    for folder in (readable_dir(path / BEST), readable_dir(path / LATEST)):
+        if folder.is_dir() and ((folder / "config.json").is_file() or is_adapter(folder)):
+            return folder
     return path if path.is_dir() else source
 
 

@@ -97,11 +97,19 @@ def atomic_dir(final_dir):
 
 
 def recover_dir(final_dir):
-    """Finish a swap that atomic_dir() could not complete."""
+    """Finish a swap that atomic_dir() could not complete (writers only: see readable_dir)."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     if not final_dir.exists() and old.exists():
         os.replace(old, final_dir)
+
+
+def readable_dir(final_dir):
+    """The folder to read for final_dir: itself, or during (or after an interrupted) swap
+    the previous version. Readers never rename, so they cannot race a writer's swap."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    return old if not final_dir.exists() and old.is_dir() else final_dir
 
 
 def resolve_device(device):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GrafitoError, atomic_dir, recover_dir
+from common import GrafitoError, atomic_dir, readable_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -31,6 +31,11 @@ def split_files(folder, split):
 
 def write_dataset(folder, splits, meta):
     """Write {split: [(ids, mask), ...]} and meta.json atomically (all files or none replaced)."""
+    folder = Path(folder)
+    existing = readable_dir(folder)
+    if existing.exists() and not (existing / "meta.json").is_file() and (not existing.is_dir() or any(existing.iterdir())):
+        raise GrafitoError(f"refusing to replace {folder}: it is not a prepared dataset (no meta.json); "
+                           f"choose another --out_dir, or empty or remove it yourself")
     with atomic_dir(folder) as tmp:
         for split, conversations in splits.items():
             lengths = np.fromiter((len(ids) for ids, _ in conversations), dtype=OFFSET_DTYPE, count=len(conversations))
@@ -55,8 +60,7 @@ def resolve_dataset(name_or_path):
     """A dataset is a folder name under data/ or a path to a prepared folder."""
     path = Path(name_or_path).expanduser()
     candidates = [path] if path.is_absolute() or path.exists() else [DATA_ROOT / name_or_path, path]
-    for folder in candidates:
-        recover_dir(folder)
+    for folder in map(readable_dir, candidates):
         if (folder / "meta.json").is_file():
             return folder
     raise GrafitoError(f"dataset {name_or_path!r} not found: expected meta.json in {candidates[0]}; "

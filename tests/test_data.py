@@ -311,3 +311,25 @@ def test_rewrite_is_atomic_and_token_ids_must_fit_uint16(tmp_path):
         data.load_split(tmp_path / "d", "train")
     with pytest.raises(GrafitoError, match="prepare script first"):
         data.resolve_dataset(tmp_path / "nothing")
+
+
+def test_prepare_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
+    conv = tokenizer.render([("q", "a")])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("months of work")
+    with pytest.raises(GrafitoError, match="not a prepared dataset"):
+        data.write_dataset(tmp_path / "notes", {"train": [conv], "val": []}, {"dataset": "t"})
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "months of work"
+    (tmp_path / "empty").mkdir()
+    data.write_dataset(tmp_path / "empty", {"train": [conv], "val": []}, {"dataset": "t"})  # empty: fine
+
+
+def test_readers_use_the_previous_version_during_a_swap_without_renaming(tmp_path):
+    conv = tokenizer.render([("q", "a")])
+    data.write_dataset(tmp_path / "d", {"train": [conv], "val": []}, {"dataset": "t"})
+    (tmp_path / "d").rename(tmp_path / "d.old")  # the moment between atomic_dir's two renames
+    assert data.load_split(tmp_path / "d", "train").conversation(0) == conv
+    assert (tmp_path / "d.old").is_dir() and not (tmp_path / "d").exists()  # left for the writer to finish
+    data.write_dataset(tmp_path / "d", {"train": [conv, conv], "val": []}, {"dataset": "t"})
+    assert data.load_split(tmp_path / "d", "train").num_conversations == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
