@@ -192,6 +192,9 @@ def read_adapter_config(directory):
         raise GrafitoError(f"cannot read LoRA adapter config {path}: {err}") from None
     if meta.get("format") != "grafito-lora-1":
         raise GrafitoError(f"{path}: not a grafito LoRA adapter (format {meta.get('format')!r})")
+    missing = [key for key in ("r", "alpha", "dropout", "targets", "base_model") if key not in meta]
+    if missing:
+        raise GrafitoError(f"{path}: adapter config lacks {', '.join(missing)}; save it again with lora.save_adapter")
     return meta
 
 
@@ -200,12 +203,22 @@ def load_adapter(model, directory):
     from safetensors.torch import load_file
 
     meta = read_adapter_config(directory)
+    base_config = meta.get("base_config") or {}
+    differs = [f"{key} {base_config[key]} vs {getattr(model.config, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size")
+               if key in base_config and base_config[key] != getattr(model.config, key)]
+    if differs:
+        raise GrafitoError(f"{directory}: adapter was trained on a different base ({meta['base_model']}): "
+                           f"{', '.join(differs)} (adapter's base vs this model)")
     lora_config = LoRAConfig(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"], targets=meta["targets"])
     if not lora_layers(model):
         apply_lora(model, lora_config)
     elif model.lora_config != lora_config:
         raise GrafitoError(f"{directory}: adapter settings {lora_config} differ from the model's {model.lora_config}")
-    state = load_file(Path(directory) / ADAPTER_WEIGHTS)
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        state = load_file(weights)
+    except Exception as err:  # missing, truncated or not safetensors
+        raise GrafitoError(f"cannot read LoRA adapter weights {weights}: {type(err).__name__}: {err}") from None
     params = dict((n, p) for n, p in model.named_parameters() if "lora_" in n)
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))

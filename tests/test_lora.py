@@ -104,6 +104,27 @@ def test_adapter_round_trip_is_small_and_exact(tmp_path):
     assert restored.lora_config == model.lora_config
 
 
+def test_broken_or_mismatched_adapters_are_clear_errors(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=2))
+    save_adapter(model, tmp_path / "a", base_model="tiny", base_config=asdict(model.config))
+    other_base = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=64))  # same shapes
+    with pytest.raises(GrafitoError, match="different base .*n_head 2 vs 4"):
+        load_adapter(other_base, tmp_path / "a")
+    (tmp_path / "a" / ADAPTER_WEIGHTS).write_bytes(b"truncated")
+    with pytest.raises(GrafitoError, match="cannot read LoRA adapter weights"):
+        load_adapter(tiny_gpt(), tmp_path / "a")
+    (tmp_path / "a" / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(GrafitoError, match="cannot read LoRA adapter weights"):
+        load_adapter(tiny_gpt(), tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "r"}))
+    with pytest.raises(GrafitoError, match="lacks r"):
+        load_adapter(tiny_gpt(), tmp_path / "a")
+
+
 def test_exporting_full_weights_with_unmerged_adapters_is_refused(tmp_path):
     model = apply_lora(tiny_gpt(), LoRAConfig(r=2))
     with pytest.raises(GrafitoError, match="unmerged LoRA"):
