@@ -78,6 +78,9 @@ def load_shots(shots, dataset, seed):
         return []
     if shots.isdigit():
         split = data.load_split(dataset, "train")
+        if int(shots) > split.num_conversations:
+            raise GrafitoError(f"--shots={shots}: the train split of {dataset} has only {split.num_conversations} "
+                               f"conversations to draw examples from")
         picks = np.random.default_rng(seed).choice(split.num_conversations, size=int(shots), replace=False)
         return [turn for i in picks for turn in tokenizer.turns_from_rendered(*split.conversation(int(i)))]
     path = Path(shots).expanduser()
@@ -97,8 +100,10 @@ def load_shots(shots, dataset, seed):
 
 def fit_prompt(history, instruction, block_size, max_new_tokens, warn):
     """Prompt ids for history + instruction that leave room for the reply: the oldest turns go
-    first, then (a single over-long instruction) the prompt's left end. Returns (ids, turns kept)."""
-    budget = max(1, block_size - max_new_tokens)
+    first, then (a single over-long instruction) the prompt's left end. Returns (ids, turns kept).
+    The room kept is max_new_tokens but at most half the context: a longer answer slides the
+    window on as it grows, rather than starving the prompt."""
+    budget = block_size - min(max_new_tokens, block_size // 2)
     while True:
         ids = tokenizer.render_prompt(history, instruction)
         if len(ids) <= budget or not history:

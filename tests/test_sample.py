@@ -79,6 +79,8 @@ def test_fit_prompt_drops_oldest_turns_then_truncates():
     assert said and "dropping the oldest turns" in said[0]
     ids, kept = sample.fit_prompt([], "word " * 200, block_size=120, max_new_tokens=40, warn=said.append)
     assert len(ids) == 80 and kept == [] and "keeping its last 80 tokens" in said[-1]
+    ids, _ = sample.fit_prompt([], "word " * 200, block_size=120, max_new_tokens=500, warn=said.append)
+    assert len(ids) == 60  # a long answer reserves half the context, not all of it
 
 
 def test_same_seed_same_samples_and_batched_rows(tiny_model_dir):
@@ -134,6 +136,8 @@ def test_shots_from_a_file_and_from_a_dataset(tmp_path):
     assert all(turn in [t for c in conversations for t in c] for turn in drawn) and len(drawn) >= 2
     ids, mask = tokenizer.render(conversations[1])
     assert tokenizer.turns_from_rendered(ids, mask) == conversations[1]
+    with pytest.raises(GrafitoError, match="has only 3 conversations"):
+        sample.load_shots("4", str(tmp_path / "d"), seed=0)
 
 
 def run_script(*args, stdin=None):
