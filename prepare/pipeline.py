@@ -7,6 +7,7 @@ answer) turns), counting what it skips, and hands them to build_dataset().
 
 import argparse
 import gzip
+import http.client
 import hashlib
 import json
 import re
@@ -118,9 +119,10 @@ def fetch_url(url, sha256, filename):
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except OSError as err:
+    except (OSError, http.client.HTTPException) as err:  # HTTPException: e.g. the connection dropped mid-file
         partial.unlink(missing_ok=True)
-        raise GrafitoError(f"cannot download {url} ({err}); offline, pass a local copy with --input PATH") from None
+        raise GrafitoError(f"cannot download {url} ({type(err).__name__}: {err}); offline, pass a local copy "
+                           f"with --input PATH") from None
     actual = sha256_of(partial)
     if actual != sha256:
         partial.unlink()

@@ -238,6 +238,21 @@ def test_grafito_download_path_checks_the_pinned_hash(tmp_path, monkeypatch):
     with pytest.raises(GrafitoError, match="--input PATH"):
         pipeline.fetch_url((tmp_path / "missing").as_uri(), good, "missing")
 
+    class DroppedConnection:  # the server closes the connection before Content-Length bytes came
+        headers = {"Content-Length": "100"}
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return False
+        def read(self, n):
+            import http.client
+            raise http.client.IncompleteRead(b"partial", 93)
+
+    monkeypatch.setattr(pipeline.urllib.request, "urlopen", lambda *a, **k: DroppedConnection())
+    with pytest.raises(GrafitoError, match="IncompleteRead.*--input PATH"):
+        pipeline.fetch_url("https://example.invalid/g", good, "dropped")
+    assert not list((tmp_path / "cache").glob("dropped*"))  # no partial file left behind
+
 
 def test_grafito_malformed_samples_are_counted_or_stop_with_strict():
     text = ("### Instruction: q1\n\n### Answer: a1\n\n\n"
