@@ -133,25 +133,34 @@ def short_answer_questions(dataset, n):
 
 
 def prepared_datasets(names):
+    """The datasets to measure val loss on; those without a val split are skipped, with a note."""
     if names:
-        return [n.strip() for n in names.split(",") if n.strip()]
-    return sorted(p.name for p in data.DATA_ROOT.glob("*") if (p / "meta.json").is_file())
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    else:
+        names = sorted(p.name for p in data.DATA_ROOT.glob("*") if (p / "meta.json").is_file())
+    kept = []
+    for name in names:
+        if data.load_meta(name)["splits"].get("val", {}).get("conversations", 0):
+            kept.append(name)
+        else:
+            print(f"(no val loss on {name}: it was prepared without a val split)", file=sys.stderr)
+    return kept
 
 
 def evaluate_model(label, source, config, queries, questions, datasets):
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
     started = time.perf_counter()
-    model = checkpoint.load_model(source).eval().to(device=device, dtype=DTYPES[dtype])
-    result = {"label": label, "source": str(source), "dtype": dtype}
-    result["answers"] = greedy_answers(model, queries, config["max_new_tokens"], config["batch_size"])
-    result["val"] = {}
-    for name in datasets:
+    model = checkpoint.load_model(source).eval().to(device)
+    result = {"label": label, "source": str(source), "dtype": dtype, "val": {}}
+    for name in datasets:  # float32 weights under autocast, as train.py evaluates: the same numbers
         block = min(model.config.block_size, data.load_meta(name)["block_size"])
         batches = data.eval_batches(data.load_split(name, "val"), block, config["batch_size"], config["eval_iters"])
-        loss = masked_val_loss(model, batches, device, "float32")  # weights already in dtype
+        loss = masked_val_loss(model, batches, device, dtype)
         result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
                                "tokens": int(sum((y >= 0).sum() for _, y in batches))}
+    model.to(DTYPES[dtype])  # generation reads weights in the chosen dtype
+    result["answers"] = greedy_answers(model, queries, config["max_new_tokens"], config["batch_size"])
     if questions:
         replies = greedy_answers(model, [q for q, _ in questions], 24, config["batch_size"])
         hits = [normalize_answer(ref) in normalize_answer(reply) for (_, ref), reply in zip(questions, replies)]

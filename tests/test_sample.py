@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval as grafito_eval
 import sample
@@ -174,11 +175,14 @@ def test_eval_cli_writes_the_table_and_json(tiny_model_dir, tmp_path):
     conversations = [[(f"who is person {i}", f"name {i}")] for i in range(6)]
     data.write_dataset(tmp_path / "ds", {"train": tokenizer.render_batch(conversations[:2]),
                                          "val": tokenizer.render_batch(conversations)}, {"dataset": "ds", "block_size": 64})
+    data.write_dataset(tmp_path / "no_val", {"train": tokenizer.render_batch(conversations), "val": []},
+                       {"dataset": "no_val", "block_size": 64})
     out = tmp_path / "zs.md"
     result = run_script(ROOT / "eval.py", f"--models=tiny-a={tiny_model_dir},{tiny_model_dir}", f"--out={out}",
-                        f"--datasets={tmp_path / 'ds'}", f"--accuracy_dataset={tmp_path / 'ds'}", "--max_new_tokens=6",
-                        "--dtype=float32")
+                        f"--datasets={tmp_path / 'ds'},{tmp_path / 'no_val'}", f"--accuracy_dataset={tmp_path / 'ds'}",
+                        "--max_new_tokens=6", "--dtype=float32")
     assert result.returncode == 0, result.stderr
+    assert "no val loss on" in result.stderr and "no_val" in result.stderr
     lines = out.read_text().splitlines()
     table = lines[:2 + len(grafito_eval.README_QUERIES)]
     assert table[0].startswith("| query (custom prompted)") and "tiny-a" in table[0] and str(tiny_model_dir) in table[0]
@@ -188,4 +192,12 @@ def test_eval_cli_writes_the_table_and_json(tiny_model_dir, tmp_path):
     assert [r["label"] for r in results["results"]] == ["tiny-a", str(tiny_model_dir)]
     first = results["results"][0]
     assert len(first["answers"]) == 6 and first["short_answer_accuracy"]["samples"] == 6
-    assert first["val"][str(tmp_path / "ds")]["tokens"] > 0
+    assert list(first["val"]) == [str(tmp_path / "ds")]
+    model = GPT.from_pretrained(tiny_model_dir).eval()  # the val loss over the packed rows, computed the plain way
+    losses, count = 0.0, 0
+    for x, y in data.eval_batches(data.load_split(tmp_path / "ds", "val"), 64, 1):
+        logits, _ = model(torch.from_numpy(x))
+        losses += F.cross_entropy(logits[0], torch.from_numpy(y[0]), ignore_index=-1, reduction="sum").item()
+        count += int((y >= 0).sum())
+    assert first["val"][str(tmp_path / "ds")]["tokens"] == count
+    assert abs(first["val"][str(tmp_path / "ds")]["loss"] - losses / count) < 1e-4
