@@ -247,6 +247,10 @@ class GPT(nn.Module):
         temperature=0 is greedy. Options: top_p, repetition_penalty, stop_ids (a row that
         produces one stops; it is padded with that id until every row has stopped),
         prompt_mask (B, T) for left-padded prompts of different lengths, generator.
+        When the context fills, the cache restarts from the most recent tokens (at least half
+        the context). In a left-padded batch that happens when the longest row fills it, so a
+        shorter row may restart earlier than it would alone, and its later tokens can differ
+        from decoding it alone; within the context window, batched rows equal single rows.
         """
         new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, **options))
         return torch.cat([idx] + [t[:, None] for t in new_tokens], dim=1)
