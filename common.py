@@ -127,7 +127,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(dtype, device):
-    """'auto' is bfloat16 where the hardware runs it fast (Ampere+ GPUs, CPUs), else float16 on GPU."""
+    """The dtype name for a device. 'auto': bfloat16 on the CPU and on GPUs that support it
+    (Ampere and newer), float16 on older GPUs. bfloat16 is exact enough everywhere but fast
+    only on CPUs with bf16 instructions (AVX-512 BF16, AMX); elsewhere pass float32."""
     if dtype == "auto":
         if device.startswith("cuda"):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
