@@ -60,8 +60,11 @@ def parse_sample(block, line, report):
         parts.append((m.group(1), body.strip()))
     kinds = [kind for kind, _ in parts]
     if kinds[-1] == "Instruction" and kinds.count("Instruction") == kinds.count("Answer") + 1:
-        report.skip("instruction_without_answer", line)
-        return None
+        if len(parts) == 1:
+            report.skip("instruction_without_answer", line)
+            return None
+        parts, kinds = parts[:-1], kinds[:-1]  # the answered turns before it are whole: keep them
+        report.repair("unanswered_last_instruction_removed", line)
     if kinds != ["Instruction", "Answer"] * (len(kinds) // 2) or len(kinds) % 2:
         report.skip("turns_do_not_alternate", line, " ".join(kinds))
         return None
