@@ -20,14 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import checkpoint
 import data
+import sample
 import tokenizer
 from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
 from configurator import load_config
-from model import left_pad
 from train import masked_val_loss
 
 # The README shows the last query only as "write a code in python to sum 2.."; its end is ours.
@@ -66,10 +64,6 @@ def parse_models(spec):
     return models
 
 
-def squash(text):
-    return re.sub(r"[\W_]+", "", text.casefold())
-
-
 def cut(text):
     """One line of at most 33 characters, '..' marking a cut, as in the README."""
     text = " ".join(text.split()).replace("|", "\\|")
@@ -78,7 +72,7 @@ def cut(text):
 
 def format_cell(answer, query):
     """A table cell for an answer: '(repeats the query)' when it says nothing but the query."""
-    if answer.strip() and not re.sub(re.escape(squash(query)), "", squash(answer)):
+    if answer.strip() and not re.sub(re.escape(tokenizer.squash(query)), "", tokenizer.squash(answer)):
         return "(repeats the query)"
     return cut(answer)
 
@@ -93,21 +87,13 @@ def markdown_table(queries, labels, answers):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n"
 
 
-def greedy_answers(model, prompts, max_new_tokens, batch_size):
-    """Greedy answers to chat-templated prompts, batched with left padding."""
-    device = next(model.parameters()).device
+def greedy_answers(model, queries, max_new_tokens, batch_size):
+    """Greedy answers to queries in the chat template, batch_size at a time."""
+    greedy = {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": max_new_tokens}
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer.render_prompt([], p) for p in prompts[start:start + batch_size]]
-        idx, mask = left_pad(ids, pad_id=tokenizer.EOT)
-        streams = [tokenizer.AnswerStream() for _ in ids]
-        for tokens in model.generate_stream(idx.to(device), max_new_tokens, temperature=0, prompt_mask=mask.to(device),
-                                            stop_ids=[tokenizer.EOT]):
-            for stream, token in zip(streams, tokens.tolist()):
-                stream.add(token)
-            if all(s.done for s in streams):
-                break
-        answers += [s.text for s in streams]
+    for start in range(0, len(queries), batch_size):
+        prompts = [tokenizer.render_prompt([], q) for q in queries[start:start + batch_size]]
+        answers += sample.generate_answers(model, prompts, greedy)[0]
     return answers
 
 

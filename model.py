@@ -10,7 +10,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -24,6 +24,7 @@ import data
 import tokenizer
 from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
 from configurator import load_config
+from model import left_pad
 
 DEFAULTS = dict(
     init_from="resume",  # resume (the run in out_dir) | gpt2, gpt2-medium, ... | hub repo id | model folder
@@ -129,17 +130,19 @@ class Warner:
             print(f"({message})", file=sys.stderr)
 
 
-def generate_answers(model, prompt_ids, config, generator, on_text=None):
-    """Answer texts for num_samples copies of the prompt; on_text(str) streams sample 0."""
+def generate_answers(model, prompts, config, generator=None, on_text=None):
+    """Answer texts for chat prompts (token id lists, decoded as one left-padded batch), with
+    config's sampling options; on_text(str) streams the first row. Returns (texts, steps, seconds)."""
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids] * config["num_samples"], dtype=torch.long, device=device)
-    streams = [tokenizer.AnswerStream() for _ in range(config["num_samples"])]
-    started, count = time.perf_counter(), 0
-    for tokens in model.generate_stream(idx, config["max_new_tokens"], temperature=config["temperature"],
+    idx, mask = left_pad(prompts, pad_id=tokenizer.EOT)
+    mask = None if mask.all() else mask.to(device)  # equal lengths need no padding mask
+    streams = [tokenizer.AnswerStream() for _ in prompts]
+    started, steps = time.perf_counter(), 0
+    for tokens in model.generate_stream(idx.to(device), config["max_new_tokens"], temperature=config["temperature"],
                                         top_k=config["top_k"] or None, top_p=config["top_p"],
                                         repetition_penalty=config["repetition_penalty"],
-                                        stop_ids=[tokenizer.EOT], generator=generator):
-        count += 1
+                                        stop_ids=[tokenizer.EOT], prompt_mask=mask, generator=generator):
+        steps += 1
         for i, (stream, token) in enumerate(zip(streams, tokens.tolist())):
             text = stream.add(token)
             if i == 0 and on_text and text:
@@ -151,8 +154,7 @@ def generate_answers(model, prompt_ids, config, generator, on_text=None):
             text = stream.finish()
             if i == 0 and on_text and text:
                 on_text(text)
-    seconds = time.perf_counter() - started
-    return [s.text for s in streams], count, seconds
+    return [s.text for s in streams], steps, time.perf_counter() - started
 
 
 def continue_raw(model, text, config, generator):
@@ -196,8 +198,7 @@ def chat(model, config, shots, generator, lines=None):
         ids, kept = fit_prompt(shots + history, message, model.config.block_size, config["max_new_tokens"], warn)
         dropped = len(shots) + len(history) - len(kept)
         history = kept[max(0, len(shots) - dropped):]  # the examples stay for the next turn; old turns go
-        answers, _, _ = generate_answers(model, ids, {**config, "num_samples": 1}, generator,
-                                         on_text=lambda t: print(t, end="", flush=True))
+        answers, _, _ = generate_answers(model, [ids], config, generator, on_text=lambda t: print(t, end="", flush=True))
         print()
         if answers[0]:  # an empty reply leaves no turn to remember
             history.append((message, answers[0]))
@@ -223,7 +224,7 @@ def main():
         return
     ids, _ = fit_prompt(shots, text, model.config.block_size, config["max_new_tokens"], Warner())
     stream = (lambda t: print(t, end="", flush=True)) if config["num_samples"] == 1 else None
-    answers, count, seconds = generate_answers(model, ids, config, generator, on_text=stream)
+    answers, count, seconds = generate_answers(model, [ids] * config["num_samples"], config, generator, on_text=stream)
     if stream:
         print()
     else:

@@ -18,6 +18,7 @@ Run `python tokenizer.py` to see which tokens of a conversation are supervised.
 
 import functools
 import os
+import re
 import sys
 
 import tiktoken
@@ -57,6 +58,12 @@ def decode(ids):
 def decode_bytes(ids):
     """Raw UTF-8 bytes, for streaming output that must not split a multi-byte character."""
     return get_encoding().decode_bytes(list(ids))
+
+
+def squash(text):
+    """Text reduced to lower-case letters and digits: the key for "same text up to case, spacing
+    and punctuation" (duplicate conversations in prepare, answers that repeat the query in eval)."""
+    return re.sub(r"[\W_]+", "", text.casefold())
 
 
 def _prompt_segment(instruction, first_turn):

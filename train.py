@@ -16,7 +16,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

@@ -239,8 +239,7 @@ def clean_turns(turns, detokenize=False):
 
 def dedup_key(turns):
     """Case-, space- and punctuation-insensitive text of a conversation."""
-    squash = lambda text: re.sub(r"[\W_]+", "", text.casefold())
-    return "\x1f".join(f"{squash(q)}\x1e{squash(a)}" for q, a in turns)
+    return "\x1f".join(f"{tokenizer.squash(q)}\x1e{tokenizer.squash(a)}" for q, a in turns)
 
 
 NOUN = r"(?:passages?|paragraphs?|(?:reference |refrence |referenced )?text|article|document|excerpt|bio|biography|(?:blob|block|piece) of text)"

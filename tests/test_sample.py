@@ -86,8 +86,8 @@ def test_fit_prompt_drops_oldest_turns_then_truncates():
 
 def test_same_seed_same_samples_and_batched_rows(tiny_model_dir):
     model = GPT.from_pretrained(tiny_model_dir).eval()
-    config = {**sample.DEFAULTS, "num_samples": 3, "max_new_tokens": 12, "temperature": 1.0, "top_k": 0}
-    prompt = tokenizer.render_prompt([], "hello")
+    config = {**sample.DEFAULTS, "max_new_tokens": 12, "temperature": 1.0, "top_k": 0}
+    prompt = [tokenizer.render_prompt([], "hello")] * 3
     first, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(5))
     again, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(5))
     other, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(6))
@@ -98,15 +98,24 @@ def test_same_seed_same_samples_and_batched_rows(tiny_model_dir):
     assert g1 == g2 and len(set(g1)) == 1
 
 
+def test_eval_batches_answers_as_each_prompt_alone(tiny_model_dir):
+    model = GPT.from_pretrained(tiny_model_dir).eval()
+    queries = ["hi", "what is the capital of france, in one word", "2+2?"]  # different lengths: left padding
+    batched = grafito_eval.greedy_answers(model, queries, 10, batch_size=3)
+    greedy = {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": 10}
+    alone = [sample.generate_answers(model, [tokenizer.render_prompt([], q)], greedy)[0][0] for q in queries]
+    assert batched == alone and any(alone)
+
+
 def test_chat_keeps_history_in_the_template_and_clear_forgets(tiny_model_dir, capsys):
     model = GPT.from_pretrained(tiny_model_dir).eval()
     config = {**sample.DEFAULTS, "max_new_tokens": 6, "temperature": 0.0}
     seen_prompts = []
     real = sample.generate_answers
 
-    def spy(model, ids, config, generator, on_text=None):
-        seen_prompts.append(tokenizer.decode(ids))
-        return real(model, ids, config, generator, on_text)
+    def spy(model, prompts, config, generator, on_text=None):
+        seen_prompts.append(tokenizer.decode(prompts[0]))
+        return real(model, prompts, config, generator, on_text)
 
     sample.generate_answers = spy
     try:

@@ -1,7 +1,6 @@
 """train.py: masked SFT learns, resume is exact, DDP equals one process, LoRA, configs, errors."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import tokenizer
 import train
 from common import GrafitoError
 from configurator import load_config, read_config_file
-from conftest import GRAFITO_25K, ROOT, needs_shared
+from conftest import GRAFITO_25K, ROOT
 from model import GPT, GPTConfig
 
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
