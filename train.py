@@ -23,7 +23,7 @@ import torch
 import checkpoint
 import data
 import lora
-from common import (DTYPES, GrafitoError, atomic_dir, autocast, peak_flops, resolve_device, resolve_dtype, run_cli,
+from common import (DTYPES, GrafitoError, autocast, peak_flops, resolve_device, resolve_dtype, run_cli,
                     trim_cpu_memory)
 from configurator import format_config, load_config
 from model import GPT, GPTConfig, training_flops
@@ -474,8 +474,7 @@ class Trainer:
         print(f"done: {self.step} steps, {best}; weights in {self.out_dir / checkpoint.BEST}")
         if self.lora and self.config["lora_merge"]:  # into a fresh float32 base, not the training copy
             merged = checkpoint.load_weights(self.out_dir / checkpoint.BEST)
-            with atomic_dir(self.out_dir / checkpoint.MERGED) as tmp:
-                merged.save_pretrained(tmp)
+            checkpoint.save_checkpoint(self.out_dir, checkpoint.MERGED, merged, self.base_model)
             print(f"merged adapter into the base: {self.out_dir / checkpoint.MERGED}")
         if self.config["plot"]:
             plot_losses(self.out_dir)
