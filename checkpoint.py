@@ -30,8 +30,8 @@ LATEST, BEST, MERGED = "ckpt", "best", "merged"
 
 
 def save_weights(model, folder, base_model=None):
-    """Full weights in GPT-2 format, or only the adapter for a LoRA model."""
-    if lora.lora_layers(model):
+    """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet."""
+    if any(not layer.merged for layer in lora.lora_layers(model)):
         from dataclasses import asdict
 
         lora.save_adapter(model, folder, base_model=base_model, base_config=asdict(model.config))
