@@ -229,7 +229,10 @@ class GPT(nn.Module):
         """
         if targets is None:
             return self.lm_head(self.hidden_states(idx))[..., :self.config.vocab_size], None
-        shared_grad = TiedGradient()  # the tied embedding/output weight gets one gradient buffer
+        # The tied embedding/output weight gets one gradient buffer, handed from one backward to
+        # the other through a Python object; torch.compile does not keep that hand-over, so a
+        # compiled model takes PyTorch's own (slower, equally exact) sum of the two gradients.
+        shared_grad = None if torch.compiler.is_compiling() else TiedGradient()
         x = self.hidden_states(idx, shared_grad=shared_grad)
         supervised = targets >= 0
         loss = linear_cross_entropy(x[supervised], self.lm_head.weight, targets[supervised], self.config.vocab_size,

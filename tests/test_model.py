@@ -135,6 +135,22 @@ def test_model_gradients_equal_full_logits_cross_entropy():
         assert torch.allclose(param.grad, expected[name], atol=1e-6), name
 
 
+def test_compiled_model_gradients_equal_eager():
+    """torch.compile (compile=True in the codename configs) must keep the tied weight's
+    output-layer gradient, not only the embedding's part of it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=70))
+    idx, targets = torch.randint(0, 70, (2, 16)), torch.randint(0, 70, (2, 16))
+    targets[:, :6] = -1
+    grads = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        run(idx, targets)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-5), name
+
+
 def test_fused_output_loss_gradients_equal_the_reference():
     torch.manual_seed(0)
     h = torch.randn(300, 32, requires_grad=True)
