@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import lora
-from common import GrafitoError, atomic_dir, readable_dir, recover_dir
+from common import GrafitoError, atomic_dir, readable_dir
 from model import GPT
 
 TRAIN_STATE = "train_state.pt"
@@ -48,8 +48,7 @@ def save_checkpoint(out_dir, name, model, base_model, train_state=None):
 
 
 def load_train_state(out_dir):
-    folder = Path(out_dir) / LATEST
-    recover_dir(folder)
+    folder = readable_dir(Path(out_dir) / LATEST)  # every rank reads; only rank 0's saves repair a swap
     path = folder / TRAIN_STATE
     if not path.is_file():
         raise GrafitoError(f"cannot resume: {path} not found (init_from=resume continues a run in out_dir={out_dir})")
@@ -66,17 +65,18 @@ def is_adapter(folder):
 def load_weights(folder, base_loader=None, merge=True, **overrides):
     """A GPT from a weights folder: GPT-2 format, or an adapter applied to its base.
 
-    base_loader(name) builds the base model of an adapter (default GPT.from_pretrained).
-    With merge=True the adapter is merged in, leaving a plain GPT for inference.
+    base_loader(name) builds the base model of an adapter (default load_model: a GPT-2 name,
+    a hub id, or a folder, itself possibly an adapter).
+    With merge=True the adapter is folded in (lora.fold_lora), leaving a plain GPT.
     """
     folder = Path(folder)
     if not is_adapter(folder):
         return GPT.from_pretrained(folder, **overrides)
     meta = lora.read_adapter_config(folder)
-    base = (base_loader or GPT.from_pretrained)(meta["base_model"], **overrides)
+    base = (base_loader or load_model)(meta["base_model"], **overrides)
     lora.load_adapter(base, folder)
     if merge:
-        lora.merge_lora(base)
+        lora.fold_lora(base)
     return base
 
 

@@ -106,7 +106,8 @@ def recover_dir(final_dir):
 
 def readable_dir(final_dir):
     """The folder to read for final_dir: itself, or during (or after an interrupted) swap
-    the previous version. Readers never rename, so they cannot race a writer's swap."""
+    the previous version. Readers never rename, so they never undo a writer's swap; a read
+    that starts in the instant between its two renames can still miss both, and says so."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     return old if not final_dir.exists() and old.is_dir() else final_dir

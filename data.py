@@ -68,7 +68,10 @@ def resolve_dataset(name_or_path):
 
 
 def load_meta(folder):
-    folder = resolve_dataset(folder)
+    return _read_meta(resolve_dataset(folder))
+
+
+def _read_meta(folder):
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise GrafitoError(f"{folder}: data format version {meta.get('format_version')}, this grafito reads "
@@ -99,7 +102,7 @@ class Split:
 
 def load_split(folder, split):
     folder = resolve_dataset(folder)
-    meta = load_meta(folder)
+    meta = _read_meta(folder)
     token_file, mask_file, offset_file = split_files(folder, split)
     if split not in meta["splits"] or not token_file.exists():
         raise GrafitoError(f"{folder} has no {split!r} split (it has {', '.join(meta['splits'])})")

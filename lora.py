@@ -158,6 +158,23 @@ def merge_lora(model):
         layer.merge()
 
 
+def fold_lora(model):
+    """Merge every adapter and put back plain, trainable nn.Linear layers: a GPT as if
+    fully fine-tuned, ready for inference, export or a new adapter on top."""
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for child_name, layer in list(parent.named_children()):
+                if isinstance(layer, LoRALinear):
+                    layer.merge()
+                    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                      device="meta")
+                    plain.weight, plain.bias = layer.weight, layer.bias
+                    setattr(parent, child_name, plain)
+    model.requires_grad_(True)
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
 def unmerge_lora(model):
     for layer in lora_layers(model):
         layer.unmerge()

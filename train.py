@@ -23,7 +23,7 @@ import torch
 import checkpoint
 import data
 import lora
-from common import (DTYPES, GrafitoError, autocast, peak_flops, resolve_device, resolve_dtype, run_cli,
+from common import (DTYPES, GrafitoError, autocast, peak_flops, readable_dir, resolve_device, resolve_dtype, run_cli,
                     trim_cpu_memory)
 from configurator import format_config, load_config
 from model import GPT, GPTConfig, training_flops
@@ -137,7 +137,7 @@ def build_model(config, device, dtype, resume_state):
     """(model, base model name for adapters) for init_from; LoRA applied when lora_r > 0."""
     init_from = config["init_from"]
     if init_from == "resume":
-        folder = Path(config["out_dir"]) / checkpoint.LATEST
+        folder = readable_dir(Path(config["out_dir"]) / checkpoint.LATEST)
         base_model = resume_state["base_model"]
         if checkpoint.is_adapter(folder):
             model = checkpoint.load_weights(folder, merge=False, dropout=config["dropout"])
@@ -148,10 +148,10 @@ def build_model(config, device, dtype, resume_state):
         model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
                               n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"]))
         base_model = "scratch"
-    else:
-        model = GPT.from_pretrained(init_from, dropout=config["dropout"])
-        path = Path(init_from).expanduser()
-        base_model = str(path.resolve()) if path.is_dir() else init_from
+    else:  # a GPT-2 name, a hub repo id, a weights folder or an earlier run's out_dir (adapters merged)
+        model = checkpoint.load_model(init_from, dropout=config["dropout"])
+        source = checkpoint.resolve_model_source(init_from)
+        base_model = str(source.resolve()) if isinstance(source, Path) else init_from
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))
     if lora.lora_layers(model) and dtype in ("bfloat16", "float16"):
@@ -243,6 +243,8 @@ class Trainer:
             raise GrafitoError(f"dataset vocab {meta['vocab_size']} exceeds the model's {self.model.config.vocab_size}")
         self.sampler = data.PackedBatches(self.train_split, config["block_size"], seed=config["seed"])
         self.accum = self._accumulation_steps()
+        if resume_state is not None:
+            self._check_same_accumulation(resume_state)
         self.rows_per_step = config["batch_size"] * self.accum
         rows_per_epoch = len(self.sampler.rows_of_epoch(0))
         self.max_iters = (math.ceil(config["epochs"] * rows_per_epoch / self.rows_per_step) if config["epochs"] > 0
@@ -283,6 +285,14 @@ class Trainer:
             print(f"note: {steps} micro-batches per step rounded up to {rounded}, a multiple of the "
                   f"{self.world} processes (every process runs the same number)")
         return rounded
+
+    def _check_same_accumulation(self, resume_state):
+        """A step must take as many rows after a resume as before, or the run is not the same run."""
+        saved, saved_world = resume_state.get("accumulation"), resume_state.get("world")
+        if saved is not None and saved != self.accum:
+            raise GrafitoError(f"cannot resume: the run took {saved} micro-batches per step over {saved_world} "
+                               f"process(es); with {self.world} it would take {self.accum} (rounded to a multiple "
+                               f"of the process count). Resume with {saved_world} process(es)")
 
     def _val_batches(self):
         if self.val_split.num_conversations == 0:  # prepared with --val_fraction 0
@@ -362,8 +372,8 @@ class Trainer:
         bar = tqdm(total=self.max_iters, initial=self.step, disable=not self.master, unit="step", dynamic_ncols=True)
         window_loss, window_sup = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         window_steps, window_start = 0, time.perf_counter()
-        if self.step == 0 and self.master:
-            self._evaluate_and_save(log, bar, train_loss=None)
+        if self.step == 0:
+            self._evaluate_on_master(log, bar, train_loss=None)
         stop = False
         while self.step < self.max_iters and not stop:
             lr = learning_rate(self.step, c, self.max_iters)
@@ -437,7 +447,8 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "sampler": self.sampler.state_dict(), "rng": rng_state(), "best_val": self.best_val,
                      "evals_without_gain": self.evals_without_gain, "config": self.config,
-                     "base_model": self.base_model, "format": "grafito-train-1"}
+                     "base_model": self.base_model, "accumulation": self.accum, "world": self.world,
+                     "format": "grafito-train-1"}
             if improved:  # before ckpt/: a resume from ckpt/ must never know of a best/ that is not there
                 checkpoint.save_checkpoint(self.out_dir, checkpoint.BEST, self.raw_model, self.base_model)
             checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state)

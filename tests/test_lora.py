@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import GrafitoError
-from lora import (ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, load_adapter, lora_layers,
+from lora import (ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, fold_lora, load_adapter, lora_layers,
                   merge_lora, save_adapter, unmerge_lora)
 from model import GPT, GPTConfig
 
@@ -80,6 +80,18 @@ def test_merge_equals_unmerged_and_unmerge_restores_base():
     for name, param in model.named_parameters():
         if "lora_" not in name:
             assert (param - base_weights[name]).abs().max().item() < 1e-6, name
+
+
+def test_folded_adapters_leave_a_plain_trainable_gpt_that_takes_a_new_adapter():
+    model = train_a_little(apply_lora(tiny_gpt(), LoRAConfig(r=4, targets=("q", "v", "mlp_proj")))).eval()
+    idx = torch.randint(0, 64, (2, 32))
+    unmerged = model(idx)[0]
+    fold_lora(model)
+    assert not lora_layers(model) and all("lora_" not in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert (model(idx)[0] - unmerged).abs().max().item() < 1e-5
+    apply_lora(model, LoRAConfig(r=2))  # a second adapter on the folded weights starts as the identity
+    assert (model(idx)[0] - unmerged).abs().max().item() < 1e-5
 
 
 def test_adapters_stay_float32_under_bf16_base():
