@@ -51,12 +51,12 @@ def parse_sample(block, line, report):
     if not markers or block[:markers[0].start()].strip():
         report.skip("text_outside_a_turn", line, block.strip()[:60])
         return None
-    parts = []
+    parts, repairs = [], []  # repairs are counted only for a sample that is kept
     for m, following in zip(markers, [*markers[1:], None]):
         body = block[m.end():following.start() if following else len(block)]
         if m.group(1) == "Answer" and STRAY_INSTRUCTION.match(body):
             body = STRAY_INSTRUCTION.sub("", body, count=1)  # '### Answer: ### Instruction: text'
-            report.repair("answer_began_with_instruction_marker", line)
+            repairs.append("answer_began_with_instruction_marker")
         parts.append((m.group(1), body.strip()))
     kinds = [kind for kind, _ in parts]
     if kinds[-1] == "Instruction" and kinds.count("Instruction") == kinds.count("Answer") + 1:
@@ -64,10 +64,12 @@ def parse_sample(block, line, report):
             report.skip("instruction_without_answer", line)
             return None
         parts, kinds = parts[:-1], kinds[:-1]  # the answered turns before it are whole: keep them
-        report.repair("unanswered_last_instruction_removed", line)
+        repairs.append("unanswered_last_instruction_removed")
     if kinds != ["Instruction", "Answer"] * (len(kinds) // 2) or len(kinds) % 2:
         report.skip("turns_do_not_alternate", line, " ".join(kinds))
         return None
+    for reason in repairs:
+        report.repair(reason, line)
     return Record(line, [(parts[i][1], parts[i + 1][1]) for i in range(0, len(parts), 2)])
 
 

@@ -82,7 +82,7 @@ def parser(description, name, block_size):
                    help="over-long conversations: drop them, or keep the turns that fit (default %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of conversations in val (default %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="salts the hash that assigns the val split")
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it (repairs, e.g. of mojibake, are still made and counted)")
     return p
 
 

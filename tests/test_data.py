@@ -259,12 +259,13 @@ def test_grafito_malformed_samples_are_counted_or_stop_with_strict():
             "### Instruction: only a question\n\n\n"
             "stray text\n\n\n"
             "### Instruction: q2\n\n### Answer: line one\nline two\n\n### Instruction: q3\n\n### Answer: a3\n\n\n"
-            "### Instruction: q4\n\n### Answer: a4\n\n### Instruction: left open\n")
+            "### Instruction: q4\n\n### Answer: a4\n\n### Instruction: left open\n\n\n"
+            "### Answer: ### Instruction: x\n\n### Answer: a5\n")  # repairable, but answers first: skipped only
     report = Report("g")
     records = grafito25k.parse(text, report)
     assert [r.turns for r in records] == [[("q1", "a1")], [("q2", "line one\nline two"), ("q3", "a3")], [("q4", "a4")]]
     assert [r.line for r in records] == [1, 12, 22]
-    assert report.skipped == {"instruction_without_answer": 1, "text_outside_a_turn": 1}
+    assert report.skipped == {"instruction_without_answer": 1, "text_outside_a_turn": 1, "turns_do_not_alternate": 1}
     assert report.repaired == {"unanswered_last_instruction_removed": 1}
     assert report.lines["instruction_without_answer"] == [6]
     with pytest.raises(GrafitoError, match="line 6: instruction without answer"):
