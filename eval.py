@@ -7,7 +7,7 @@ For each model: the six README queries, "custom prompted" (wrapped in the chat t
 answered greedily; a markdown table with one row per query and one column per model, cells
 cut to 33 characters with '..' as in the README, '(repeats the query)' for an answer that
 only repeats it. Beside it: masked validation loss and perplexity on every prepared dataset
-(data/*/), and the share of held-out short-answer questions from grafito-25k's val split
+with a val split (data/*/, or --datasets), and the share of held-out short-answer questions from grafito-25k's val split
 whose greedy answer contains the reference answer. The table goes to --out, everything to
 the .json beside it.
 """
@@ -89,7 +89,7 @@ def markdown_table(queries, labels, answers):
 
 def greedy_answers(model, queries, max_new_tokens, batch_size):
     """Greedy answers to queries in the chat template, batch_size at a time."""
-    greedy = {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": max_new_tokens}
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens}
     answers = []
     for start in range(0, len(queries), batch_size):
         prompts = [tokenizer.render_prompt([], q) for q in queries[start:start + batch_size]]
@@ -123,7 +123,9 @@ def prepared_datasets(names):
     if names:
         names = [n.strip() for n in names.split(",") if n.strip()]
     else:
-        names = sorted(p.name for p in data.DATA_ROOT.glob("*") if (p / "meta.json").is_file())
+        # x.old is x during (or after an interrupted) rewrite; hidden folders are half-written
+        names = sorted({p.name.removesuffix(".old") for p in data.DATA_ROOT.glob("*")
+                        if not p.name.startswith(".") and (p / "meta.json").is_file()})
     kept = []
     for name in names:
         if data.load_meta(name)["splits"].get("val", {}).get("conversations", 0):

@@ -249,7 +249,9 @@ class GPT(nn.Module):
 
         temperature=0 is greedy. Options: top_p, repetition_penalty, stop_ids (a row that
         produces one stops; it is padded with that id until every row has stopped),
-        prompt_mask (B, T) for left-padded prompts of different lengths, generator.
+        prompt_mask (B, T) for left-padded prompts of different lengths, generator, and
+        vocab_limit: draw only among the first vocab_limit ids (the tokenizer's; some hub
+        fine-tunes, e.g. dlite's 50,260 rows, have more rows than GPT-2 has tokens).
         When the context fills, the cache restarts from the most recent tokens (at least half
         the context). In a left-padded batch that happens when the longest row fills it, so a
         shorter row may restart earlier than it would alone, and its later tokens can differ
@@ -260,18 +262,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, stop_ids=(), prompt_mask=None, generator=None):
+                        repetition_penalty=1.0, stop_ids=(), prompt_mask=None, generator=None, vocab_limit=None):
         """Yield the next token of every row, (B,), one step at a time (see generate)."""
         was_training = self.training
         self.eval()
         try:
             yield from self._decode(idx, max_new_tokens, temperature, top_k, top_p,
-                                    repetition_penalty, stop_ids, prompt_mask, generator)
+                                    repetition_penalty, stop_ids, prompt_mask, generator, vocab_limit)
         finally:
             self.train(was_training)
 
     def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                stop_ids, prompt_mask, generator):
+                stop_ids, prompt_mask, generator, vocab_limit):
         block_size, (B, T) = self.config.block_size, idx.shape
         if T > block_size:  # keep the most recent context, as nanoGPT does
             idx, T = idx[:, -block_size:], block_size
@@ -291,6 +293,8 @@ class GPT(nn.Module):
         cache = KVCache(self.config, B, self._cache_length(T + max_new_tokens), idx.device, dtype, prompt_mask)
         logits = self._last_logits(idx, cache)
         for step in range(max_new_tokens):
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[:, vocab_limit:] = float("-inf")
             token = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
             if len(stop):
                 token = torch.where(finished, stop[0], token)

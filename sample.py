@@ -141,7 +141,8 @@ def generate_answers(model, prompts, config, generator=None, on_text=None):
     for tokens in model.generate_stream(idx.to(device), config["max_new_tokens"], temperature=config["temperature"],
                                         top_k=config["top_k"] or None, top_p=config["top_p"],
                                         repetition_penalty=config["repetition_penalty"],
-                                        stop_ids=[tokenizer.EOT], prompt_mask=mask, generator=generator):
+                                        stop_ids=[tokenizer.EOT], prompt_mask=mask, generator=generator,
+                                        vocab_limit=tokenizer.VOCAB_SIZE):
         steps += 1
         for i, (stream, token) in enumerate(zip(streams, tokens.tolist())):
             text = stream.add(token)
@@ -168,7 +169,7 @@ def continue_raw(model, text, config, generator):
     idx = torch.tensor([ids] * config["num_samples"], dtype=torch.long, device=device)
     out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"], top_k=config["top_k"] or None,
                          top_p=config["top_p"], repetition_penalty=config["repetition_penalty"],
-                         stop_ids=[tokenizer.EOT], generator=generator)
+                         stop_ids=[tokenizer.EOT], generator=generator, vocab_limit=tokenizer.VOCAB_SIZE)
     for i, row in enumerate(out.tolist()):
         new = row[len(ids):]
         new = new[:new.index(tokenizer.EOT)] if tokenizer.EOT in new else new

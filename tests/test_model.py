@@ -235,6 +235,16 @@ def test_sampling_rules():
     assert int(sample_next(probs.log() + 5, 0, repetition_penalty=2.0, seen=seen)) == 1
 
 
+def test_vocab_limit_keeps_tokens_the_tokenizer_can_decode():
+    """A checkpoint may have more rows than its tokenizer has ids (dlite: 50,260 for 50,257)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=70)).eval()
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    free = model.generate(idx, 40, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    limited = model.generate(idx, 40, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_limit=20)
+    assert free[:, 1:].max() >= 20 and limited[:, 1:].max() < 20
+
+
 def test_stop_ids_end_rows_and_pad_them():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=30)).eval()

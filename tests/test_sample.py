@@ -87,14 +87,14 @@ def test_fit_prompt_drops_oldest_turns_then_truncates():
 def test_same_seed_same_samples_and_batched_rows(tiny_model_dir):
     model = GPT.from_pretrained(tiny_model_dir).eval()
     config = {**sample.DEFAULTS, "max_new_tokens": 12, "temperature": 1.0, "top_k": 0}
-    prompt = [tokenizer.render_prompt([], "hello")] * 3
-    first, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(5))
-    again, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(5))
-    other, _, _ = sample.generate_answers(model, prompt, config, torch.Generator().manual_seed(6))
+    prompts = [tokenizer.render_prompt([], "hello")] * 3
+    first, _, _ = sample.generate_answers(model, prompts, config, torch.Generator().manual_seed(5))
+    again, _, _ = sample.generate_answers(model, prompts, config, torch.Generator().manual_seed(5))
+    other, _, _ = sample.generate_answers(model, prompts, config, torch.Generator().manual_seed(6))
     assert first == again and first != other and len(first) == 3
     greedy = {**config, "temperature": 0.0}
-    g1, _, _ = sample.generate_answers(model, prompt, greedy, torch.Generator().manual_seed(1))
-    g2, _, _ = sample.generate_answers(model, prompt, greedy, torch.Generator().manual_seed(2))
+    g1, _, _ = sample.generate_answers(model, prompts, greedy, torch.Generator().manual_seed(1))
+    g2, _, _ = sample.generate_answers(model, prompts, greedy, torch.Generator().manual_seed(2))
     assert g1 == g2 and len(set(g1)) == 1
 
 
@@ -210,3 +210,21 @@ def test_eval_cli_writes_the_table_and_json(tiny_model_dir, tmp_path):
         count += int((y >= 0).sum())
     assert first["val"][str(tmp_path / "ds")]["tokens"] == count
     assert abs(first["val"][str(tmp_path / "ds")]["loss"] - losses / count) < 1e-4
+
+
+def test_eval_lists_prepared_datasets_and_measures_bf16_like_training(tiny_model_dir, tmp_path, monkeypatch):
+    import data
+    from train import masked_val_loss
+
+    conversations = [[(f"who is person {i}", f"name {i}")] for i in range(4)]
+    for name, val in [("a", conversations), ("b.old", conversations), (".a.tmp-1", conversations), ("c", [])]:
+        data.write_dataset(tmp_path / name, {"train": tokenizer.render_batch(conversations), "val":
+                                             tokenizer.render_batch(val)}, {"dataset": name, "block_size": 64})
+    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    # b.old is b caught mid-rewrite; the hidden folder is half-written; c has no val split
+    assert grafito_eval.prepared_datasets("") == ["a", "b"]
+    config = {**grafito_eval.DEFAULTS, "device": "cpu", "dtype": "bfloat16", "max_new_tokens": 2}
+    result = grafito_eval.evaluate_model("tiny", tiny_model_dir, config, ["hi"], [], ["a"])
+    batches = data.eval_batches(data.load_split("a", "val"), 64, config["batch_size"])
+    expected = masked_val_loss(GPT.from_pretrained(tiny_model_dir), batches, "cpu", "bfloat16")
+    assert result["val"]["a"]["loss"] == pytest.approx(expected, abs=1e-6)
