@@ -130,13 +130,14 @@ class Warner:
             print(f"({message})", file=sys.stderr)
 
 
-def generate_answers(model, prompts, config, generator=None, on_text=None):
+def generate_answers(model, prompts, config, generator=None, on_text=None, raw=False):
     """Answer texts for chat prompts (token id lists, decoded as one left-padded batch), with
-    config's sampling options; on_text(str) streams the first row. Returns (texts, steps, seconds)."""
+    config's sampling options; on_text(str) streams the first row. raw=True: plain continuations
+    (only end-of-text stops them, spaces kept). Returns (texts, steps, seconds)."""
     device = next(model.parameters()).device
     idx, mask = left_pad(prompts, pad_id=tokenizer.EOT)
     mask = None if mask.all() else mask.to(device)  # equal lengths need no padding mask
-    streams = [tokenizer.AnswerStream() for _ in prompts]
+    streams = [tokenizer.AnswerStream(raw=raw) for _ in prompts]
     started, steps = time.perf_counter(), 0
     for tokens in model.generate_stream(idx.to(device), config["max_new_tokens"], temperature=config["temperature"],
                                         top_k=config["top_k"] or None, top_p=config["top_p"],
@@ -158,22 +159,13 @@ def generate_answers(model, prompts, config, generator=None, on_text=None):
     return [s.text for s in streams], steps, time.perf_counter() - started
 
 
-def continue_raw(model, text, config, generator):
-    """--raw: plain continuation, stopping only at end-of-text."""
-    device = next(model.parameters()).device
+def raw_prompt(text, block, warn):
+    """--raw: the start text's ids, cut from the left to leave room for at least one token."""
     ids = tokenizer.encode(text) or [tokenizer.EOT]
-    block = model.config.block_size
     if len(ids) >= block:
-        Warner()(f"prompt of {len(ids)} tokens exceeds the context; keeping its last {block - 1}")
+        warn(f"prompt of {len(ids)} tokens exceeds the context; keeping its last {block - 1}")
         ids = ids[-(block - 1):]
-    idx = torch.tensor([ids] * config["num_samples"], dtype=torch.long, device=device)
-    out = model.generate(idx, config["max_new_tokens"], temperature=config["temperature"], top_k=config["top_k"] or None,
-                         top_p=config["top_p"], repetition_penalty=config["repetition_penalty"],
-                         stop_ids=[tokenizer.EOT], generator=generator, vocab_limit=tokenizer.VOCAB_SIZE)
-    for i, row in enumerate(out.tolist()):
-        new = row[len(ids):]
-        new = new[:new.index(tokenizer.EOT)] if tokenizer.EOT in new else new
-        print(("" if i == 0 else "---------------\n") + text + tokenizer.decode(new))
+    return ids
 
 
 def chat(model, config, shots, generator, lines=None):
@@ -220,16 +212,18 @@ def main():
         chat(model, config, shots, generator)
         return
     text = read_start(config["start"])
-    if config["raw"]:
-        continue_raw(model, text, config, generator)
-        return
-    ids, _ = fit_prompt(shots, text, model.config.block_size, config["max_new_tokens"], Warner())
-    stream = (lambda t: print(t, end="", flush=True)) if config["num_samples"] == 1 else None
-    answers, count, seconds = generate_answers(model, [ids] * config["num_samples"], config, generator, on_text=stream)
-    if stream:
-        print()
+    if config["raw"]:  # shown after the prompt text it continues
+        ids = raw_prompt(text, model.config.block_size, Warner())
+        print(text, end="", flush=True)
     else:
-        print("\n---------------\n".join(answers))
+        ids, _ = fit_prompt(shots, text, model.config.block_size, config["max_new_tokens"], Warner())
+    # the first sample streams as it is generated; the others are printed when the batch is done
+    stream = lambda t: print(t, end="", flush=True)
+    answers, count, seconds = generate_answers(model, [ids] * config["num_samples"], config, generator,
+                                               on_text=stream, raw=config["raw"])
+    print()
+    for answer in answers[1:]:
+        print("---------------\n" + (text if config["raw"] else "") + answer)
     if config["verbose"]:
         print(f"({count} tokens x {config['num_samples']} in {seconds:.2f}s: "
               f"{count * config['num_samples'] / seconds:.1f} tokens/s, prompt {len(ids)} tokens)", file=sys.stderr)

@@ -146,13 +146,15 @@ class AnswerStream:
     one), never the start of a template marker ('### Instruction:' or '### Answer:' ends the
     answer; a partial '##' is held back until it is clear, and dropped if the tokens run out
     while it starts a line), and no leading or trailing whitespace. `done` turns True at end-of-text or a marker; `text` is the whole answer.
+    raw=True is for plain continuation: complete characters only, no markers, spaces kept.
     """
 
     STOPS = (INSTRUCTION, ANSWER)
 
-    def __init__(self):
+    def __init__(self, raw=False):
         import codecs
 
+        self.raw = raw
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._raw = ""  # everything decoded so far
         self._emitted = 0  # characters of the answer already returned
@@ -170,7 +172,7 @@ class AnswerStream:
             self._raw += self._utf8.decode(b"", final=True)
             return self._emit(final=True)
         self._raw += self._utf8.decode(get_encoding().decode_single_token_bytes(int(token)))
-        if any(stop in self._raw for stop in self.STOPS):
+        if not self.raw and any(stop in self._raw for stop in self.STOPS):
             self.done = True
             return self._emit(final=True)
         return self._emit(final=False)
@@ -182,6 +184,8 @@ class AnswerStream:
         return self._emit(final=True)
 
     def _answer(self, final):
+        if self.raw:
+            return self._raw
         cut = min([self._raw.index(s) for s in self.STOPS if s in self._raw], default=len(self._raw))
         text = self._raw[:cut].lstrip()
         held = max((k for s in self.STOPS for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -84,11 +84,11 @@ def test_model_without_biases_exports_as_zero_biases(tmp_path):
     reloaded = GPT.from_pretrained(tmp_path / "nobias", bias=False).eval()  # as resume rebuilds it
     assert [n for n, _ in reloaded.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert torch.allclose(reloaded(idx)[0], model(idx)[0], atol=1e-6)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).save_pretrained(tmp_path / "b")
+    state = load_file(tmp_path / "b" / "model.safetensors")
+    state["transformer.h.0.ln_1.bias"] = torch.ones(32)
+    save_file(state, tmp_path / "b" / "model.safetensors")
     with pytest.raises(GrafitoError, match="biases such as .* are not zero"):
-        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).save_pretrained(tmp_path / "b")
-        state = load_file(tmp_path / "b" / "model.safetensors")
-        state["transformer.h.0.ln_1.bias"] = torch.ones(32)
-        save_file(state, tmp_path / "b" / "model.safetensors")
         GPT.from_pretrained(tmp_path / "b", bias=False)
 
 

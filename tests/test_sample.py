@@ -64,6 +64,16 @@ def test_answer_stream_never_splits_a_utf8_character():
     assert "".join(pieces) == stream.text == text.strip()
 
 
+def test_raw_stream_keeps_spaces_and_markers_and_whole_characters():
+    text = " there was ### Instruction: café 😊"
+    stream, pieces = AnswerStream(raw=True), []
+    for token in encode(text) + [EOT, 11]:
+        piece = stream.add(token)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    assert stream.done and "".join(pieces) == stream.text == text
+
+
 def test_a_partial_marker_that_is_not_a_marker_is_printed():
     stream, printed = stream_all(encode(" Use ## for headings"))
     assert printed == stream.text == "Use ## for headings"
@@ -160,8 +170,9 @@ def test_sample_cli_answers_continues_and_chats_from_a_pipe(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr and "###" not in result.stdout
     result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--raw", "--start=Once upon",
-                        "--max_new_tokens=5", "--num_samples=2")
+                        "--max_new_tokens=5", "--num_samples=2", "--verbose")
     assert result.returncode == 0 and result.stdout.startswith("Once upon") and result.stdout.count("Once upon") == 2
+    assert "tokens x 2" in result.stderr
     result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--chat", "--max_new_tokens=4",
                         stdin="hello\n/clear\nagain\n")
     assert result.returncode == 0 and "(conversation cleared)" in result.stdout
