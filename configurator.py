@@ -14,9 +14,20 @@ from pathlib import Path
 from common import GrafitoError
 
 
-def load_config(defaults, argv=None):
-    """Defaults updated by each argument in order: config files (*.py) and --key=value overrides."""
+def load_config(defaults, argv=None, rivals=()):
+    """Defaults updated by each argument in order: config files (*.py) and --key=value overrides.
+
+    rivals: pairs of keys that say the same thing two ways (train.py's epochs and max_iters);
+    setting one puts the other back to its default, so whichever is given last wins.
+    """
     config = dict(defaults)
+    rival_of = {a: b for pair in rivals for a, b in (pair, pair[::-1])}
+
+    def assign(key, value):
+        config[key] = value
+        if key in rival_of:
+            config[rival_of[key]] = defaults[rival_of[key]]
+
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print_help(defaults)
@@ -29,7 +40,7 @@ def load_config(defaults, argv=None):
             if not arg.endswith(".py"):
                 raise GrafitoError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value overrides")
             for key, value in read_config_file(arg).items():
-                config[key] = _checked(key, value, defaults, where=arg)
+                assign(key, _checked(key, value, defaults, where=arg))
             continue
         key, has_value, text = arg[2:].partition("=")
         if key not in defaults:
@@ -42,7 +53,7 @@ def load_config(defaults, argv=None):
                 text, i = args[i], i + 1
             else:
                 raise GrafitoError(f"--{key} needs a value")
-        config[key] = _checked(key, parse_value(key, text, defaults[key]), defaults, where="command line")
+        assign(key, _checked(key, parse_value(key, text, defaults[key]), defaults, where="command line"))
     return config
 
 

@@ -44,7 +44,7 @@ DEFAULTS = dict(
     gradient_accumulation_steps=1,  # micro-batches per step over all processes (nanoGPT's meaning)
     tokens_per_step=0,  # > 0: choose gradient_accumulation_steps to reach this many tokens per step
     max_iters=1000,
-    epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows
+    epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows (the later of the two wins)
     # model, for init_from=scratch
     n_layer=12,
     n_head=12,
@@ -77,6 +77,11 @@ DEFAULTS = dict(
 # keys that must not change when resuming, or the run would not continue the same way
 RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
                 "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head", "n_embd", "bias")
+
+
+def load_train_config(argv=None):
+    """DEFAULTS, then config files and --key=value overrides; of epochs and max_iters the later wins."""
+    return load_config(DEFAULTS, argv, rivals=[("epochs", "max_iters")])
 
 
 def validate(config):
@@ -517,7 +522,7 @@ def plot_losses(out_dir):
 
 
 def main():
-    config = load_config(DEFAULTS)
+    config = load_train_config()
     validate(config)
     trainer = Trainer(config)
     try:

@@ -240,6 +240,12 @@ def test_config_file_errors(tmp_path):
         load_config(train.DEFAULTS, [str(bad)])
     config = load_config(train.DEFAULTS, [str(ROOT / "config" / "ruby_002.py"), "--max_iters", "20", "--compile"])
     assert config["max_iters"] == 20 and config["compile"] is True and config["learning_rate"] == 1e-4
+    # obsidian-000 says epochs = 2; a later --max_iters (a quick trial) wins, and the other way round
+    obsidian = str(ROOT / "config" / "obsidian_000.py")
+    config = train.load_train_config([obsidian, "--max_iters=20"])
+    assert (config["epochs"], config["max_iters"]) == (0.0, 20)
+    config = train.load_train_config([obsidian, "--max_iters=20", "--epochs=1"])
+    assert (config["epochs"], config["max_iters"]) == (1.0, train.DEFAULTS["max_iters"])
 
 
 def test_block_size_larger_than_the_model_and_cli_errors(tmp_path, tiny_dataset, tiny_pretrained):
