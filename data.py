@@ -29,13 +29,19 @@ def split_files(folder, split):
     return folder / f"{split}.bin", folder / f"{split}.mask.bin", folder / f"{split}.offsets.bin"
 
 
+def check_replaceable(folder):
+    """Refuse to write a dataset over anything but a prepared dataset or an empty folder
+    (or over `<folder>.old`, which the write would first move back into place)."""
+    existing = readable_dir(folder)
+    if existing.exists() and not (existing / "meta.json").is_file() and (not existing.is_dir() or any(existing.iterdir())):
+        raise GrafitoError(f"refusing to write a dataset to {folder}: {existing} exists and is not a prepared "
+                           f"dataset (no meta.json); choose another --out_dir, or move it away yourself")
+
+
 def write_dataset(folder, splits, meta):
     """Write {split: [(ids, mask), ...]} and meta.json atomically (all files or none replaced)."""
     folder = Path(folder)
-    existing = readable_dir(folder)
-    if existing.exists() and not (existing / "meta.json").is_file() and (not existing.is_dir() or any(existing.iterdir())):
-        raise GrafitoError(f"refusing to replace {folder}: it is not a prepared dataset (no meta.json); "
-                           f"choose another --out_dir, or empty or remove it yourself")
+    check_replaceable(folder)
     with atomic_dir(folder) as tmp:
         for split, conversations in splits.items():
             lengths = np.fromiter((len(ids) for ids, _ in conversations), dtype=OFFSET_DTYPE, count=len(conversations))

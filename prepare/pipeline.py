@@ -93,6 +93,7 @@ def check_args(args):
         raise GrafitoError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.input is not None and not args.input.is_file():
         raise GrafitoError(f"--input {args.input}: no such file")
+    data.check_replaceable(args.out_dir)  # before a download and minutes of cleaning, not after
 
 
 # ----------------------------------------------------------------------------- sources

@@ -340,6 +340,15 @@ def test_prepare_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "months of work"
     (tmp_path / "empty").mkdir()
     data.write_dataset(tmp_path / "empty", {"train": [conv], "val": []}, {"dataset": "t"})  # empty: fine
+    (tmp_path / "notes").rename(tmp_path / "gone.old")  # gone/ missing: a write would move gone.old back
+    with pytest.raises(GrafitoError, match=r"gone\.old exists and is not a prepared dataset"):
+        data.write_dataset(tmp_path / "gone", {"train": [conv], "val": []}, {"dataset": "t"})
+    # the prepare scripts check --out_dir first, before any download or cleaning
+    (tmp_path / "in.txt").write_text("### Instruction: q\n\n### Answer: a\n")
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "grafito25k.py"), "--input", str(tmp_path / "in.txt"),
+                             "--out_dir", str(tmp_path / "gone")], capture_output=True, text=True)
+    assert result.returncode == 2 and "gone.old exists" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "gone.old" / "thesis.tex").read_text() == "months of work"
 
 
 def test_readers_use_the_previous_version_during_a_swap_without_renaming(tmp_path):
