@@ -9,8 +9,9 @@ SFT batches (real prepared data when data/<dataset> exists, else a synthetic mas
 given supervised fraction), a LoRA step on the masked batches, prompt prefill and KV-cache
 decoding at batch 1 and batch N. Each row: warm-up steps excluded, `repeats` timed runs
 (ours and transformers' alternating), the median reported, GPU timings synchronised.
-Step memory is what one step (or generate call) needs above the memory resident before
-it: the peak RSS on Linux CPUs, max allocated on GPUs.
+Step memory is the process's peak during a row, everything resident included (weights,
+optimizer state, activations): the peak RSS on Linux CPUs (reset to the current RSS
+before each row), max allocated on GPUs.
 transformers trains with torch.optim.AdamW's defaults (what a user writes), grafito with
 its fused AdamW, as train.py does. MFU divides the FLOPs each implementation performs (model.training_flops: transformers
 computes logits at every position, grafito only where the loss is taken) by the peak of

@@ -69,7 +69,7 @@ DEFAULTS = dict(
     min_lr=1e-5,
     # system
     device="auto",  # auto | cpu | cuda | cuda:N | mps
-    dtype="auto",  # auto (bf16 where fast, else fp16 on GPU) | bfloat16 | float16 | float32
+    dtype="auto",  # auto (bf16 on CPUs and Ampere+ GPUs, fp16 on older GPUs) | bfloat16 | float16 | float32
     compile=False,  # torch.compile the model
     seed=1337,
     backend="auto",  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
