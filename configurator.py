@@ -17,15 +17,16 @@ from common import GrafitoError
 def load_config(defaults, argv=None, rivals=()):
     """Defaults updated by each argument in order: config files (*.py) and --key=value overrides.
 
-    rivals: pairs of keys that say the same thing two ways (train.py's epochs and max_iters);
-    setting one puts the other back to its default, so whichever is given last wins.
+    rivals: pairs of keys that say the same thing two ways (train.py's epochs and max_iters):
+    setting one to a non-zero value puts the other back to its default, so whichever is given
+    last wins (0 means "not this way" and leaves the other alone); one file may set only one.
     """
     config = dict(defaults)
     rival_of = {a: b for pair in rivals for a, b in (pair, pair[::-1])}
 
     def assign(key, value):
         config[key] = value
-        if key in rival_of:
+        if key in rival_of and value:
             config[rival_of[key]] = defaults[rival_of[key]]
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -39,7 +40,12 @@ def load_config(defaults, argv=None, rivals=()):
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise GrafitoError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value overrides")
-            for key, value in read_config_file(arg).items():
+            values = read_config_file(arg)
+            both = [(a, b) for a, b in rivals if values.get(a) and values.get(b)]
+            if both:
+                raise GrafitoError(f"{arg}: sets both {both[0][0]} and {both[0][1]}, which say the same thing "
+                                   f"two ways; keep one")
+            for key, value in values.items():
                 assign(key, _checked(key, value, defaults, where=arg))
             continue
         key, has_value, text = arg[2:].partition("=")

@@ -246,6 +246,11 @@ def test_config_file_errors(tmp_path):
     assert (config["epochs"], config["max_iters"]) == (0.0, 20)
     config = train.load_train_config([obsidian, "--max_iters=20", "--epochs=1"])
     assert (config["epochs"], config["max_iters"]) == (1.0, train.DEFAULTS["max_iters"])
+    config = train.load_train_config([str(ROOT / "config" / "cpu_tiny.py"), "--epochs=0"])  # 0: not by epochs
+    assert (config["epochs"], config["max_iters"]) == (0.0, 300)
+    bad.write_text("epochs = 2.0\nmax_iters = 50\n")
+    with pytest.raises(GrafitoError, match="sets both epochs and max_iters"):
+        train.load_train_config([str(bad)])
 
 
 def test_block_size_larger_than_the_model_and_cli_errors(tmp_path, tiny_dataset, tiny_pretrained):
