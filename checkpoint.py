@@ -6,7 +6,8 @@ A training run's out_dir holds
     log.jsonl           one JSON object per logged step and per evaluation
     ckpt/               the latest state, enough to resume exactly:
         config.json + model.safetensors            full fine-tuning: Hugging Face GPT-2 format
-        adapter_config.json + adapter.safetensors  LoRA: the adapter only (base named inside)
+        adapter_config.json + adapter.safetensors  LoRA: the adapter only (base named inside,
+                                                   with a fingerprint when it is a local folder)
         train_state.pt                             optimizer, grad scaler, step, sampler position,
                                                    RNG states, best val loss (torch.load, weights_only)
     best/               the weights (same files, no train_state.pt) with the lowest val loss
@@ -30,13 +31,36 @@ LATEST, BEST, MERGED = "ckpt", "best", "merged"
 
 
 def save_weights(model, folder, base_model=None):
-    """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet."""
+    """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet
+    (with a fingerprint of its base when that is a local folder, checked on load)."""
     if any(not layer.merged for layer in lora.lora_layers(model)):
         from dataclasses import asdict
 
-        lora.save_adapter(model, folder, base_model=base_model, base_config=asdict(model.config))
+        base = resolve_model_source(base_model) if base_model else None
+        lora.save_adapter(model, folder, base_model=base_model, base_config=asdict(model.config),
+                          base_fingerprint=weights_fingerprint(base) if isinstance(base, Path) else None)
     else:
         model.save_pretrained(folder)
+
+
+def weights_fingerprint(folder):
+    """A cheap digest of a weights folder: its weight file's size and 16 evenly spread 64 KB
+    pieces. Retrained or replaced weights change it (training changes nearly every byte);
+    it reads 1 MB whatever the model's size, and is no cryptographic check."""
+    import hashlib
+
+    folder = readable_dir(folder)
+    names = [lora.ADAPTER_WEIGHTS] if is_adapter(folder) else ["model.safetensors", "pytorch_model.bin"]
+    path = next((folder / n for n in names if (folder / n).is_file()), None)
+    if path is None:
+        return None
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for i in range(16):
+            f.seek(size * i // 16)
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:32]
 
 
 def save_checkpoint(out_dir, name, model, base_model, train_state=None):
@@ -62,40 +86,50 @@ def is_adapter(folder):
     return (Path(folder) / lora.ADAPTER_CONFIG).is_file()
 
 
-def load_weights(folder, base_loader=None, merge=True, **overrides):
-    """A GPT from a weights folder: GPT-2 format, or an adapter applied to its base.
-
-    base_loader(name) builds the base model of an adapter (default load_model: a GPT-2 name,
-    a hub id, or a folder, itself possibly an adapter).
+def load_weights(folder, merge=True, _chain=(), **overrides):
+    """A GPT from a weights folder: GPT-2 format, or an adapter applied to its base (loaded by
+    load_model: a GPT-2 name, a hub id, or a folder, itself possibly an adapter).
     With merge=True the adapter is folded in (lora.fold_lora), leaving a plain GPT.
     """
     folder = Path(folder)
-    if not is_adapter(folder):
-        return GPT.from_pretrained(folder, **overrides)
-    meta = lora.read_adapter_config(folder)
-    base = (base_loader or load_model)(meta["base_model"], **overrides)
-    lora.load_adapter(base, folder)
+    readable = readable_dir(folder)
+    if not is_adapter(readable):
+        return GPT.from_pretrained(readable, **overrides)
+    meta = lora.read_adapter_config(readable)
+    here = str(folder.resolve())
+    if here in _chain:
+        raise GrafitoError(f"{folder}: adapter chain loops back to itself ({' -> '.join(_chain + (here,))})")
+    base = load_model(meta["base_model"], _chain=_chain + (here,), **overrides)
+    expected = meta.get("base_fingerprint")
+    base_folder = resolve_model_source(meta["base_model"])
+    if expected and isinstance(base_folder, Path) and weights_fingerprint(base_folder) != expected:
+        raise GrafitoError(f"{folder}: its base {meta['base_model']} has changed since the adapter was trained "
+                           f"(different weights); restore that base, or train the adapter again")
+    lora.load_adapter(base, readable)
     if merge:
         lora.fold_lora(base)
     return base
 
 
 def resolve_model_source(source):
-    """A training out_dir resolves to its best/ (else ckpt/) weights; anything else is passed on."""
+    """A training out_dir stands for its best/ (else ckpt/) weights, a weights folder for
+    itself (read from its .old twin during a swap: see readable_dir); a name is passed on."""
     path = Path(str(source)).expanduser()
-    for folder in (readable_dir(path / BEST), readable_dir(path / LATEST)):
-        if folder.is_dir() and ((folder / "config.json").is_file() or is_adapter(folder)):
+    for folder in (path / BEST, path / LATEST, path):
+        readable = readable_dir(folder)
+        if readable.is_dir() and ((readable / "config.json").is_file() or is_adapter(readable)):
             return folder
-    return path if path.is_dir() else source
+    return path if readable_dir(path).is_dir() else source
 
 
-def load_model(source, **overrides):
+def load_model(source, _chain=(), **overrides):
     """Any model grafito can run: a training out_dir, a weights folder (full or adapter),
     a GPT-2 name or a hub repo id. LoRA adapters are merged for inference."""
     resolved = resolve_model_source(source)
     if isinstance(resolved, Path):
-        if not ((resolved / "config.json").is_file() or is_adapter(resolved)):
+        readable = readable_dir(resolved)
+        if not ((readable / "config.json").is_file() or is_adapter(readable)):
             raise GrafitoError(f"{source}: no model here (expected best/ or ckpt/ of a training run, "
                                f"or config.json + model.safetensors, or an adapter)")
-        return load_weights(resolved, **overrides)
+        return load_weights(resolved, _chain=_chain, **overrides)
     return GPT.from_pretrained(resolved, **overrides)

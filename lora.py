@@ -160,7 +160,9 @@ def merge_lora(model):
 
 def fold_lora(model):
     """Merge every adapter and put back plain, trainable nn.Linear layers: a GPT as if
-    fully fine-tuned, ready for inference, export or a new adapter on top."""
+    fully fine-tuned, ready for inference, export or a new adapter on top. Frozen matrices
+    kept in bf16 (cast_frozen_linears) go back to float32 first, so the merge is exact."""
+    cast_frozen_linears(model, torch.float32)
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for child_name, layer in list(parent.named_children()):
@@ -184,18 +186,19 @@ def lora_state_dict(model):
     return {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if "lora_" in name}
 
 
-def save_adapter(model, directory, base_model, base_config):
+def save_adapter(model, directory, base_model, base_config, base_fingerprint=None):
     """Write adapter.safetensors (the LoRA factors only) and adapter_config.json.
 
     base_model names the weights the adapter was trained on (a GPT-2 name, hub repo id or
-    folder); base_config is its GPTConfig as a dict, checked when the adapter is loaded.
+    folder); base_config is its GPTConfig as a dict, checked when the adapter is loaded, as is
+    base_fingerprint (checkpoint.weights_fingerprint of a local base folder) by the loader.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "grafito-lora-1", **asdict(model.lora_config), "base_model": str(base_model),
-            "base_config": base_config}
+            "base_config": base_config, "base_fingerprint": base_fingerprint}
     meta["targets"] = list(meta["targets"])
     save_file(lora_state_dict(model), directory / ADAPTER_WEIGHTS)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

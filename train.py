@@ -154,8 +154,13 @@ def build_model(config, device, dtype, resume_state):
                               n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"]))
         base_model = "scratch"
     else:  # a GPT-2 name, a hub repo id, a weights folder or an earlier run's out_dir (adapters merged)
-        model = checkpoint.load_model(init_from, dropout=config["dropout"])
         source = checkpoint.resolve_model_source(init_from)
+        out_dir = Path(config["out_dir"]).resolve()
+        if isinstance(source, Path) and out_dir in (source.resolve(), *source.resolve().parents):
+            raise GrafitoError(f"init_from={init_from} lies inside out_dir={config['out_dir']}: this run would "
+                               f"overwrite the weights it starts from. Continue that run with init_from=resume, "
+                               f"or choose another out_dir")
+        model = checkpoint.load_model(init_from, dropout=config["dropout"])
         base_model = str(source.resolve()) if isinstance(source, Path) else init_from
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))

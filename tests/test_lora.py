@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import GrafitoError
-from lora import (ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, fold_lora, load_adapter, lora_layers,
+from lora import (ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, cast_frozen_linears, fold_lora, load_adapter, lora_layers,
                   merge_lora, save_adapter, unmerge_lora)
 from model import GPT, GPTConfig
 
@@ -82,13 +82,21 @@ def test_merge_equals_unmerged_and_unmerge_restores_base():
             assert (param - base_weights[name]).abs().max().item() < 1e-6, name
 
 
-def test_folded_adapters_leave_a_plain_trainable_gpt_that_takes_a_new_adapter():
+@pytest.mark.parametrize("frozen_dtype", [torch.float32, torch.bfloat16])  # bf16: as train.py keeps a LoRA base
+def test_folded_adapters_leave_a_plain_trainable_gpt_that_takes_a_new_adapter(frozen_dtype):
     model = train_a_little(apply_lora(tiny_gpt(), LoRAConfig(r=4, targets=("q", "v", "mlp_proj")))).eval()
     idx = torch.randint(0, 64, (2, 32))
-    unmerged = model(idx)[0]
+    cast_frozen_linears(model, frozen_dtype)
+    c_attn = model.transformer.h[0].attn.c_attn
+    expected_weight = c_attn.weight.float() + c_attn.delta_weight()  # the merge, in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=frozen_dtype != torch.float32):
+        unmerged = model(idx)[0].float()
     fold_lora(model)
     assert not lora_layers(model) and all("lora_" not in n for n, _ in model.named_parameters())
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert torch.allclose(model.transformer.h[0].attn.c_attn.weight, expected_weight, atol=1e-6)
+    if frozen_dtype != torch.float32:
+        return
     assert (model(idx)[0] - unmerged).abs().max().item() < 1e-5
     apply_lora(model, LoRAConfig(r=2))  # a second adapter on the folded weights starts as the identity
     assert (model(idx)[0] - unmerged).abs().max().item() < 1e-5

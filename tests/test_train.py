@@ -199,6 +199,21 @@ def test_lora_run_trains_adapters_only_and_resumes(tmp_path, tiny_dataset, tiny_
     lora.merge_lora(second.raw_model)
     chained = checkpoint.load_model(tmp_path / "lora_on_lora").eval()
     assert torch.allclose(second.raw_model.eval()(idx)[0], chained(idx)[0], atol=1e-5)
+    with pytest.raises(GrafitoError, match="would overwrite the weights it starts from"):
+        run(tmp_path, tiny_dataset, "--max_iters=1", f"--init_from={tmp_path / 'lora'}", *args[1:], out="lora")
+    # the first run's best/ changes (retrained): the chained adapter's base is no longer what it learned on
+    first = checkpoint.load_weights(tmp_path / "lora" / checkpoint.BEST, merge=False)
+    with torch.no_grad():
+        lora.lora_layers(first)[0].lora_B.add_(0.01)
+    checkpoint.save_checkpoint(tmp_path / "lora", checkpoint.BEST, first, str(tiny_pretrained.resolve()))
+    with pytest.raises(GrafitoError, match="has changed since the adapter was trained"):
+        checkpoint.load_model(tmp_path / "lora_on_lora")
+    # an adapter naming itself as its base (hand-edited) is an error, not endless recursion
+    looped = tmp_path / "lora_on_lora" / checkpoint.BEST
+    meta = json.loads((looped / lora.ADAPTER_CONFIG).read_text())
+    (looped / lora.ADAPTER_CONFIG).write_text(json.dumps({**meta, "base_model": str(looped)}))
+    with pytest.raises(GrafitoError, match="loops back to itself"):
+        checkpoint.load_model(looped)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset, monkeypatch):
