@@ -205,6 +205,9 @@ def main():
             raise GrafitoError(f"{key} must be at least 1, got {config[key]}")
     if config["temperature"] < 0 or not 0 < config["top_p"] <= 1 or config["repetition_penalty"] <= 0:
         raise GrafitoError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+    if config["raw"] and (config["chat"] or config["shots"]):
+        raise GrafitoError("--raw continues plain text: it takes neither --chat nor --shots (few-shot examples "
+                           "are chat turns; for a base model, write them into --start)")
     model, device = load_for_inference(config)
     generator = torch.Generator(device=device).manual_seed(config["seed"])
     shots = load_shots(config["shots"], config["shots_dataset"], config["seed"])

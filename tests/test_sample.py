@@ -178,6 +178,8 @@ def test_sample_cli_answers_continues_and_chats_from_a_pipe(tiny_model_dir):
     assert result.returncode == 0 and "(conversation cleared)" in result.stdout
     result = run_script(ROOT / "sample.py", "--init_from=resume", "--out_dir=/nonexistent/run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--raw", "--shots=2")
+    assert result.returncode == 2 and "neither --chat nor --shots" in result.stderr
 
 
 def test_eval_cells_follow_the_readme():
