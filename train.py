@@ -31,6 +31,7 @@ from model import GPT, GPTConfig, training_flops
 DEFAULTS = dict(
     # where things go and how often
     out_dir="out",
+    overwrite=False,  # start a new run in an out_dir that already holds one (its checkpoints and log are replaced)
     init_from="gpt2",  # scratch | gpt2, gpt2-medium, ... | hub repo id | local folder | resume
     eval_interval=100,  # steps between evaluations; each one writes out_dir/ckpt (and best/ on improvement)
     eval_iters=0,  # val batches per evaluation, 0 for the whole val split
@@ -76,7 +77,7 @@ DEFAULTS = dict(
 )
 # keys that must not change when resuming, or the run would not continue the same way
 RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
-                "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head", "n_embd", "bias")
+                "eval_iters", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head", "n_embd", "bias")
 
 
 def load_train_config(argv=None):
@@ -94,6 +95,9 @@ def validate(config):
         need(config[key] >= 1, key, "must be at least 1")
     for key in ("eval_iters", "early_stop_patience", "tokens_per_step", "warmup_iters", "lr_decay_iters", "lora_r"):
         need(config[key] >= 0, key, "must not be negative")
+    for key in ("out_dir", "dataset", "init_from"):
+        need(config[key].strip() != "", key, "must not be empty")
+    need(not Path(config["out_dir"]).exists() or Path(config["out_dir"]).is_dir(), "out_dir", "is a file, not a folder")
     need(config["max_iters"] >= 1 or config["epochs"] > 0, "max_iters", "must be at least 1 (or set epochs)")
     need(config["epochs"] >= 0, "epochs", "must not be negative")
     need(config["learning_rate"] > 0, "learning_rate", "must be positive")
@@ -237,6 +241,10 @@ class Trainer:
         torch.manual_seed(config["seed"])
 
         resume_state = None
+        previous = readable_dir(self.out_dir / checkpoint.LATEST)
+        if config["init_from"] != "resume" and previous.is_dir() and not config["overwrite"]:
+            raise GrafitoError(f"{self.out_dir} already holds a run ({previous}); continue it with init_from=resume, "
+                               f"choose another out_dir, or pass --overwrite to start a new run there")
         if config["init_from"] == "resume":
             resume_state = checkpoint.load_train_state(self.out_dir)
             changed = [k for k in RESUME_FIXED if resume_state["config"].get(k) != config[k]]
@@ -378,7 +386,7 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
-        log = open(self.out_dir / "log.jsonl", "a") if self.master else None
+        log = self._open_log() if self.master else None
         bar = tqdm(total=self.max_iters, initial=self.step, disable=not self.master, unit="step", dynamic_ncols=True)
         window_loss, window_sup = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         window_steps, window_start = 0, time.perf_counter()
@@ -409,6 +417,17 @@ class Trainer:
         bar.close()
         if self.master:
             self._finish(log)
+
+    def _open_log(self):
+        """log.jsonl: started afresh by a new run; on resume, cut back to the checkpoint's step
+        (steps logged after it, before an interruption, are run again and logged again)."""
+        path = self.out_dir / "log.jsonl"
+        if self.step == 0 or not path.exists():
+            return open(path, "w")
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(kept))
+        return open(path, "a")
 
     def _train_loss(self, window_loss, window_sup):
         total = window_loss.clone()

@@ -121,6 +121,21 @@ def test_resume_refuses_a_changed_batch_and_a_missing_checkpoint(tmp_path, tiny_
         run(tmp_path, tiny_dataset, "--init_from=resume", "--max_iters=4")
 
 
+def test_new_run_never_replaces_an_old_one_silently_and_logs_each_step_once(tmp_path, tiny_dataset):
+    run(tmp_path, tiny_dataset, "--max_iters=2", "--eval_interval=2")
+    best = (tmp_path / "out" / checkpoint.BEST / "model.safetensors").read_bytes()
+    with pytest.raises(GrafitoError, match="already holds a run.*init_from=resume.*--overwrite"):
+        run(tmp_path, tiny_dataset, "--max_iters=1", "--eval_interval=1", "--seed=2")
+    assert (tmp_path / "out" / checkpoint.BEST / "model.safetensors").read_bytes() == best
+    with open(tmp_path / "out" / "log.jsonl", "a") as log:  # steps 3-4 ran, then an interruption before a save
+        log.write(json.dumps({"step": 3, "train_loss": 99.0}) + "\n" + json.dumps({"step": 4, "train_loss": 99.0}) + "\n")
+    run(tmp_path, tiny_dataset, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "log.jsonl") if "train_loss" in line]
+    assert steps == [1, 2, 3, 4] and 99.0 not in logged(tmp_path / "out", "train_loss").values()
+    run(tmp_path, tiny_dataset, "--max_iters=1", "--eval_interval=1", "--overwrite")  # a new run: a new log
+    assert sorted(logged(tmp_path / "out", "train_loss")) == [1]
+
+
 def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
     args = [str(ROOT / "train.py"), *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", "--eval_interval=4",
             "--gradient_accumulation_steps=2", "--batch_size=2", "--learning_rate=1e-3"]
@@ -189,7 +204,7 @@ def test_lora_run_trains_adapters_only_and_resumes(tmp_path, tiny_dataset, tiny_
     losses = logged(tmp_path / "lora", "train_loss")
     assert losses[6] < losses[1]
     run(tmp_path, tiny_dataset, "--max_iters=3", *args, out="lora_resumed")
-    run(tmp_path, tiny_dataset, "--max_iters=6", "--init_from=resume", *args, out="lora_resumed")
+    run(tmp_path, tiny_dataset, "--max_iters=6", *args, "--init_from=resume", out="lora_resumed")
     again = logged(tmp_path / "lora_resumed", "train_loss")
     assert all(abs(losses[s] - again[s]) < 1e-6 for s in losses)
     # a new adapter on top of this run: its base is the first run's best/, itself an adapter
@@ -200,7 +215,8 @@ def test_lora_run_trains_adapters_only_and_resumes(tmp_path, tiny_dataset, tiny_
     chained = checkpoint.load_model(tmp_path / "lora_on_lora").eval()
     assert torch.allclose(second.raw_model.eval()(idx)[0], chained(idx)[0], atol=1e-5)
     with pytest.raises(GrafitoError, match="would overwrite the weights it starts from"):
-        run(tmp_path, tiny_dataset, "--max_iters=1", f"--init_from={tmp_path / 'lora'}", *args[1:], out="lora")
+        run(tmp_path, tiny_dataset, "--max_iters=1", f"--init_from={tmp_path / 'lora'}", *args[1:], "--overwrite",
+            out="lora")
     # the first run's best/ changes (retrained): the chained adapter's base is no longer what it learned on
     first = checkpoint.load_weights(tmp_path / "lora" / checkpoint.BEST, merge=False)
     with torch.no_grad():
