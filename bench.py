@@ -371,9 +371,14 @@ def main():
         raise GrafitoError(f"--model must be one of {', '.join(PRESETS)}")
     if config["compare"] not in ("", "hf"):
         raise GrafitoError("--compare takes 'hf' (transformers) or nothing")
-    for key in ("batch_size", "block_size", "repeats", "decode_tokens", "prompt_tokens", "decode_batch"):
+    for key in ("batch_size", "block_size", "repeats", "prompt_tokens", "decode_batch"):
         if config[key] < 1:
             raise GrafitoError(f"--{key} must be at least 1")
+    if config["decode_tokens"] < 2:  # decode speed is (all tokens - the first, which prefill gives) / time
+        raise GrafitoError("--decode_tokens must be at least 2")
+    unknown = set(config["rows"].split(",")) - {"train", "masked", "lora", "decode"}
+    if unknown:
+        raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from train, masked, lora, decode")
     device = resolve_device(config["device"])
     dtype = resolve_dtype(config["dtype"], device)
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}

@@ -88,12 +88,23 @@ def atomic_dir(final_dir):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _share_like_umask(tmp)
     old = final_dir.with_name(final_dir.name + ".old")
     if final_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _share_like_umask(folder):
+    """mkdtemp (and safetensors) create owner-only folders and files; give them the permissions
+    a plain mkdir/open would, so checkpoints and datasets can be shared like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def recover_dir(final_dir):
@@ -109,19 +120,40 @@ def readable_dir(final_dir):
     the previous version. Readers never rename, so they never undo a writer's swap; a read
     that starts in the instant between its two renames can still miss both, and says so."""
     final_dir = Path(final_dir)
+    if not final_dir.name:  # '.', '/': nothing to swap
+        return final_dir
     old = final_dir.with_name(final_dir.name + ".old")
     return old if not final_dir.exists() and old.is_dir() else final_dir
 
 
+def read_text(path, what):
+    """A UTF-8 text file's contents, or one clear error naming `what` (e.g. '--start=FILE:x')."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as err:
+        raise GrafitoError(f"{what}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise GrafitoError(f"{what}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
 def resolve_device(device):
-    """'auto' picks cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' picks cuda, then mps, then cpu; anything else must exist on this machine."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise GrafitoError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise GrafitoError(f"device {device!r}: no CUDA GPU is available to this PyTorch build; use --device=cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise GrafitoError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not mps:
+        raise GrafitoError(f"device {device!r}: MPS is not available here; use --device=cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise GrafitoError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -78,8 +78,12 @@ def load_meta(folder):
 
 
 def _read_meta(folder):
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GrafitoError(f"{folder / 'meta.json'} is unreadable ({err}); rerun the prepare script") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise GrafitoError(f"{folder}: data format version {meta.get('format_version')}, this grafito reads "
                            f"{FORMAT_VERSION}; rerun its prepare script")
     return meta
@@ -116,13 +120,16 @@ def load_split(folder, split):
     if n_tokens == 0:
         empty = np.zeros(0, dtype=TOKEN_DTYPE)
         return Split(split, empty, empty.astype(MASK_DTYPE), np.zeros(1, dtype=OFFSET_DTYPE))
+    sizes = [f.stat().st_size if f.is_file() else 0 for f in (token_file, mask_file)]
+    offsets = np.fromfile(offset_file, dtype=OFFSET_DTYPE) if offset_file.is_file() else np.zeros(0, OFFSET_DTYPE)
+    offsets_end = int(offsets[-1]) if len(offsets) else None
+    expected = [n_tokens * np.dtype(TOKEN_DTYPE).itemsize, n_tokens * np.dtype(MASK_DTYPE).itemsize]
+    if sizes != expected or offsets_end != n_tokens:
+        raise GrafitoError(f"{folder}: {split} files disagree with meta.json ({sizes[0]} token bytes, "
+                           f"{sizes[1]} mask bytes, offsets end at {offsets_end}, meta says {n_tokens} tokens); "
+                           f"rerun the prepare script")
     tokens = np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
     mask = np.memmap(mask_file, dtype=MASK_DTYPE, mode="r")
-    offsets = np.fromfile(offset_file, dtype=OFFSET_DTYPE)
-    if len(tokens) != n_tokens or len(mask) != n_tokens or offsets[-1] != n_tokens:
-        raise GrafitoError(f"{folder}: {split} files disagree with meta.json ({len(tokens)} tokens, "
-                           f"{len(mask)} mask bytes, offsets end at {offsets[-1]}, meta says {n_tokens}); "
-                           f"rerun the prepare script")
     return Split(split, tokens, mask, offsets)
 
 

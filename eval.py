@@ -14,6 +14,7 @@ the .json beside it.
 
 import json
 import math
+import os
 import re
 import string
 import sys
@@ -24,7 +25,7 @@ import checkpoint
 import data
 import sample
 import tokenizer
-from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
+from common import DTYPES, GrafitoError, read_text, resolve_device, resolve_dtype, run_cli
 from configurator import load_config
 from train import masked_val_loss
 
@@ -58,9 +59,15 @@ def parse_models(spec):
     models = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         label, _, source = item.rpartition("=")
+        if not source.strip():
+            raise GrafitoError(f"--models: {item!r} names no model source")
         models.append((label or source, source))
     if not models:
         raise GrafitoError("--models is empty: give model sources, e.g. --models=gpt2,out/ruby_002")
+    labels = [label for label, _ in models]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise GrafitoError(f"--models: the label {repeated[0]!r} is used twice; each column needs its own")
     return models
 
 
@@ -101,6 +108,11 @@ def normalize_answer(text):
     """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def contains_answer(reply, reference):
+    """The normalised reference appears in the normalised reply as whole words ('5' is not in '1945')."""
+    return f" {normalize_answer(reference)} " in f" {normalize_answer(reply)} "
 
 
 def short_answer_questions(dataset, n):
@@ -151,7 +163,7 @@ def evaluate_model(label, source, config, queries, questions, datasets):
     result["answers"] = greedy_answers(model, queries, config["max_new_tokens"], config["batch_size"])
     if questions:
         replies = greedy_answers(model, [q for q, _ in questions], 24, config["batch_size"])
-        hits = [normalize_answer(ref) in normalize_answer(reply) for (_, ref), reply in zip(questions, replies)]
+        hits = [contains_answer(reply, ref) for (_, ref), reply in zip(questions, replies)]
         result["short_answer_accuracy"] = {"correct": sum(hits), "samples": len(hits), "accuracy": sum(hits) / len(hits)}
     result["seconds"] = round(time.perf_counter() - started, 1)
     del model
@@ -169,16 +181,40 @@ def metrics_table(results, datasets):
     return "\n".join(lines) + "\n"
 
 
+def check_config(config):
+    for key in ("max_new_tokens", "batch_size"):
+        if config[key] < 1:
+            raise GrafitoError(f"--{key} must be at least 1, got {config[key]}")
+    for key in ("eval_iters", "accuracy_samples"):
+        if config[key] < 0:
+            raise GrafitoError(f"--{key} must not be negative, got {config[key]}")
+    resolve_dtype(config["dtype"], resolve_device(config["device"]))
+
+
+def prepare_out(out):
+    """The table's path, made writable now rather than after hours of evaluation."""
+    out = Path(out)
+    if out.is_dir():
+        raise GrafitoError(f"--out={out} is a folder; give a file name such as {out / 'zero_shot.md'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GrafitoError(f"--out={out}: cannot create its folder ({err.strerror or err})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise GrafitoError(f"--out={out}: not writable")
+    return out
+
+
 def main():
     config = load_config(DEFAULTS)
+    check_config(config)
     models = parse_models(config["models"])
+    out = prepare_out(config["out"])
     if config["queries"]:
-        path = Path(config["queries"])
-        if not path.is_file():
-            raise GrafitoError(f"--queries={path}: no such file")
-        queries = [q.strip() for q in path.read_text(encoding="utf-8").splitlines() if q.strip()]
+        text = read_text(config["queries"], f"--queries={config['queries']}")
+        queries = [q.strip() for q in text.splitlines() if q.strip()]
         if not queries:
-            raise GrafitoError(f"--queries={path}: no queries in the file")
+            raise GrafitoError(f"--queries={config['queries']}: no queries in the file")
     else:
         queries = README_QUERIES
     datasets = prepared_datasets(config["datasets"])
@@ -195,8 +231,6 @@ def main():
     labels = [r["label"] for r in results]
     table = markdown_table(queries, labels, {r["label"]: r["answers"] for r in results})
     metrics = metrics_table(results, datasets)
-    out = Path(config["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n" + metrics)
     out.with_suffix(".json").write_text(json.dumps({"queries": queries, "config": config, "results": results}, indent=2) + "\n")
     print(table)

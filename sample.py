@@ -22,7 +22,7 @@ import torch
 import checkpoint
 import data
 import tokenizer
-from common import DTYPES, GrafitoError, resolve_device, resolve_dtype, run_cli
+from common import DTYPES, GrafitoError, read_text, resolve_device, resolve_dtype, run_cli
 from configurator import load_config
 from model import left_pad
 
@@ -65,11 +65,7 @@ def load_for_inference(config):
 
 def read_start(start):
     if start.startswith("FILE:"):
-        path = Path(start[5:]).expanduser()
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise GrafitoError(f"--start=FILE:{path}: {err.strerror}") from None
+        return read_text(start[5:], f"--start={start}")
     return start
 
 
@@ -88,14 +84,20 @@ def load_shots(shots, dataset, seed):
     if not path.is_file():
         raise GrafitoError(f"--shots={shots}: neither a number nor a file")
     turns = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(read_text(path, f"--shots={shots}").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             example = json.loads(line)
-            turns.append((example["instruction"], example["answer"]))
+            turn = (example["instruction"], example["answer"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise GrafitoError(f"{path}, line {line_no}: expected a JSON object with 'instruction' and 'answer'") from None
+            turn = None
+        if turn is None or not all(isinstance(text, str) and text.strip() for text in turn):
+            raise GrafitoError(f"{path}, line {line_no}: expected a JSON object with non-empty 'instruction' and "
+                               f"'answer' strings")
+        turns.append(turn)
+    if not turns:
+        raise GrafitoError(f"--shots={shots}: the file holds no examples")
     return turns
 
 

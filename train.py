@@ -133,6 +133,8 @@ def setup_distributed(config):
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     on_gpu = device.startswith("cuda")
     backend = config["backend"] if config["backend"] != "auto" else ("nccl" if on_gpu else "gloo")
+    if backend == "nccl" and not on_gpu:
+        raise GrafitoError("backend=nccl runs on CUDA GPUs only; use backend=gloo (or auto) with device=cpu")
     dist.init_process_group(backend=backend)
     if on_gpu:
         device = f"cuda:{local_rank}"

@@ -55,6 +55,8 @@ def main():
                    help="context field: append to the instruction, leave out, or skip rows having one (default %(default)s)")
     args = p.parse_args()
     check_args(args)
+    if args.max_response_chars < 0:
+        raise GrafitoError(f"--max_response_chars must be 0 (no limit) or positive, got {args.max_response_chars}")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:

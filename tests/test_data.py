@@ -184,6 +184,20 @@ def test_dolly_subset_context_duplicates_and_bad_lines(tmp_path):
     assert len(texts) == 3
 
 
+def test_a_prepare_run_that_keeps_nothing_leaves_the_old_dataset(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [dolly_row("A question?", "An answer here.", category="open_qa"),
+                                               dolly_row("B question?", "Another answer.", category="open_qa")])
+    out = tmp_path / "out"
+    script = [sys.executable, str(ROOT / "prepare" / "dolly.py"), "--input", str(path), "--out_dir", str(out)]
+    assert subprocess.run(script + ["--val_fraction", "0"], capture_output=True, text=True).returncode == 0
+    before = (out / "train.bin").read_bytes()
+    result = subprocess.run(script + ["--max_response_chars", "3"], capture_output=True, text=True)
+    assert result.returncode == 2 and "no conversation is left" in result.stderr and "response longer than max 2" in result.stderr
+    assert (out / "train.bin").read_bytes() == before
+    result = subprocess.run(script + ["--max_response_chars", "-1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--max_response_chars must be" in result.stderr
+
+
 def test_dolly_category_filter_and_unknown_category(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [dolly_row("A?", "a", category="open_qa"),
                                                dolly_row("B?", "b", category="classification")])
@@ -327,6 +341,12 @@ def test_rewrite_is_atomic_and_token_ids_must_fit_uint16(tmp_path):
     (tmp_path / "d" / "train.mask.bin").write_bytes(b"\x01")
     with pytest.raises(GrafitoError, match="disagree with meta.json"):
         data.load_split(tmp_path / "d", "train")
+    (tmp_path / "d" / "train.offsets.bin").write_bytes(b"")
+    with pytest.raises(GrafitoError, match="offsets end at None"):
+        data.load_split(tmp_path / "d", "train")
+    (tmp_path / "d" / "meta.json").write_text("{ not json")
+    with pytest.raises(GrafitoError, match="meta.json is unreadable"):
+        data.load_split(tmp_path / "d", "train")
     with pytest.raises(GrafitoError, match="prepare script first"):
         data.resolve_dataset(tmp_path / "nothing")
 
@@ -349,6 +369,19 @@ def test_prepare_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
                              "--out_dir", str(tmp_path / "gone")], capture_output=True, text=True)
     assert result.returncode == 2 and "gone.old exists" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "gone.old" / "thesis.tex").read_text() == "months of work"
+
+
+def test_written_folders_get_the_usual_permissions(tmp_path):
+    """mkdtemp makes owner-only folders; a dataset or checkpoint must be as shareable as any file."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        data.write_dataset(tmp_path / "d", {"train": [tokenizer.render([("q", "a")])], "val": []}, {"dataset": "t"})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "d" / "train.bin").stat().st_mode & 0o777 == 0o644
 
 
 def test_readers_use_the_previous_version_during_a_swap_without_renaming(tmp_path):

@@ -241,3 +241,37 @@ def test_eval_lists_prepared_datasets_and_measures_bf16_like_training(tiny_model
     batches = data.eval_batches(data.load_split("a", "val"), 64, config["batch_size"])
     expected = masked_val_loss(GPT.from_pretrained(tiny_model_dir), batches, "cpu", "bfloat16")
     assert result["val"]["a"]["loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_bad_prompt_files_shots_and_eval_options_are_clear_errors(tmp_path):
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(GrafitoError, match="not UTF-8"):
+        sample.read_start(f"FILE:{binary}")
+    for text, message in [('{"instruction": "q", "answer": ""}', "non-empty"), ('{"instruction": 5, "answer": 3}', "strings"),
+                          ("", "no examples")]:
+        (tmp_path / "shots.jsonl").write_text(text)
+        with pytest.raises(GrafitoError, match=message):
+            sample.load_shots(str(tmp_path / "shots.jsonl"), "unused", 0)
+    with pytest.raises(GrafitoError, match="label 'x' is used twice"):
+        grafito_eval.parse_models("x=out/a,x=out/b")
+    with pytest.raises(GrafitoError, match="names no model source"):
+        grafito_eval.parse_models("a=")
+    with pytest.raises(GrafitoError, match="is a folder"):
+        grafito_eval.prepare_out(tmp_path)
+    with pytest.raises(GrafitoError, match="batch_size must be at least 1"):
+        grafito_eval.check_config({**grafito_eval.DEFAULTS, "batch_size": 0})
+    assert grafito_eval.contains_answer("It is 5.", "5") and not grafito_eval.contains_answer("In 1945", "5")
+    assert grafito_eval.contains_answer("The answer: the Eiffel Tower!", "Eiffel tower")
+
+
+def test_devices_that_are_not_here_are_clear_errors():
+    from common import resolve_device
+
+    for device, message in [("cuda:99", "cuda:99"), ("tpu", "expected auto, cpu"), ("banana", "expected auto, cpu")]:
+        with pytest.raises(GrafitoError, match=message):
+            resolve_device(device)
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(GrafitoError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -254,6 +254,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     (["--max_iters=ten"], "--max_iters='ten': expected int"),
     (["--init_from=gpt2", "--lora_r=4", "--lora_targets=q,query"], "lora targets"),
     (["--lora_r=4"], "LoRA adapts a pretrained model"),
+    (["--out_dir="], "out_dir = '' is invalid: must not be empty"),
+    ([f"--out_dir={ROOT / 'README.md'}"], "is a file, not a folder"),
 ])
 def test_config_errors_name_the_key(argv, message):
     with pytest.raises(GrafitoError) as err:
