@@ -100,11 +100,22 @@ def atomic_dir(final_dir):
 def _share_like_umask(folder):
     """mkdtemp (and safetensors) create owner-only folders and files; give them the permissions
     a plain mkdir/open would, so checkpoints and datasets can be shared like any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for path in Path(folder).rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _current_umask():
+    try:  # Linux says it without changing it
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def recover_dir(final_dir):
