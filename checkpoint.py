@@ -30,43 +30,55 @@ TRAIN_STATE = "train_state.pt"
 LATEST, BEST, MERGED = "ckpt", "best", "merged"
 
 
-def save_weights(model, folder, base_model=None):
+def save_weights(model, folder, base_model=None, base_fingerprint=None):
     """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet
-    (with a fingerprint of its base when that is a local folder, checked on load)."""
+    (with base_fingerprint, from base_fingerprint_of() when training began, checked on load)."""
     if any(not layer.merged for layer in lora.lora_layers(model)):
         from dataclasses import asdict
 
-        base = resolve_model_source(base_model) if base_model else None
         lora.save_adapter(model, folder, base_model=base_model, base_config=asdict(model.config),
-                          base_fingerprint=weights_fingerprint(base) if isinstance(base, Path) else None)
+                          base_fingerprint=base_fingerprint)
     else:
         model.save_pretrained(folder)
 
 
+def base_fingerprint_of(base_model):
+    """weights_fingerprint of a base given as a local folder or run; None for hub names."""
+    folder = resolve_model_source(base_model) if base_model else None
+    return weights_fingerprint(folder) if isinstance(folder, Path) else None
+
+
 def weights_fingerprint(folder):
-    """A cheap digest of a weights folder: its weight file's size and 16 evenly spread 64 KB
-    pieces. Retrained or replaced weights change it (training changes nearly every byte);
-    it reads 1 MB whatever the model's size, and is no cryptographic check."""
+    """A cheap digest of a weights folder: each weight file's size and 16 evenly spread 64 KB
+    pieces of it. Retrained or replaced weights change it (training changes nearly every
+    byte); it reads about 1 MB per file whatever the model's size, and is no cryptographic check."""
     import hashlib
 
+    from model import PretrainedSource
+
     folder = readable_dir(folder)
-    names = [lora.ADAPTER_WEIGHTS] if is_adapter(folder) else ["model.safetensors", "pytorch_model.bin"]
-    path = next((folder / n for n in names if (folder / n).is_file()), None)
-    if path is None:
-        return None
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        for i in range(16):
-            f.seek(size * i // 16)
-            digest.update(f.read(1 << 16))
+    if is_adapter(folder):
+        paths = [folder / lora.ADAPTER_WEIGHTS]
+    else:
+        try:
+            paths = PretrainedSource(folder).weight_files()  # the files from_pretrained reads, shards included
+        except GrafitoError:
+            return None
+    digest = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(16):
+                f.seek(size * i // 16)
+                digest.update(f.read(1 << 16))
     return digest.hexdigest()[:32]
 
 
-def save_checkpoint(out_dir, name, model, base_model, train_state=None):
+def save_checkpoint(out_dir, name, model, base_model, train_state=None, base_fingerprint=None):
     """Write out_dir/name atomically: weights, plus train_state.pt when given."""
     with atomic_dir(Path(out_dir) / name) as tmp:
-        save_weights(model, tmp, base_model)
+        save_weights(model, tmp, base_model, base_fingerprint)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
 

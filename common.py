@@ -85,10 +85,10 @@ def atomic_dir(final_dir):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
     try:
         yield tmp
+        _share_like_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _share_like_umask(tmp)
     old = final_dir.with_name(final_dir.name + ".old")
     if final_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -103,7 +103,8 @@ def _share_like_umask(folder):
     umask = _current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for path in Path(folder).rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if not path.is_symlink():  # a link's target is not ours to change
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _current_umask():

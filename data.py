@@ -82,7 +82,7 @@ def _read_meta(folder):
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise GrafitoError(f"{folder / 'meta.json'} is unreadable ({err}); rerun the prepare script") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "splits" not in meta:
         meta = meta if isinstance(meta, dict) else {}
         raise GrafitoError(f"{folder}: data format version {meta.get('format_version')}, this grafito reads "
                            f"{FORMAT_VERSION}; rerun its prepare script")
@@ -124,6 +124,11 @@ def load_split(folder, split):
     offsets = np.fromfile(offset_file, dtype=OFFSET_DTYPE) if offset_file.is_file() else np.zeros(0, OFFSET_DTYPE)
     offsets_end = int(offsets[-1]) if len(offsets) else None
     expected = [n_tokens * np.dtype(TOKEN_DTYPE).itemsize, n_tokens * np.dtype(MASK_DTYPE).itemsize]
+    n_conversations = meta["splits"][split].get("conversations", len(offsets) - 1)
+    if (len(offsets) != n_conversations + 1 or len(offsets) == 0 or offsets[0] != 0 or (np.diff(offsets) < 0).any()
+            or offset_file.stat().st_size != len(offsets) * np.dtype(OFFSET_DTYPE).itemsize):
+        raise GrafitoError(f"{folder}: {offset_file.name} is damaged (expected {n_conversations + 1} increasing offsets "
+                           f"from 0); rerun the prepare script")
     if sizes != expected or offsets_end != n_tokens:
         raise GrafitoError(f"{folder}: {split} files disagree with meta.json ({sizes[0]} token bytes, "
                            f"{sizes[1]} mask bytes, offsets end at {offsets_end}, meta says {n_tokens} tokens); "

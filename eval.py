@@ -194,8 +194,8 @@ def check_config(config):
 def prepare_out(out):
     """The table's path, made writable now rather than after hours of evaluation."""
     out = Path(out)
-    if out.is_dir():
-        raise GrafitoError(f"--out={out} is a folder; give a file name such as {out / 'zero_shot.md'}")
+    if out.is_dir() or out.suffix == ".json":  # the JSON goes beside the table, as <out>.json
+        raise GrafitoError(f"--out={out}: give the table's file name, such as {out.with_suffix('') / 'zero_shot.md'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -14,6 +14,7 @@ are DEFAULTS below (python train.py --help lists them).
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +32,7 @@ from model import GPT, GPTConfig, training_flops
 DEFAULTS = dict(
     # where things go and how often
     out_dir="out",
-    overwrite=False,  # start a new run in an out_dir that already holds one (its checkpoints and log are replaced)
+    overwrite=False,  # start a new run in an out_dir that holds one: its checkpoints, merged/ and log are deleted first
     init_from="gpt2",  # scratch | gpt2, gpt2-medium, ... | hub repo id | local folder | resume
     eval_interval=100,  # steps between evaluations; each one writes out_dir/ckpt (and best/ on improvement)
     eval_iters=0,  # val batches per evaluation, 0 for the whole val split
@@ -161,11 +162,6 @@ def build_model(config, device, dtype, resume_state):
         base_model = "scratch"
     else:  # a GPT-2 name, a hub repo id, a weights folder or an earlier run's out_dir (adapters merged)
         source = checkpoint.resolve_model_source(init_from)
-        out_dir = Path(config["out_dir"]).resolve()
-        if isinstance(source, Path) and out_dir in (source.resolve(), *source.resolve().parents):
-            raise GrafitoError(f"init_from={init_from} lies inside out_dir={config['out_dir']}: this run would "
-                               f"overwrite the weights it starts from. Continue that run with init_from=resume, "
-                               f"or choose another out_dir")
         model = checkpoint.load_model(init_from, dropout=config["dropout"])
         base_model = str(source.resolve()) if isinstance(source, Path) else init_from
         if config["lora_r"]:
@@ -243,10 +239,8 @@ class Trainer:
         torch.manual_seed(config["seed"])
 
         resume_state = None
-        previous = readable_dir(self.out_dir / checkpoint.LATEST)
-        if config["init_from"] != "resume" and previous.is_dir() and not config["overwrite"]:
-            raise GrafitoError(f"{self.out_dir} already holds a run ({previous}); continue it with init_from=resume, "
-                               f"choose another out_dir, or pass --overwrite to start a new run there")
+        if config["init_from"] != "resume":
+            self._claim_out_dir()
         if config["init_from"] == "resume":
             resume_state = checkpoint.load_train_state(self.out_dir)
             changed = [k for k in RESUME_FIXED if resume_state["config"].get(k) != config[k]]
@@ -255,6 +249,8 @@ class Trainer:
                     f"{k} ({resume_state['config'][k]!r} -> {config[k]!r})" for k in changed))
         self.model, self.base_model = build_model(config, self.device, self.dtype, resume_state)
         self.lora = bool(lora.lora_layers(self.model))
+        # taken now, as training begins: a base folder that changes later makes the adapter refuse to load
+        self.base_fingerprint = checkpoint.base_fingerprint_of(self.base_model) if self.lora else None
 
         self.train_split = data.load_split(config["dataset"], "train")
         self.val_split = data.load_split(config["dataset"], "val")
@@ -292,6 +288,31 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype)
         if self.master:
             self._announce(rows_per_epoch)
+
+    def _claim_out_dir(self):
+        """A new run gets an out_dir without another run's files: refused if it holds a run,
+        emptied of that run's files (rank 0, before anyone reads or writes) with overwrite."""
+        run_files = [self.out_dir.resolve() / name for name in (checkpoint.LATEST, checkpoint.BEST, checkpoint.MERGED)]
+        run_files += [path.with_name(path.name + ".old") for path in run_files]
+        source = checkpoint.resolve_model_source(self.config["init_from"])
+        if isinstance(source, Path) and set(run_files) & {source.resolve(), *source.resolve().parents}:
+            raise GrafitoError(f"init_from={self.config['init_from']} lies inside out_dir={self.out_dir}: this run "
+                               f"would overwrite the weights it starts from. Continue that run with init_from=resume, "
+                               f"or choose another out_dir")
+        found = [path for path in run_files if path.exists()]
+        if found and not self.config["overwrite"]:
+            raise GrafitoError(f"{self.out_dir} already holds a run ({found[0]}); continue it with init_from=resume, "
+                               f"choose another out_dir, or pass --overwrite to start a new run there")
+        if self.master:
+            for path in found:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            for name in ("log.jsonl", "loss.png"):
+                (self.out_dir / name).unlink(missing_ok=True)
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def _accumulation_steps(self):
         """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
@@ -426,8 +447,14 @@ class Trainer:
         path = self.out_dir / "log.jsonl"
         if self.step == 0 or not path.exists():
             return open(path, "w")
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # e.g. a line cut short by a crash
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.step:
+                kept.append(line + "\n")
         path.write_text("".join(kept))
         return open(path, "a")
 
@@ -481,8 +508,10 @@ class Trainer:
                      "base_model": self.base_model, "accumulation": self.accum, "world": self.world,
                      "format": "grafito-train-1"}
             if improved:  # before ckpt/: a resume from ckpt/ must never know of a best/ that is not there
-                checkpoint.save_checkpoint(self.out_dir, checkpoint.BEST, self.raw_model, self.base_model)
-            checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state)
+                checkpoint.save_checkpoint(self.out_dir, checkpoint.BEST, self.raw_model, self.base_model,
+                                           base_fingerprint=self.base_fingerprint)
+            checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state,
+                                       base_fingerprint=self.base_fingerprint)
         patience = self.config["early_stop_patience"]
         if patience and self.evals_without_gain >= patience:
             bar.write(f"early stop: no better val loss in {patience} evaluations")

@@ -359,7 +359,7 @@ def build_dataset(args, name, records, report, source, detokenize=False, check_c
         lost = {**report.skipped, **report.dropped}
         reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
         raise GrafitoError(f"{report.source}: no conversation is left for the train split ({report.read:,} records "
-                           f"read; {reasons or 'all went to val'}); nothing written, {args.out_dir} is unchanged")
+                           f"read; {reasons or ('all went to val' if report.read else 'the input holds none')}); nothing written, {args.out_dir} is unchanged")
     written = data.write_dataset(args.out_dir, {s: [(ids, mask) for _, ids, mask in rows] for s, rows in splits.items()}, meta)
     summary = make_summary(report, splits, written, time.perf_counter() - started)
     (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

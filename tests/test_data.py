@@ -341,9 +341,17 @@ def test_rewrite_is_atomic_and_token_ids_must_fit_uint16(tmp_path):
     (tmp_path / "d" / "train.mask.bin").write_bytes(b"\x01")
     with pytest.raises(GrafitoError, match="disagree with meta.json"):
         data.load_split(tmp_path / "d", "train")
-    (tmp_path / "d" / "train.offsets.bin").write_bytes(b"")
-    with pytest.raises(GrafitoError, match="offsets end at None"):
-        data.load_split(tmp_path / "d", "train")
+    good_offsets = (tmp_path / "d" / "train.offsets.bin").read_bytes()
+    for damaged in [b"", good_offsets + b"\x00", good_offsets[:8] + good_offsets]:  # empty, a stray byte, one too many
+        (tmp_path / "d" / "train.offsets.bin").write_bytes(damaged)
+        with pytest.raises(GrafitoError, match="train.offsets.bin is damaged"):
+            data.load_split(tmp_path / "d", "train")
+    data.write_dataset(tmp_path / "d3", {"train": [conv] * 3, "val": []}, {"dataset": "t"})
+    offsets = np.fromfile(tmp_path / "d3" / "train.offsets.bin", dtype=np.int64)
+    offsets[1], offsets[2] = offsets[2], offsets[1]  # the right count and end, but out of order
+    offsets.tofile(tmp_path / "d3" / "train.offsets.bin")
+    with pytest.raises(GrafitoError, match="train.offsets.bin is damaged"):
+        data.load_split(tmp_path / "d3", "train")
     (tmp_path / "d" / "meta.json").write_text("{ not json")
     with pytest.raises(GrafitoError, match="meta.json is unreadable"):
         data.load_split(tmp_path / "d", "train")

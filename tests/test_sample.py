@@ -257,7 +257,7 @@ def test_bad_prompt_files_shots_and_eval_options_are_clear_errors(tmp_path):
         grafito_eval.parse_models("x=out/a,x=out/b")
     with pytest.raises(GrafitoError, match="names no model source"):
         grafito_eval.parse_models("a=")
-    with pytest.raises(GrafitoError, match="is a folder"):
+    with pytest.raises(GrafitoError, match="give the table's file name"):
         grafito_eval.prepare_out(tmp_path)
     with pytest.raises(GrafitoError, match="batch_size must be at least 1"):
         grafito_eval.check_config({**grafito_eval.DEFAULTS, "batch_size": 0})

@@ -129,11 +129,14 @@ def test_new_run_never_replaces_an_old_one_silently_and_logs_each_step_once(tmp_
     assert (tmp_path / "out" / checkpoint.BEST / "model.safetensors").read_bytes() == best
     with open(tmp_path / "out" / "log.jsonl", "a") as log:  # steps 3-4 ran, then an interruption before a save
         log.write(json.dumps({"step": 3, "train_loss": 99.0}) + "\n" + json.dumps({"step": 4, "train_loss": 99.0}) + "\n")
+        log.write('{"step": 5, "train_lo')  # the crash cut this line short
     run(tmp_path, tiny_dataset, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
     steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "log.jsonl") if "train_loss" in line]
     assert steps == [1, 2, 3, 4] and 99.0 not in logged(tmp_path / "out", "train_loss").values()
+    (tmp_path / "out" / checkpoint.MERGED).mkdir()  # as an earlier LoRA run with lora_merge would leave it
     run(tmp_path, tiny_dataset, "--max_iters=1", "--eval_interval=1", "--overwrite")  # a new run: a new log
     assert sorted(logged(tmp_path / "out", "train_loss")) == [1]
+    assert not (tmp_path / "out" / checkpoint.MERGED).exists()
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
@@ -152,10 +155,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_dataset):
 def test_ddp_stops_every_rank_when_rank_0_fails_to_save(tmp_path, tiny_dataset):
     """Only rank 0 saves; when that fails the other rank stops with a message saying why."""
     out = tmp_path / "out"
-    (out / "best").mkdir(parents=True)
-    (out / "best.old").write_text("a file where the previous best/ is parked: the swap fails")
-    args = [str(ROOT / "train.py"), *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", "--eval_interval=2",
-            "--gradient_accumulation_steps=2", "--batch_size=2", f"--out_dir={out}"]
+    common = ["--eval_interval=2", "--gradient_accumulation_steps=2", "--batch_size=2"]
+    run(tmp_path, tiny_dataset, "--max_iters=2", *common)
+    (out / "ckpt.old").write_text("a file where the previous ckpt/ is parked: the next save's swap fails")
+    args = [str(ROOT / "train.py"), *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", *common, f"--out_dir={out}",
+            "--init_from=resume"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode != 0
