@@ -311,6 +311,22 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert model._cache_length(19) == 256 and model._cache_length(290) == 300  # shapes bucketed, capped
 
 
+def test_one_row_bf16_decoding_path_matches_the_linear_layers(monkeypatch):
+    """model.linear's matrix-vector shortcut (bf16, one row, inference) computes what nn.Linear does."""
+    import model as model_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(model_module.linear(layer, x).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=90)).to(torch.bfloat16)
+    idx = torch.randint(0, 90, (1, 5))
+    fast = gpt.generate(idx, 20, temperature=0)
+    monkeypatch.setattr(model_module, "linear", lambda layer, x: layer(x))
+    assert torch.equal(gpt.generate(idx, 20, temperature=0), fast)
+
+
 def test_explicit_cpu_attention_equals_sdpa():
     from model import _causal_attention
 
