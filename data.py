@@ -82,10 +82,10 @@ def _read_meta(folder):
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise GrafitoError(f"{folder / 'meta.json'} is unreadable ({err}); rerun the prepare script") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "splits" not in meta:
-        meta = meta if isinstance(meta, dict) else {}
-        raise GrafitoError(f"{folder}: data format version {meta.get('format_version')}, this grafito reads "
-                           f"{FORMAT_VERSION}; rerun its prepare script")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION or "splits" not in meta:
+        raise GrafitoError(f"{folder}: not a dataset this grafito reads (format version {version}, expected "
+                           f"{FORMAT_VERSION}); rerun its prepare script")
     return meta
 
 

@@ -162,7 +162,7 @@ def build_model(config, device, dtype, resume_state):
         base_model = "scratch"
     else:  # a GPT-2 name, a hub repo id, a weights folder or an earlier run's out_dir (adapters merged)
         source = checkpoint.resolve_model_source(init_from)
-        model = checkpoint.load_model(init_from, dropout=config["dropout"])
+        model = checkpoint.load_model(source, dropout=config["dropout"])
         base_model = str(source.resolve()) if isinstance(source, Path) else init_from
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))
@@ -241,7 +241,7 @@ class Trainer:
         resume_state = None
         if config["init_from"] != "resume":
             self._claim_out_dir()
-        if config["init_from"] == "resume":
+        else:
             resume_state = checkpoint.load_train_state(self.out_dir)
             changed = [k for k in RESUME_FIXED if resume_state["config"].get(k) != config[k]]
             if changed:
