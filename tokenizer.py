@@ -8,6 +8,11 @@ A conversation is a list of (instruction, answer) turns, rendered as
 The loss mask is 1 on the answer tokens and on the final <|endoftext|> (so the model learns
 to stop) and 0 on everything else.
 
+Text inside a turn never forms a marker: `neutralize` lower-cases the marker words of a
+'### Instruction:' or '### Answer:' written inside an instruction or answer, and breaks a
+literal '<|endoftext|>', so a prompt cannot forge a turn (prepare, sample, serve and the
+exported chat template all render through the same rule).
+
 Token boundaries: each turn is encoded as two segments, the prompt "...### Answer:" and the
 answer " {answer}" with its leading space (BPE merges that space into the answer's first
 word). Both cuts fall where GPT-2's pre-tokenizer cuts the whole text anyway, so the ids
@@ -31,6 +36,9 @@ INSTRUCTION = "### Instruction:"
 ANSWER = "### Answer:"
 TURN_SEPARATOR = "\n\n"
 TEMPLATE = f"{INSTRUCTION} {{instruction}}{TURN_SEPARATOR}{ANSWER} {{answer}}"  # for meta.json
+EOT_TEXT = "<|endoftext|>"
+# what neutralize() writes instead of each marker found inside a turn's text
+NEUTRALIZED = {INSTRUCTION: "### instruction:", ANSWER: "### answer:", EOT_TEXT: "<endoftext>"}
 
 
 @functools.cache
@@ -66,9 +74,17 @@ def squash(text):
     return re.sub(r"[\W_]+", "", text.casefold())
 
 
+def neutralize(text):
+    """Turn text with every template marker inside it made harmless (one pass suffices: the
+    replacements contain no marker and cannot complete one with their neighbours)."""
+    for marker, harmless in NEUTRALIZED.items():
+        text = text.replace(marker, harmless)
+    return text
+
+
 def _prompt_segment(instruction, first_turn):
     separator = "" if first_turn else TURN_SEPARATOR
-    return f"{separator}{INSTRUCTION} {instruction.strip()}{TURN_SEPARATOR}{ANSWER}"
+    return f"{separator}{INSTRUCTION} {neutralize(instruction.strip())}{TURN_SEPARATOR}{ANSWER}"
 
 
 def _segments(conversation):
@@ -80,7 +96,7 @@ def _segments(conversation):
         if not answer.strip():
             raise ValueError(f"turn {i + 1} has an empty answer; drop it before rendering")
         segments.append((_prompt_segment(instruction, i == 0), 0))
-        segments.append((" " + answer.strip(), 1))
+        segments.append((" " + neutralize(answer.strip()), 1))
     return segments
 
 
@@ -123,6 +139,54 @@ def render_prompt(history, instruction):
     return ids + encode(_prompt_segment(instruction, not history))
 
 
+def turns_from_messages(messages):
+    """Chat messages [{"role", "content"}, ...] as OpenAI's API sends them -> (history, instruction):
+    the answered (instruction, answer) turns and the last user message, which the reply answers.
+
+    Roles alternate user, assistant, ..., user. A system message may come first only; it is
+    folded into the first instruction as "{system}\n\n{instruction}" (the template has no
+    system turn). Anything else raises ValueError saying what is wrong.
+    """
+    if not messages:
+        raise ValueError("messages is empty: send at least one user message")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    roles = [m["role"] for m in messages]
+    unknown = sorted({r for r in roles if r not in ("user", "assistant", "system")})
+    if unknown:
+        raise ValueError(f"unknown role {unknown[0]!r}: use system, user or assistant")
+    if "system" in roles:
+        raise ValueError("a system message may only come first")
+    expected = ["user", "assistant"] * (len(roles) // 2) + ["user"]
+    if roles != expected[:len(roles)] or len(roles) % 2 == 0:
+        raise ValueError("messages must alternate user, assistant, ..., and end with a user message")
+    texts = [m["content"].strip() for m in messages]
+    if any(not t for t in texts):
+        raise ValueError("a user or assistant message is empty")
+    if system:
+        texts[0] = f"{system}{TURN_SEPARATOR}{texts[0]}"
+    return list(zip(texts[:-1:2], texts[1::2])), texts[-1]
+
+
+def fit_prompt(history, instruction, budget):
+    """Prompt ids for history + instruction in at most `budget` tokens: the oldest turns go
+    first, then (a single over-long instruction) the prompt's left end.
+    Returns (ids, the history kept, notes: what was dropped or cut, for the user)."""
+    notes = []
+    ids = render_prompt(history, instruction)
+    while len(ids) > budget and history:
+        history = history[1:]
+        ids = render_prompt(history, instruction)
+        if not notes:
+            notes.append("context full: dropping the oldest turns of the conversation")
+    if len(ids) > budget:
+        notes.append(f"prompt of {len(ids)} tokens is longer than the {budget} that leave room for the answer; "
+                     f"keeping its last {budget} tokens")
+        ids = ids[-budget:]
+    return ids, history, notes
+
+
 def turns_from_rendered(ids, mask):
     """The inverse of render(): (ids, mask) of a conversation back to its (instruction, answer) turns."""
     turns, prompt, answer = [], [], []
@@ -149,7 +213,7 @@ class AnswerStream:
     raw=True is for plain continuation: complete characters only, no markers, spaces kept.
     """
 
-    STOPS = (INSTRUCTION, ANSWER)
+    STOPS = (INSTRUCTION, ANSWER, EOT_TEXT)  # EOT_TEXT: the marker spelled out as ordinary tokens
 
     def __init__(self, raw=False):
         import codecs
