@@ -33,11 +33,13 @@ import torch
 
 import common
 import data
+import engine
 import lora
 import tokenizer
-from common import DTYPES, GrafitoError, autocast, peak_flops, resolve_device, resolve_dtype, run_cli
+from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops
 from configurator import load_config
-from model import GPT, PRESETS, GPTConfig, training_flops
+from model import GPT, PRESETS, GPTConfig
+from optim import make_optimizer
 
 DEFAULTS = dict(
     model="gpt2",  # a GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights)
@@ -139,14 +141,12 @@ def masked_batch(config, rng):
         return x, y, f"synthetic, {config['supervised']:.0%} supervised"
 
 
-class Trainer:
-    """One model + AdamW taking optimizer steps on fixed batches."""
+class StepTimer:
+    """One model and its optimizer taking training steps on fixed batches."""
 
-    def __init__(self, model, device, dtype, compile_model, fused_adamw):
-        self.model = model.to(device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw or None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    def __init__(self, model, optimizer, device, dtype, compile_model):
+        self.model, self.optimizer = model, optimizer
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.device, self.dtype = device, dtype
 
@@ -161,14 +161,15 @@ class Trainer:
 
 
 def our_trainer(gpt_config, device, dtype, compile_model, lora_r=0):
-    """A GPT set up as train.py sets it up: fused AdamW; LoRA with frozen matrices in the autocast dtype."""
+    """A GPT set up as train.py sets it up: its optimizer; LoRA with frozen matrices in the autocast dtype."""
     torch.manual_seed(0)
     model = GPT(gpt_config)
     if lora_r:
         lora.apply_lora(model, lora.LoRAConfig(r=lora_r))
         if dtype in ("bfloat16", "float16"):
             lora.cast_frozen_linears(model, DTYPES[dtype])
-    return Trainer(model, device, dtype, compile_model, fused_adamw=device.startswith(("cuda", "cpu")))
+    model.to(device)
+    return StepTimer(model, make_optimizer(model, 1e-5, 0.1, (0.9, 0.95), device), device, dtype, compile_model)
 
 
 def hf_model(gpt_config):
@@ -238,8 +239,10 @@ def _worker_handle(message, state, jobs):
         return {"ok": True}
     device, dtype = state["device"], state["dtype"]
     if "train" in message:
-        if "trainer" not in state:
-            state["trainer"] = Trainer(hf_model(state["gpt_config"]), device, dtype, state["compile"], fused_adamw=False)
+        if "trainer" not in state:  # AdamW with PyTorch's defaults, as a transformers user writes it
+            model = hf_model(state["gpt_config"]).to(device)
+            state["trainer"] = StepTimer(model, torch.optim.AdamW(model.parameters(), lr=1e-5), device, dtype,
+                                         state["compile"])
         x = torch.tensor(message["x"], device=device)
         labels = hf_labels(x, torch.tensor(message["y"], device=device))
         trainer = state["trainer"]
@@ -309,16 +312,16 @@ def train_rows(config, gpt_config, device, dtype, peak, rng, theirs):
 def decode_rows(config, gpt_config, device, dtype, theirs):
     rows = []
     torch.manual_seed(0)
-    ours = GPT(gpt_config).eval().to(device=device, dtype=DTYPES[dtype])
-    if config["compile"]:
-        ours.compile_decode()
+    ours = engine.Engine(GPT(gpt_config).to(device=device, dtype=DTYPES[dtype]), compile=config["compile"])
     P, N = config["prompt_tokens"], config["decode_tokens"]
     if P + N > gpt_config.block_size:
         raise GrafitoError(f"prompt_tokens + decode_tokens = {P + N} exceed block_size {gpt_config.block_size}")
     for batch in (1, config["decode_batch"]):
         prompt = torch.randint(0, tokenizer.VOCAB_SIZE, (batch, P), device=device)
-        ours_runs = {"prefill": torch.no_grad()(lambda: ours.generate(prompt, 1, temperature=0)),
-                     "generate": torch.no_grad()(lambda: ours.generate(prompt, N, temperature=0))}
+        prompts = prompt.tolist()
+        greedy = engine.Sampling(temperature=0)
+        ours_runs = {"prefill": lambda: list(ours.generate(prompts, 1, greedy)),
+                     "generate": lambda: list(ours.generate(prompts, N, greedy))}
         timers = [(f"grafito {kind}", lambda fn=fn: timed(fn, device)) for kind, fn in ours_runs.items()]
         if theirs is not None:
             for kind, n in (("prefill", 1), ("generate", N)):
@@ -379,13 +382,9 @@ def main():
     unknown = set(config["rows"].split(",")) - {"train", "masked", "lora", "decode"}
     if unknown:
         raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from train, masked, lora, decode")
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
+    device, dtype = setup(config["device"], config["dtype"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     peak, peak_source = measured_peak(device, dtype)
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

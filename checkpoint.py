@@ -1,4 +1,11 @@
-"""The training checkpoint format, and loading any model grafito can run.
+"""Where a model comes from, and the training run folder: its format and the rules that
+keep it whole.
+
+A model source is one of: a training run's out_dir (its best/ weights, else ckpt/), a
+weights folder (config.json + model.safetensors, transformers' layout), an adapter folder
+(adapter_config.json + adapter.safetensors, applied to the base it names), a GPT-2 name
+(gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a hub repo id of GPT-2 architecture.
+resolve() tells which; load_model() loads any of them.
 
 A training run's out_dir holds
 
@@ -9,59 +16,148 @@ A training run's out_dir holds
         adapter_config.json + adapter.safetensors  LoRA: the adapter only (base named inside,
                                                    with a fingerprint when it is a local folder)
         train_state.pt                             optimizer, grad scaler, step, sampler position,
-                                                   RNG states, best val loss (torch.load, weights_only)
+                                                   every rank's RNG states, best val loss (weights_only)
     best/               the weights (same files, no train_state.pt) with the lowest val loss
     merged/             LoRA runs with lora_merge=True: base + adapter as one GPT-2 folder
+    .lock               held by the run's first process while it trains: a second run is refused
 
-Every folder is written to a temporary sibling and renamed into place, so an interrupted
-save never leaves a half-written checkpoint. Weight folders are loadable by
-GPT.from_pretrained (full) and by transformers' GPT2LMHeadModel.from_pretrained.
+Every folder is written to a temporary sibling and renamed into place (common.atomic_dir),
+so an interrupted save never leaves a half-written checkpoint; best/ is written before
+ckpt/, so a resume never knows of a best/ that is not there.
 """
 
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import lora
-from common import GrafitoError, atomic_dir, readable_dir
-from model import GPT
+from common import GrafitoError, atomic_dir, current_version
+from model import GPT, PRESETS, weight_files
 
 TRAIN_STATE = "train_state.pt"
 LATEST, BEST, MERGED = "ckpt", "best", "merged"
+STATE_FORMAT = "grafito-train-2"
+HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
+OFFLINE_HINT = ("Pass a local folder instead (init_from=path/to/dir) holding config.json and model.safetensors, "
+                "e.g. one written by GPT2LMHeadModel.save_pretrained, or retry online (unset HF_HUB_OFFLINE).")
 
 
-def save_weights(model, folder, base_model=None, base_fingerprint=None):
-    """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet
-    (with base_fingerprint, from base_fingerprint_of() when training began, checked on load)."""
-    if any(not layer.merged for layer in lora.lora_layers(model)):
-        from dataclasses import asdict
+# ----------------------------------------------------------------------------- where a model comes from
 
-        lora.save_adapter(model, folder, base_model=base_model, base_config=asdict(model.config),
-                          base_fingerprint=base_fingerprint)
-    else:
-        model.save_pretrained(folder)
+@dataclass
+class Source:
+    """kind: 'run' (path: the out_dir), 'weights' or 'adapter' (path: the folder), or 'hub' (repo_id)."""
+    kind: str
+    name: str  # as given
+    path: Path = None
+    repo_id: str = None
+
+    def describe(self):
+        """A stable name for this source, recorded as an adapter's base."""
+        return str(self.path.resolve()) if self.path is not None else self.name
 
 
-def base_fingerprint_of(base_model):
-    """weights_fingerprint of a base given as a local folder or run; None for hub names."""
-    folder = resolve_model_source(base_model) if base_model else None
-    return weights_fingerprint(folder) if isinstance(folder, Path) else None
+def best(out_dir):
+    return current_version(Path(out_dir) / BEST)
+
+
+def latest(out_dir):
+    return current_version(Path(out_dir) / LATEST)
+
+
+def _holds_weights(folder):
+    return (folder / "config.json").is_file() or (folder / lora.ADAPTER_CONFIG).is_file()
+
+
+def resolve(source):
+    """The Source that `source` (a path or a name, as the user wrote it) stands for."""
+    name = str(source)
+    path = Path(name).expanduser()
+    if _holds_weights(best(path)) or _holds_weights(latest(path)):
+        return Source("run", name, path=path)
+    folder = current_version(path)
+    if (folder / lora.ADAPTER_CONFIG).is_file():
+        return Source("adapter", name, path=path)
+    if (folder / "config.json").is_file():
+        return Source("weights", name, path=path)
+    if folder.is_dir():
+        raise GrafitoError(f"{name}: no model here (expected best/ or ckpt/ of a training run, or config.json + "
+                           f"model.safetensors, or an adapter)")
+    if name in HUB_REPOS:
+        return Source("hub", name, repo_id=HUB_REPOS[name])
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/", "~")):
+        return Source("hub", name, repo_id=name)
+    raise GrafitoError(f"{name!r}: no such model folder, and not a GPT-2 name ({', '.join(PRESETS)}) or a hub "
+                       f"repo id (owner/name)")
+
+
+def weights_folder(source):
+    """The local folder holding a source's weights (a run's best/, else ckpt/; a hub repo's
+    files downloaded into the hub cache, config.json first so a wrong model fails before
+    a multi-GB download)."""
+    if source.kind == "run":
+        return best(source.path) if _holds_weights(best(source.path)) else latest(source.path)
+    if source.kind in ("weights", "adapter"):
+        return current_version(source.path)
+    import hub
+    from model import WEIGHT_FILES, shard_names
+
+    hint = OFFLINE_HINT if source.repo_id != source.name else f"No local folder {source.name!r} exists either. " + OFFLINE_HINT
+    config = hub.download(source.repo_id, "config.json", local_hint=hint)
+    unavailable = None
+    for filename in WEIGHT_FILES:
+        try:
+            first = hub.download(source.repo_id, filename, local_hint=hint)
+        except hub.HubFileMissing:
+            continue
+        except hub.HubUnavailable as err:  # offline: another format may still be cached
+            unavailable = err
+            continue
+        for shard in shard_names(first):
+            hub.download(source.repo_id, shard, local_hint=hint)
+        return config.parent  # the hub cache keeps a revision's files in one snapshot folder
+    raise unavailable or GrafitoError(f"hub repo {source.repo_id!r} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def load_model(source, merge=True, _chain=(), **overrides):
+    """A GPT from any source. An adapter is applied to its base (itself any source) and, with
+    merge=True, folded into it (lora.fold_lora): a plain GPT for inference and export.
+    overrides go to GPT.from_pretrained (block_size, dropout, bias)."""
+    source = source if isinstance(source, Source) else resolve(source)
+    folder = weights_folder(source)
+    if not (folder / lora.ADAPTER_CONFIG).is_file():
+        return GPT.from_pretrained(folder, **overrides)
+    meta = lora.read_adapter_config(folder)
+    here = str(folder.resolve())
+    if here in _chain:
+        raise GrafitoError(f"{folder}: adapter chain loops back to itself ({' -> '.join(_chain + (here,))})")
+    base_source = resolve(meta["base_model"])
+    model = load_model(base_source, _chain=_chain + (here,), **overrides)
+    expected = meta.get("base_fingerprint")
+    if expected and base_source.kind != "hub" and weights_fingerprint(weights_folder(base_source)) != expected:
+        raise GrafitoError(f"{folder}: its base {meta['base_model']} has changed since the adapter was trained "
+                           f"(different weights); restore that base, or train the adapter again")
+    lora.load_adapter(model, folder)
+    return lora.fold_lora(model) if merge else model
 
 
 def weights_fingerprint(folder):
     """A cheap digest of a weights folder: each weight file's size and 16 evenly spread 64 KB
     pieces of it. Retrained or replaced weights change it (training changes nearly every
     byte); it reads about 1 MB per file whatever the model's size, and is no cryptographic check."""
-    import hashlib
-
-    from model import PretrainedSource
-
-    folder = readable_dir(folder)
-    if is_adapter(folder):
+    folder = current_version(folder)
+    if (folder / lora.ADAPTER_CONFIG).is_file():
         paths = [folder / lora.ADAPTER_WEIGHTS]
     else:
         try:
-            paths = PretrainedSource(folder).weight_files()  # the files from_pretrained reads, shards included
+            paths = weight_files(folder)
         except GrafitoError:
             return None
     digest = hashlib.sha256()
@@ -75,73 +171,148 @@ def weights_fingerprint(folder):
     return digest.hexdigest()[:32]
 
 
-def save_checkpoint(out_dir, name, model, base_model, train_state=None, base_fingerprint=None):
+# ----------------------------------------------------------------------------- writing weights
+
+def base_fingerprint(source):
+    """weights_fingerprint of a local base (None for the hub's, which are pinned by name).
+    Taken when training begins: a base that changes later makes the adapter refuse to load."""
+    return None if source.kind == "hub" else weights_fingerprint(weights_folder(source))
+
+
+def save_weights(model, folder, base_name=None, base_fingerprint=None):
+    """Full weights in GPT-2 format, or only the adapter for a LoRA model not merged yet
+    (naming its base, with the base's fingerprint)."""
+    if any(not layer.merged for layer in lora.lora_layers(model)):
+        lora.save_adapter(model, folder, base_model=base_name, base_config=asdict(model.config),
+                          base_fingerprint=base_fingerprint)
+    else:
+        model.save_pretrained(folder)
+
+
+def save_checkpoint(out_dir, name, model, base_name=None, base_fingerprint=None, train_state=None):
     """Write out_dir/name atomically: weights, plus train_state.pt when given."""
     with atomic_dir(Path(out_dir) / name) as tmp:
-        save_weights(model, tmp, base_model, base_fingerprint)
+        save_weights(model, tmp, base_name, base_fingerprint)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
 
 
+# ----------------------------------------------------------------------------- the run folder
+
+# settings a resumed run must share with the run it continues, or it would not continue the same way
+RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
+                "eval_iters", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head",
+                "n_embd", "bias")
+RUN_FILES = (LATEST, BEST, MERGED, "log.jsonl", "loss.png")
+
+
+def check_writable(out_dir):
+    """Fail now, not after hours of training, if out_dir cannot be created or written."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise GrafitoError(f"out_dir {out_dir} cannot be written ({err.strerror or err}); choose another out_dir") from None
+
+
+def existing_run(out_dir):
+    """The files of an earlier run in out_dir (a folder swapped out mid-save counts too)."""
+    out_dir = Path(out_dir)
+    names = list(RUN_FILES) + [name + ".old" for name in (LATEST, BEST, MERGED)]
+    return [out_dir / name for name in names if (out_dir / name).exists()]
+
+
+def check_new_run(out_dir, init_source, overwrite):
+    """A new run may start in out_dir: refused if it holds a run (unless overwrite) or if the
+    model it starts from lies inside the run files that overwrite would delete."""
+    out_dir = Path(out_dir)
+    if init_source is not None and init_source.path is not None:
+        start = init_source.path.resolve()
+        inside = {(out_dir / name).resolve() for name in (LATEST, BEST, MERGED)}
+        if start == out_dir.resolve() or inside & {start, *start.parents}:
+            raise GrafitoError(f"init_from={init_source.name} lies inside out_dir={out_dir}: this run would overwrite "
+                               f"the weights it starts from. Continue that run with init_from=resume, or choose "
+                               f"another out_dir")
+    found = existing_run(out_dir)
+    if found and not overwrite:
+        raise GrafitoError(f"{out_dir} already holds a run ({found[0]}); continue it with init_from=resume, choose "
+                           f"another out_dir, or pass --overwrite to start a new run there")
+
+
+def clear_run(out_dir):
+    """Delete an earlier run's files (overwrite), once the new run is known to start."""
+    for path in existing_run(out_dir):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def load_train_state(out_dir):
-    folder = readable_dir(Path(out_dir) / LATEST)  # every rank reads; only rank 0's saves repair a swap
-    path = folder / TRAIN_STATE
+    path = latest(out_dir) / TRAIN_STATE
     if not path.is_file():
         raise GrafitoError(f"cannot resume: {path} not found (init_from=resume continues a run in out_dir={out_dir})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise GrafitoError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise GrafitoError(f"{path}: not a training state this grafito resumes (format {found!r}, expected "
+                           f"{STATE_FORMAT!r}); start a new run from its weights with init_from={Path(out_dir)}")
+    return state
 
 
-def is_adapter(folder):
-    return (Path(folder) / lora.ADAPTER_CONFIG).is_file()
+def check_resume(state, config):
+    """Refuse a resume whose settings would not continue the same run."""
+    saved = state["config"]
+    changed = [k for k in RESUME_FIXED if saved.get(k) != config[k]]
+    if changed:
+        raise GrafitoError("cannot resume with different " + ", ".join(f"{k} ({saved.get(k)!r} -> {config[k]!r})"
+                                                                       for k in changed))
 
 
-def load_weights(folder, merge=True, _chain=(), **overrides):
-    """A GPT from a weights folder: GPT-2 format, or an adapter applied to its base (loaded by
-    load_model: a GPT-2 name, a hub id, or a folder, itself possibly an adapter).
-    With merge=True the adapter is folded in (lora.fold_lora), leaving a plain GPT.
-    """
-    folder = Path(folder)
-    readable = readable_dir(folder)
-    if not is_adapter(readable):
-        return GPT.from_pretrained(readable, **overrides)
-    meta = lora.read_adapter_config(readable)
-    here = str(folder.resolve())
-    if here in _chain:
-        raise GrafitoError(f"{folder}: adapter chain loops back to itself ({' -> '.join(_chain + (here,))})")
-    base = load_model(meta["base_model"], _chain=_chain + (here,), **overrides)
-    expected = meta.get("base_fingerprint")
-    base_folder = resolve_model_source(meta["base_model"])
-    if expected and isinstance(base_folder, Path) and weights_fingerprint(base_folder) != expected:
-        raise GrafitoError(f"{folder}: its base {meta['base_model']} has changed since the adapter was trained "
-                           f"(different weights); restore that base, or train the adapter again")
-    lora.load_adapter(base, readable)
-    if merge:
-        lora.fold_lora(base)
-    return base
+def open_log(out_dir, step):
+    """log.jsonl for appending. A new run starts it afresh; a resume first cuts it back to the
+    checkpoint's step (what an interrupted run logged after it is run and logged again),
+    through a temporary file, so a crash mid-rewrite loses no history."""
+    path = Path(out_dir) / "log.jsonl"
+    if step == 0 or not path.exists():
+        return open(path, "w")
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # e.g. a line cut short by a crash
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".log.jsonl.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return open(path, "a")
 
 
-def resolve_model_source(source):
-    """A training out_dir stands for its best/ (else ckpt/) weights, a weights folder for
-    itself (read from its .old twin during a swap: see readable_dir); a name is passed on."""
-    path = Path(str(source)).expanduser()
-    for folder in (path / BEST, path / LATEST, path):
-        readable = readable_dir(folder)
-        if readable.is_dir() and ((readable / "config.json").is_file() or is_adapter(readable)):
-            return folder
-    return path if readable_dir(path).is_dir() else source
+class RunLock:
+    """An exclusive lock on out_dir/.lock for the life of a run. The kernel drops it when the
+    process ends, however it ends, so a crashed run never leaves out_dir locked."""
 
+    def __init__(self, out_dir):
+        import fcntl
 
-def load_model(source, _chain=(), **overrides):
-    """Any model grafito can run: a training out_dir, a weights folder (full or adapter),
-    a GPT-2 name or a hub repo id. LoRA adapters are merged for inference."""
-    resolved = resolve_model_source(source)
-    if isinstance(resolved, Path):
-        readable = readable_dir(resolved)
-        if not ((readable / "config.json").is_file() or is_adapter(readable)):
-            raise GrafitoError(f"{source}: no model here (expected best/ or ckpt/ of a training run, "
-                               f"or config.json + model.safetensors, or an adapter)")
-        return load_weights(resolved, _chain=_chain, **overrides)
-    return GPT.from_pretrained(resolved, **overrides)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(out_dir) / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise GrafitoError(f"{out_dir} is in use by a running training run ({owner}); wait for it to finish, "
+                               f"or choose another out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}\n")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()

@@ -1,8 +1,9 @@
 """Small helpers shared by every script: the user-facing error, atomic folder writes,
-device and precision choices."""
+device and precision set-up (setup()), and FLOP counts against the device's peak."""
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,10 +21,10 @@ def keep_cpu_memory():
 
     PyTorch's CPU allocator is plain malloc; glibc serves every block over 32 MB with a
     fresh mmap and unmaps it on free, so each training step's big buffers (weight casts,
-    gradients, logits) are page-faulted in and zeroed again (a 124M step on 2 cores: 345.8
-    against 413.5 tokens/s, README). With mmap off they stay in the heap, as with a caching
-    allocator, and trim_cpu_memory() hands free memory back now and then. Large tensors
-    also go on transparent huge pages. Set GRAFITO_SYSTEM_MALLOC=1 to skip both.
+    gradients) would be page-faulted in and zeroed again. With mmap off they stay in the
+    heap, as with a caching allocator, and trim_cpu_memory() hands free memory back now and
+    then. Large tensors also go on transparent huge pages. setup() calls this for CPU runs;
+    GRAFITO_SYSTEM_MALLOC=1 skips it (bench.py --compare=hf runs transformers that way).
     """
     if os.environ.get("GRAFITO_SYSTEM_MALLOC") == "1":
         return
@@ -52,9 +53,6 @@ def trim_cpu_memory():
         _LIBC.malloc_trim(0)
 
 
-keep_cpu_memory()
-
-
 class GrafitoError(Exception):
     """A problem the user can fix (bad input, missing file, offline); printed without a traceback."""
 
@@ -77,24 +75,46 @@ def atomic_dir(final_dir):
 
     An interrupted write leaves final_dir untouched. The swap is two renames; if the process
     dies between them, final_dir is missing and `<final_dir>.old` holds the previous
-    version, which recover_dir() puts back.
+    version, which the next write puts back (readers use current_version()). Temporary
+    folders left by a killed writer of the same final_dir are removed first.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(final_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    old = final_dir.with_name(final_dir.name + ".old")
+    if not final_dir.exists() and old.exists():
+        os.replace(old, final_dir)
+    remove_stale_temporaries(final_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-{os.getpid()}-", dir=final_dir.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final_dir.with_name(final_dir.name + ".old")
     if final_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(final_dir):
+    """Delete `.<name>.tmp-<pid>-*` folders beside final_dir whose writer process is gone."""
+    final_dir = Path(final_dir)
+    for path in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
+        match = re.fullmatch(rf"\.{re.escape(final_dir.name)}\.tmp-(\d+)-.*", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _share_like_umask(folder):
@@ -119,23 +139,16 @@ def _current_umask():
     return umask
 
 
-def recover_dir(final_dir):
-    """Finish a swap that atomic_dir() could not complete (writers only: see readable_dir)."""
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if not final_dir.exists() and old.exists():
-        os.replace(old, final_dir)
-
-
-def readable_dir(final_dir):
-    """The folder to read for final_dir: itself, or during (or after an interrupted) swap
-    the previous version. Readers never rename, so they never undo a writer's swap; a read
-    that starts in the instant between its two renames can still miss both, and says so."""
-    final_dir = Path(final_dir)
-    if not final_dir.name:  # '.', '/': nothing to swap
-        return final_dir
-    old = final_dir.with_name(final_dir.name + ".old")
-    return old if not final_dir.exists() and old.is_dir() else final_dir
+def current_version(folder):
+    """The folder to read for `folder`: itself, or during (or after an interrupted) atomic_dir
+    swap its previous version `<folder>.old`. Readers never rename, so they never undo a
+    writer's swap; a read that starts in the instant between its two renames can still miss
+    both, and says so."""
+    folder = Path(folder)
+    if not folder.name:  # '.', '/': nothing to swap
+        return folder
+    old = folder.with_name(folder.name + ".old")
+    return old if not folder.exists() and old.is_dir() else folder
 
 
 def read_text(path, what):
@@ -146,6 +159,23 @@ def read_text(path, what):
         raise GrafitoError(f"{what}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise GrafitoError(f"{what}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def setup(device="auto", dtype="auto", seed=None):
+    """Resolve and prepare the device and precision a command runs in: (device, dtype name).
+    Selects a cuda:N device, allows TF32 matmuls on GPUs, keeps freed memory on CPUs
+    (keep_cpu_memory), and seeds torch when given a seed."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # bare 'cuda' allocations and memory figures go there too
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device == "cpu":
+        keep_cpu_memory()
+    if seed is not None:
+        torch.manual_seed(seed)
+    return device, dtype
 
 
 def resolve_device(device):
@@ -172,19 +202,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(dtype, device):
-    """The dtype name for a device. 'auto': bfloat16 on the CPU and on GPUs that support it
-    (Ampere and newer), float16 on older GPUs. bfloat16 is exact enough everywhere but fast
-    only on CPUs with bf16 instructions (AVX-512 BF16, AMX); elsewhere pass float32."""
+    """The dtype name for a device. 'auto': bfloat16 on CPUs and on GPUs of compute capability
+    8.0 or more (Ampere and newer); float16 (with a gradient scaler) on older GPUs, where
+    bfloat16 is only emulated: no flash attention kernel, no compiled kernels. bfloat16 is
+    exact enough everywhere but fast only on CPUs with bf16 instructions (AVX-512 BF16, AMX);
+    elsewhere pass float32."""
     if dtype == "auto":
         if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            major, _ = torch.cuda.get_device_capability(torch.device(device))
+            dtype = "bfloat16" if major >= 8 else "float16"
         else:
             dtype = "bfloat16"
     if dtype not in DTYPES:
         raise GrafitoError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
-    if dtype == "float16" and not device.startswith("cuda"):
-        raise GrafitoError("dtype=float16 needs a CUDA device (it trains with a gradient scaler); "
-                           "use bfloat16 or float32 on the CPU")
+    if dtype == "float16" and device.startswith("mps"):
+        raise GrafitoError("dtype=float16 trains with a gradient scaler grafito runs on CUDA and CPUs; "
+                           "use bfloat16 or float32 on MPS")
     return dtype
 
 
@@ -196,18 +229,26 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
-# Dense tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from the vendors' datasheets (without sparsity).
+# Dense tensor-core peaks in FLOP/s: (bf16/fp16, tf32), from the vendors' datasheets (without
+# sparsity). Matched against the device name, longest key first ('L40S' before 'L40' before 'L4').
 GPU_PEAK_FLOPS = {
     "H200": (989e12, 494e12),
-    "H100 PCIe": (756e12, 378e12),
-    "H100": (989e12, 494e12),  # SXM; NVL and PCIe match the longer names first
     "GH200": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),  # SXM
+    "H800": (989e12, 494e12),
+    "H20": (148e12, 74e12),
     "B200": (2250e12, 1100e12),
     "A100": (312e12, 156e12),
+    "A800": (312e12, 156e12),
     "A10G": (70e12, 35e12),
     "A10": (125e12, 62.5e12),
     "L40S": (362e12, 183e12),
+    "L40": (181e12, 90.5e12),
+    "L20": (119.5e12, 59.8e12),
     "L4": (121e12, 60e12),
+    "RTX 6000 Ada": (364e12, 182e12),
     "RTX 4090": (165e12, 82.6e12),
     "RTX 3090": (71e12, 35.6e12),
     "A6000": (154.8e12, 77.4e12),
@@ -217,11 +258,27 @@ GPU_PEAK_FLOPS = {
 
 
 def peak_flops(device, dtype):
-    """The accelerator's peak FLOP/s for this dtype, or None when unknown (CPUs, unlisted GPUs)."""
+    """One accelerator's peak FLOP/s for this dtype, or None when unknown (CPUs, unlisted GPUs)."""
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(torch.device(device))
-    for key, (half, tf32) in GPU_PEAK_FLOPS.items():
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
         if key in name:
+            half, tf32 = GPU_PEAK_FLOPS[key]
             return half if dtype in ("bfloat16", "float16") else tf32
     return None
+
+
+def training_flops(config, n_tokens, n_supervised, seq_len, lora=False):
+    """Matmul FLOPs of a forward+backward over n_tokens, logits at n_supervised positions.
+
+    Counts what grafito computes: the output layer only where the loss is taken, and with
+    LoRA no weight gradients for the frozen matrices (their backward is one matmul, not two).
+    Attention scores count all seq_len keys (PaLM's convention); LoRA's own tiny matmuls are left out.
+    """
+    C, L = config.n_embd, config.n_layer
+    weight_pass = 4 if lora else 6  # forward 2 + input grads 2 (+ weight grads 2 when trained)
+    body = weight_pass * L * (4 * C * C + 2 * C * config.mlp_width) * n_tokens
+    attention = 12 * L * C * seq_len * n_tokens
+    head = weight_pass * C * config.vocab_size * n_supervised
+    return body + attention + head

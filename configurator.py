@@ -1,5 +1,6 @@
 """Run configuration, as in nanoGPT: a script's defaults, then plain-Python config files,
-then --key=value overrides, with every key and type checked.
+then --key=value overrides, with every key and type checked; and the one way options are
+checked (check_options), so every command's bad value reads the same.
 
     python train.py config/ruby_002.py --device=cpu --max_iters=20 --init_from=path/to/dir
 
@@ -8,26 +9,27 @@ the script knows. Overrides take --key=value, --key value, or a bare --flag for 
 Values keep the default's type (an int is accepted where a float is expected).
 """
 
+import math
 import sys
 from pathlib import Path
 
 from common import GrafitoError
 
 
-def load_config(defaults, argv=None, rivals=()):
+def load_config(defaults, argv=None, alternatives=()):
     """Defaults updated by each argument in order: config files (*.py) and --key=value overrides.
 
-    rivals: pairs of keys that say the same thing two ways (train.py's epochs and max_iters):
+    alternatives: pairs of keys that say the same thing two ways (train.py's epochs and max_iters):
     setting one to a non-zero value puts the other back to its default, so whichever is given
     last wins (0 means "not this way" and leaves the other alone); one file may set only one.
     """
     config = dict(defaults)
-    rival_of = {a: b for pair in rivals for a, b in (pair, pair[::-1])}
+    alternative_of = {a: b for pair in alternatives for a, b in (pair, pair[::-1])}
 
     def assign(key, value):
         config[key] = value
-        if key in rival_of and value:
-            config[rival_of[key]] = defaults[rival_of[key]]
+        if key in alternative_of and value:
+            config[alternative_of[key]] = defaults[alternative_of[key]]
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -41,7 +43,7 @@ def load_config(defaults, argv=None, rivals=()):
             if not arg.endswith(".py"):
                 raise GrafitoError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value overrides")
             values = read_config_file(arg)
-            both = [(a, b) for a, b in rivals if values.get(a) and values.get(b)]
+            both = [(a, b) for a, b in alternatives if values.get(a) and values.get(b)]
             if both:
                 raise GrafitoError(f"{arg}: sets both {both[0][0]} and {both[0][1]}, which say the same thing "
                                    f"two ways; keep one")
@@ -122,3 +124,50 @@ def print_help(defaults):
 def format_config(config):
     width = max(len(k) for k in config)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
+
+
+# ----------------------------------------------------------------------------- checking values
+
+def invalid(key, value, requirement, where="config"):
+    """The one error for a bad option or setting."""
+    return GrafitoError(f"{where}: {key} = {value!r} is invalid: must be {requirement}")
+
+
+def check_options(values, rules, where="config", names=None):
+    """Raise invalid() for the first value that breaks its rule. rules: {key: (test, requirement)};
+    floats must also be finite, and integer rules refuse booleans and floats. names: what to
+    call a key in the error when its source spells it otherwise."""
+    for key, (test, requirement) in rules.items():
+        value, name = values[key], (names or {}).get(key, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise invalid(name, value, "a finite number", where)
+        if not test(value):
+            raise invalid(name, value, requirement, where)
+
+
+def integer(low, high=None):
+    """An int (not a bool) in [low, high]."""
+    text = f"an integer from {low}" + (f" to {high:,}" if high is not None else " up")
+    return (lambda v: type(v) is int and v >= low and (high is None or v <= high)), text
+
+
+def number(low, high=None, high_open=False):
+    """An int or float in [low, high] (or [low, high) with high_open)."""
+    ok = lambda v: (type(v) in (int, float) and v >= low
+                    and (high is None or (v < high if high_open else v <= high)))
+    return ok, f"in [{low}, {high}{')' if high_open else ']'}" if high is not None else f"at least {low}"
+
+
+def positive():
+    return (lambda v: type(v) in (int, float) and v > 0), "positive"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def not_empty():
+    return (lambda v: isinstance(v, str) and v.strip() != ""), "a non-empty text"
+
+
+SEED = integer(0, 2 ** 32 - 1)  # numpy's and torch's seeds

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GrafitoError, atomic_dir, readable_dir
+from common import GrafitoError, atomic_dir, current_version
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -32,7 +32,7 @@ def split_files(folder, split):
 def check_replaceable(folder):
     """Refuse to write a dataset over anything but a prepared dataset or an empty folder
     (or over `<folder>.old`, which the write would first move back into place)."""
-    existing = readable_dir(folder)
+    existing = current_version(folder)
     if existing.exists() and not (existing / "meta.json").is_file() and (not existing.is_dir() or any(existing.iterdir())):
         raise GrafitoError(f"refusing to write a dataset to {folder}: {existing} exists and is not a prepared "
                            f"dataset (no meta.json); choose another --out_dir, or move it away yourself")
@@ -66,7 +66,7 @@ def resolve_dataset(name_or_path):
     """A dataset is a folder name under data/ or a path to a prepared folder."""
     path = Path(name_or_path).expanduser()
     candidates = [path] if path.is_absolute() or path.exists() else [DATA_ROOT / name_or_path, path]
-    for folder in map(readable_dir, candidates):
+    for folder in map(current_version, candidates):
         if (folder / "meta.json").is_file():
             return folder
     raise GrafitoError(f"dataset {name_or_path!r} not found: expected meta.json in {candidates[0]}; "
@@ -80,12 +80,19 @@ def load_meta(folder):
 def _read_meta(folder):
     try:
         meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GrafitoError(f"{folder / 'meta.json'} is unreadable ({err}); rerun the prepare script") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise GrafitoError(f"{folder / 'meta.json'} is unreadable ({type(err).__name__}: {err}); rerun the prepare script") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION or "splits" not in meta:
+    if version != FORMAT_VERSION:
         raise GrafitoError(f"{folder}: not a dataset this grafito reads (format version {version}, expected "
                            f"{FORMAT_VERSION}); rerun its prepare script")
+    splits = meta.get("splits")
+    well_formed = isinstance(splits, dict) and all(
+        isinstance(counts, dict) and all(type(counts.get(k)) is int and counts[k] >= 0 for k in ("conversations", "tokens"))
+        for counts in splits.values())
+    if not well_formed or type(meta.get("vocab_size", 0)) is not int:
+        raise GrafitoError(f"{folder / 'meta.json'} is damaged ('splits' needs conversations and tokens counts per split, "
+                           f"vocab_size an integer); rerun the prepare script")
     return meta
 
 
@@ -135,7 +142,20 @@ def load_split(folder, split):
                            f"rerun the prepare script")
     tokens = np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
     mask = np.memmap(mask_file, dtype=MASK_DTYPE, mode="r")
+    ends = offsets[1:] - 1
+    eot = meta.get("eot_token", 50256)
+    if (ends >= 0).all() and ((tokens[ends] != eot).any() or mask.max() > 1):
+        raise GrafitoError(f"{folder}: {split} files are damaged (a conversation does not end with end-of-text where "
+                           f"{offset_file.name} says, or {mask_file.name} holds values other than 0 and 1); rerun "
+                           f"the prepare script")
     return Split(split, tokens, mask, offsets)
+
+
+def check_token_ids(split, vocab_size):
+    """Every token id of a split is a row of the model's embedding (checked once, at load)."""
+    if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
+        raise GrafitoError(f"the {split.name} split holds token id {int(split.tokens.max())}, but the model has only "
+                           f"{vocab_size} token embeddings; was it prepared with another tokenizer?")
 
 
 # ----------------------------------------------------------------------------- batches for training

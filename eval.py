@@ -23,11 +23,11 @@ from pathlib import Path
 
 import checkpoint
 import data
-import sample
+import engine
 import tokenizer
-from common import DTYPES, GrafitoError, read_text, resolve_device, resolve_dtype, run_cli
-from configurator import load_config
-from train import masked_val_loss
+from common import DTYPES, GrafitoError, read_text, run_cli, setup
+from configurator import check_options, integer, load_config
+from loss import masked_val_loss
 
 # The README shows the last query only as "write a code in python to sum 2.."; its end is ours.
 README_QUERIES = [
@@ -94,13 +94,12 @@ def markdown_table(queries, labels, answers):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n"
 
 
-def greedy_answers(model, queries, max_new_tokens, batch_size):
+def greedy_answers(model_engine, queries, max_new_tokens, batch_size):
     """Greedy answers to queries in the chat template, batch_size at a time."""
-    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens}
     answers = []
     for start in range(0, len(queries), batch_size):
         prompts = [tokenizer.render_prompt([], q) for q in queries[start:start + batch_size]]
-        answers += sample.generate_answers(model, prompts, greedy)[0]
+        answers += engine.answers(model_engine, prompts, max_new_tokens, engine.Sampling(temperature=0.0))[0]
     return answers
 
 
@@ -148,8 +147,7 @@ def prepared_datasets(names):
 
 
 def evaluate_model(label, source, config, queries, questions, datasets):
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
+    device, dtype = setup(config["device"], config["dtype"])
     started = time.perf_counter()
     model = checkpoint.load_model(source).eval().to(device)
     result = {"label": label, "source": str(source), "dtype": dtype, "val": {}}
@@ -159,10 +157,10 @@ def evaluate_model(label, source, config, queries, questions, datasets):
         loss = masked_val_loss(model, batches, device, dtype)
         result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
                                "tokens": int(sum((y >= 0).sum() for _, y in batches))}
-    model.to(DTYPES[dtype])  # generation reads weights in the chosen dtype
-    result["answers"] = greedy_answers(model, queries, config["max_new_tokens"], config["batch_size"])
+    model_engine = engine.Engine(model.to(DTYPES[dtype]))  # generation reads weights in the chosen dtype
+    result["answers"] = greedy_answers(model_engine, queries, config["max_new_tokens"], config["batch_size"])
     if questions:
-        replies = greedy_answers(model, [q for q, _ in questions], 24, config["batch_size"])
+        replies = greedy_answers(model_engine, [q for q, _ in questions], 24, config["batch_size"])
         hits = [contains_answer(reply, ref) for (_, ref), reply in zip(questions, replies)]
         result["short_answer_accuracy"] = {"correct": sum(hits), "samples": len(hits), "accuracy": sum(hits) / len(hits)}
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -181,14 +179,13 @@ def metrics_table(results, datasets):
     return "\n".join(lines) + "\n"
 
 
+RULES = {"max_new_tokens": integer(1, 1 << 16), "batch_size": integer(1, 1 << 12), "eval_iters": integer(0),
+         "accuracy_samples": integer(0)}
+
+
 def check_config(config):
-    for key in ("max_new_tokens", "batch_size"):
-        if config[key] < 1:
-            raise GrafitoError(f"--{key} must be at least 1, got {config[key]}")
-    for key in ("eval_iters", "accuracy_samples"):
-        if config[key] < 0:
-            raise GrafitoError(f"--{key} must not be negative, got {config[key]}")
-    resolve_dtype(config["dtype"], resolve_device(config["device"]))
+    check_options(config, RULES)
+    setup(config["device"], config["dtype"])  # an unavailable device or unknown dtype: said before any work
 
 
 def prepare_out(out):

@@ -7,13 +7,12 @@
 
 The model comes from init_from: 'resume' (the run in out_dir: its best/ weights, a LoRA
 adapter merged into its base), a GPT-2 name, a hub repo id, or a local model folder.
-Prompts are wrapped in the chat template unless --raw. Decoding uses the KV cache;
+Prompts are wrapped in the chat template unless --raw. Decoding runs through engine.py;
 temperature=0 is greedy. Answers stop at end-of-text or at a new '### Instruction:'.
 """
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,10 @@ import torch
 
 import checkpoint
 import data
+import engine
 import tokenizer
-from common import DTYPES, GrafitoError, read_text, resolve_device, resolve_dtype, run_cli
-from configurator import load_config
-from model import left_pad
+from common import DTYPES, GrafitoError, read_text, run_cli, setup
+from configurator import SEED, check_options, integer, load_config
 
 DEFAULTS = dict(
     init_from="resume",  # resume (the run in out_dir) | gpt2, gpt2-medium, ... | hub repo id | model folder
@@ -46,21 +45,32 @@ DEFAULTS = dict(
     shots_dataset="grafito25k",  # where --shots=N draws its examples from (train split)
     verbose=False,  # print tokens/s
 )
+RULES = {"num_samples": integer(1, 1024), "max_new_tokens": integer(1, 1 << 20), "seed": SEED}
 
 
-def load_for_inference(config):
-    """(model, device) ready for decoding in the configured dtype."""
-    device = resolve_device(config["device"])
-    dtype = resolve_dtype(config["dtype"], device)
-    source = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
-    if config["init_from"] == "resume" and not Path(source).is_dir():
-        raise GrafitoError(f"no training run in out_dir={source}: train one (python train.py config/ruby_002.py) "
-                           f"or talk to another model, e.g. --init_from=gpt2 or --init_from=path/to/model")
-    model = checkpoint.load_model(source).eval()
+def sampling_of(config):
+    """engine.Sampling from the options (checked there: temperature, top_k, top_p, penalty)."""
+    return engine.Sampling(temperature=config["temperature"], top_k=config["top_k"], top_p=config["top_p"],
+                           repetition_penalty=config["repetition_penalty"])
+
+
+def model_source(config):
+    """What init_from names: 'resume' stands for the training run in out_dir."""
+    if config["init_from"] != "resume":
+        return config["init_from"]
+    if not Path(config["out_dir"]).expanduser().is_dir():
+        raise GrafitoError(f"no training run in out_dir={config['out_dir']}: train one (python train.py "
+                           f"config/ruby_002.py) or talk to another model, e.g. --init_from=gpt2 or "
+                           f"--init_from=path/to/model")
+    return config["out_dir"]
+
+
+def load_engine(config):
+    """An engine.Engine on the configured device, weights cast to the configured dtype."""
+    device, dtype = setup(config["device"], config["dtype"])
+    model = checkpoint.load_model(model_source(config))
     model.to(device=device, dtype=DTYPES[dtype])
-    if config["compile"]:
-        model.compile_decode()
-    return model, device
+    return engine.Engine(model, compile=config["compile"])
 
 
 def read_start(start):
@@ -73,7 +83,7 @@ def load_shots(shots, dataset, seed):
     """Example turns to prepend: from a JSON-lines file, or N conversations of a prepared train split."""
     if not shots:
         return []
-    if shots.isdigit():
+    if shots.isascii() and shots.isdigit():
         split = data.load_split(dataset, "train")
         if int(shots) > split.num_conversations:
             raise GrafitoError(f"--shots={shots}: the train split of {dataset} has only {split.num_conversations} "
@@ -90,7 +100,7 @@ def load_shots(shots, dataset, seed):
         try:
             example = json.loads(line)
             turn = (example["instruction"], example["answer"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
             turn = None
         if turn is None or not all(isinstance(text, str) and text.strip() for text in turn):
             raise GrafitoError(f"{path}, line {line_no}: expected a JSON object with non-empty 'instruction' and "
@@ -101,80 +111,36 @@ def load_shots(shots, dataset, seed):
     return turns
 
 
-def fit_prompt(history, instruction, block_size, max_new_tokens, warn):
-    """Prompt ids for history + instruction that leave room for the reply: the oldest turns go
-    first, then (a single over-long instruction) the prompt's left end. Returns (ids, turns kept).
-    The room kept is max_new_tokens but at most half the context: a longer answer slides the
-    window on as it grows, rather than starving the prompt."""
-    budget = block_size - min(max_new_tokens, block_size // 2)
-    while True:
-        ids = tokenizer.render_prompt(history, instruction)
-        if len(ids) <= budget or not history:
-            break
-        history = history[1:]
-        warn("context full: dropping the oldest turns of the conversation")
-    if len(ids) > budget:
-        warn(f"prompt of {len(ids)} tokens is longer than the {budget} that leave room for the answer; "
-             f"keeping its last {budget} tokens")
-        ids = ids[-budget:]
-    return ids, history
+def reply_budget(block_size, max_new_tokens):
+    """Prompt tokens allowed: the context less the room kept for the reply (max_new_tokens,
+    at most half the context; a longer reply slides the window on as it grows)."""
+    return block_size - min(max_new_tokens, block_size // 2)
 
 
-class Warner:
-    """Prints each distinct warning once."""
-
-    def __init__(self):
-        self.said = set()
-
-    def __call__(self, message):
-        if message not in self.said:
-            self.said.add(message)
-            print(f"({message})", file=sys.stderr)
+_warned = set()
 
 
-def generate_answers(model, prompts, config, generator=None, on_text=None, raw=False):
-    """Answer texts for chat prompts (token id lists, decoded as one left-padded batch), with
-    config's sampling options; on_text(str) streams the first row. raw=True: plain continuations
-    (only end-of-text stops them, spaces kept). Returns (texts, steps, seconds)."""
-    device = next(model.parameters()).device
-    idx, mask = left_pad(prompts, pad_id=tokenizer.EOT)
-    mask = None if mask.all() else mask.to(device)  # equal lengths need no padding mask
-    streams = [tokenizer.AnswerStream(raw=raw) for _ in prompts]
-    started, steps = time.perf_counter(), 0
-    for tokens in model.generate_stream(idx.to(device), config["max_new_tokens"], temperature=config["temperature"],
-                                        top_k=config["top_k"] or None, top_p=config["top_p"],
-                                        repetition_penalty=config["repetition_penalty"],
-                                        stop_ids=[tokenizer.EOT], prompt_mask=mask, generator=generator,
-                                        vocab_limit=tokenizer.VOCAB_SIZE):
-        steps += 1
-        for i, (stream, token) in enumerate(zip(streams, tokens.tolist())):
-            text = stream.add(token)
-            if i == 0 and on_text and text:
-                on_text(text)
-        if all(s.done for s in streams):
-            break
-    for i, stream in enumerate(streams):
-        if not stream.done:
-            text = stream.finish()
-            if i == 0 and on_text and text:
-                on_text(text)
-    return [s.text for s in streams], steps, time.perf_counter() - started
+def warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        print(f"({message})", file=sys.stderr)
 
 
-def raw_prompt(text, block, warn):
+def raw_prompt(text, block_size):
     """--raw: the start text's ids, cut from the left to leave room for at least one token."""
     ids = tokenizer.encode(text) or [tokenizer.EOT]
-    if len(ids) >= block:
-        warn(f"prompt of {len(ids)} tokens exceeds the context; keeping its last {block - 1}")
-        ids = ids[-(block - 1):]
+    if len(ids) >= block_size:
+        warn_once(f"prompt of {len(ids)} tokens exceeds the context; keeping its last {block_size - 1}")
+        ids = ids[-(block_size - 1):]
     return ids
 
 
-def chat(model, config, shots, generator, lines=None):
+def chat(model_engine, config, shots, generator, lines=None):
     """Interactive multi-turn chat; reads stdin lines (a terminal or a pipe)."""
     interactive = lines is None and sys.stdin.isatty()
     lines = iter(lines) if lines is not None else sys.stdin
-    warn, history = Warner(), []
+    history = []
+    budget = reply_budget(model_engine.model.config.block_size, config["max_new_tokens"])
     if interactive:
         print("chat: type a message; /clear forgets the conversation, /quit (or Ctrl-D) leaves")
     while True:
@@ -190,10 +156,13 @@ def chat(model, config, shots, generator, lines=None):
             continue
         if not message:
             continue
-        ids, kept = fit_prompt(shots + history, message, model.config.block_size, config["max_new_tokens"], warn)
+        ids, kept, notes = tokenizer.fit_prompt(shots + history, message, budget)
+        for note in notes:
+            warn_once(note)
         dropped = len(shots) + len(history) - len(kept)
         history = kept[max(0, len(shots) - dropped):]  # the examples stay for the next turn; old turns go
-        answers, _, _ = generate_answers(model, [ids], config, generator, on_text=lambda t: print(t, end="", flush=True))
+        answers, _, _ = engine.answers(model_engine, [ids], config["max_new_tokens"], sampling_of(config), generator,
+                                       on_text=lambda t: print(t, end="", flush=True))
         print()
         if answers[0]:  # an empty reply leaves no turn to remember
             history.append((message, answers[0]))
@@ -202,36 +171,36 @@ def chat(model, config, shots, generator, lines=None):
 
 def main():
     config = load_config(DEFAULTS)
-    for key in ("num_samples", "max_new_tokens"):
-        if config[key] < 1:
-            raise GrafitoError(f"{key} must be at least 1, got {config[key]}")
-    if config["temperature"] < 0 or not 0 < config["top_p"] <= 1 or config["repetition_penalty"] <= 0:
-        raise GrafitoError("need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+    check_options(config, RULES)
+    sampling = sampling_of(config)
     if config["raw"] and (config["chat"] or config["shots"]):
         raise GrafitoError("--raw continues plain text: it takes neither --chat nor --shots (few-shot examples "
                            "are chat turns; for a base model, write them into --start)")
-    model, device = load_for_inference(config)
-    generator = torch.Generator(device=device).manual_seed(config["seed"])
     shots = load_shots(config["shots"], config["shots_dataset"], config["seed"])
+    model_engine = load_engine(config)
+    generator = torch.Generator(device=model_engine.device).manual_seed(config["seed"])
     if config["chat"]:
-        chat(model, config, shots, generator)
+        chat(model_engine, config, shots, generator)
         return
     text = read_start(config["start"])
+    block_size = model_engine.model.config.block_size
     if config["raw"]:  # shown after the prompt text it continues
-        ids = raw_prompt(text, model.config.block_size, Warner())
+        ids = raw_prompt(text, block_size)
         print(text, end="", flush=True)
     else:
-        ids, _ = fit_prompt(shots, text, model.config.block_size, config["max_new_tokens"], Warner())
+        ids, _, notes = tokenizer.fit_prompt(shots, text, reply_budget(block_size, config["max_new_tokens"]))
+        for note in notes:
+            warn_once(note)
     # the first sample streams as it is generated; the others are printed when the batch is done
-    stream = lambda t: print(t, end="", flush=True)
-    answers, count, seconds = generate_answers(model, [ids] * config["num_samples"], config, generator,
-                                               on_text=stream, raw=config["raw"])
+    answers, steps, seconds = engine.answers(model_engine, [ids] * config["num_samples"], config["max_new_tokens"],
+                                             sampling, generator, on_text=lambda t: print(t, end="", flush=True),
+                                             raw=config["raw"])
     print()
     for answer in answers[1:]:
         print("---------------\n" + (text if config["raw"] else "") + answer)
     if config["verbose"]:
-        print(f"({count} tokens x {config['num_samples']} in {seconds:.2f}s: "
-              f"{count * config['num_samples'] / seconds:.1f} tokens/s, prompt {len(ids)} tokens)", file=sys.stderr)
+        print(f"({steps} tokens x {config['num_samples']} in {seconds:.2f}s: "
+              f"{steps * config['num_samples'] / seconds:.1f} tokens/s, prompt {len(ids)} tokens)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,35 +5,38 @@
     python train.py config/ruby_002.py --init_from=resume        # continue out_dir's last checkpoint
     torchrun --standalone --nproc_per_node=8 train.py config/obsidian_000.py   # DDP
 
-The loss is taken only on supervised tokens (answers and their end-of-text) and the output
-layer runs only at those positions. Batches are rows of whole conversations packed to
-block_size. The checkpoint format is described in checkpoint.py; options and defaults
-are DEFAULTS below (python train.py --help lists them).
+The loss is taken only on supervised tokens (answers and their end-of-text; loss.py).
+Batches are rows of whole conversations packed to block_size (data.py). The run folder
+and its rules are checkpoint.py's. Options and defaults are DEFAULTS below
+(python train.py --help lists them).
 """
 
+import inspect
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import checkpoint
 import data
 import lora
-from common import (DTYPES, GrafitoError, autocast, peak_flops, readable_dir, resolve_device, resolve_dtype, run_cli,
-                    trim_cpu_memory)
-from configurator import format_config, load_config
-from model import GPT, GPTConfig, training_flops
+from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops, trim_cpu_memory
+from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
+from loss import masked_val_loss
+from model import GPT, GPTConfig
+from optim import learning_rate, make_optimizer
 
 DEFAULTS = dict(
     # where things go and how often
     out_dir="out",
     overwrite=False,  # start a new run in an out_dir that holds one: its checkpoints, merged/ and log are deleted first
-    init_from="gpt2",  # scratch | gpt2, gpt2-medium, ... | hub repo id | local folder | resume
+    init_from="gpt2",  # scratch | gpt2, gpt2-medium, ... | hub repo id | local folder | a run's out_dir | resume
     eval_interval=100,  # steps between evaluations; each one writes out_dir/ckpt (and best/ on improvement)
     eval_iters=0,  # val batches per evaluation, 0 for the whole val split
     log_interval=10,
@@ -76,43 +79,36 @@ DEFAULTS = dict(
     seed=1337,
     backend="auto",  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
 )
-# keys that must not change when resuming, or the run would not continue the same way
-RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
-                "eval_iters", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head", "n_embd", "bias")
+AT_LEAST_1, AT_LEAST_0 = integer(1), integer(0)
+RULES = {
+    "out_dir": not_empty(), "dataset": not_empty(), "init_from": not_empty(),
+    "block_size": integer(1, 1 << 20), "batch_size": integer(1, 1 << 16), "gradient_accumulation_steps": AT_LEAST_1,
+    "eval_interval": AT_LEAST_1, "log_interval": AT_LEAST_1, "eval_iters": AT_LEAST_0, "early_stop_patience": AT_LEAST_0,
+    "tokens_per_step": AT_LEAST_0, "max_iters": AT_LEAST_0, "epochs": number(0.0, 1e6), "warmup_iters": AT_LEAST_0,
+    "lr_decay_iters": AT_LEAST_0, "lora_r": AT_LEAST_0, "lora_alpha": (lambda v: v > 0, "positive"),
+    "learning_rate": (lambda v: v > 0, "positive"), "min_lr": number(0.0), "weight_decay": number(0.0),
+    "beta1": number(0.0, 1.0, high_open=True), "beta2": number(0.0, 1.0, high_open=True),
+    "grad_clip": (lambda v: v >= 0, "0 (no clipping) or positive"), "lr_schedule": one_of("cosine", "constant"),
+    "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
+}
 
 
 def load_train_config(argv=None):
     """DEFAULTS, then config files and --key=value overrides; of epochs and max_iters the later wins."""
-    return load_config(DEFAULTS, argv, rivals=[("epochs", "max_iters")])
+    return load_config(DEFAULTS, argv, alternatives=[("epochs", "max_iters")])
 
 
-def validate(config):
-    def need(ok, key, rule):
-        if not ok:
-            raise GrafitoError(f"config: {key} = {config[key]!r} is invalid: {rule}")
-
-    for key in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
-                "n_layer", "n_head", "n_embd"):
-        need(config[key] >= 1, key, "must be at least 1")
-    for key in ("eval_iters", "early_stop_patience", "tokens_per_step", "warmup_iters", "lr_decay_iters", "lora_r"):
-        need(config[key] >= 0, key, "must not be negative")
-    for key in ("out_dir", "dataset", "init_from"):
-        need(config[key].strip() != "", key, "must not be empty")
-    need(not Path(config["out_dir"]).exists() or Path(config["out_dir"]).is_dir(), "out_dir", "is a file, not a folder")
-    need(config["max_iters"] >= 1 or config["epochs"] > 0, "max_iters", "must be at least 1 (or set epochs)")
-    need(config["epochs"] >= 0, "epochs", "must not be negative")
-    need(config["learning_rate"] > 0, "learning_rate", "must be positive")
-    need(0 <= config["min_lr"] <= config["learning_rate"], "min_lr", "must be between 0 and learning_rate")
-    need(config["weight_decay"] >= 0, "weight_decay", "must not be negative")
-    need(0 <= config["beta1"] < 1, "beta1", "must be in [0, 1)")
-    need(0 <= config["beta2"] < 1, "beta2", "must be in [0, 1)")
-    need(config["grad_clip"] >= 0, "grad_clip", "must not be negative (0 disables clipping)")
-    need(config["lr_schedule"] in ("cosine", "constant"), "lr_schedule", "cosine or constant")
-    need(0 <= config["dropout"] < 1, "dropout", "must be in [0, 1)")
-    need(config["backend"] in ("auto", "nccl", "gloo"), "backend", "auto, nccl or gloo")
-    need(config["n_embd"] % config["n_head"] == 0, "n_embd", f"must be divisible by n_head={config['n_head']}")
-    need(not (config["lora_r"] and config["init_from"] == "scratch"), "lora_r",
-         "LoRA adapts a pretrained model; use init_from=gpt2 (or another) or lora_r=0")
+def check_config(config):
+    check_options(config, RULES)
+    if config["max_iters"] < 1 and config["epochs"] == 0:
+        raise invalid("max_iters", config["max_iters"], "at least 1 (or set epochs)")
+    if config["min_lr"] > config["learning_rate"]:
+        raise invalid("min_lr", config["min_lr"], f"at most learning_rate ({config['learning_rate']})")
+    if config["init_from"] == "scratch":
+        GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
+                  n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+    if config["lora_r"] and config["init_from"] == "scratch":
+        raise invalid("lora_r", config["lora_r"], "0 with init_from=scratch (LoRA adapts a pretrained model)")
     if config["lora_r"]:
         lora_settings(config)  # raises on unknown targets
 
@@ -122,433 +118,339 @@ def lora_settings(config):
     return lora.LoRAConfig(r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"], targets=targets)
 
 
-# ----------------------------------------------------------------------------- set-up
+def accumulation_steps(config, world):
+    """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
+    if config["tokens_per_step"]:
+        steps = math.ceil(config["tokens_per_step"] / (config["batch_size"] * config["block_size"]))
+    else:
+        steps = config["gradient_accumulation_steps"]
+    return math.ceil(steps / world) * world
+
+
+# ----------------------------------------------------------------------------- set-up pieces
 
 def setup_distributed(config):
-    """(rank, local_rank, world_size, device) under torchrun, else (0, 0, 1, device)."""
-    device = resolve_device(config["device"])
+    """(rank, local_rank, world, device, dtype) under torchrun, else (0, 0, 1, device, dtype)."""
     if "RANK" not in os.environ:
-        return 0, 0, 1, device
+        return (0, 0, 1) + setup(config["device"], config["dtype"], seed=config["seed"])
     import torch.distributed as dist
 
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    on_gpu = device.startswith("cuda")
+    device = config["device"]
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     backend = config["backend"] if config["backend"] != "auto" else ("nccl" if on_gpu else "gloo")
     if backend == "nccl" and not on_gpu:
         raise GrafitoError("backend=nccl runs on CUDA GPUs only; use backend=gloo (or auto) with device=cpu")
-    dist.init_process_group(backend=backend)
+    # rank 0 evaluates and saves while the others wait in a collective: a large save must not time them out
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
     if on_gpu:
         device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
     else:  # share the cores between the processes on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return rank, local_rank, world, device
+    # each rank draws its own dropout masks
+    return (rank, local_rank, world) + setup(device, config["dtype"], seed=config["seed"] + rank)
 
 
-def build_model(config, device, dtype, resume_state):
-    """(model, base model name for adapters) for init_from; LoRA applied when lora_r > 0."""
-    init_from = config["init_from"]
-    if init_from == "resume":
-        folder = readable_dir(Path(config["out_dir"]) / checkpoint.LATEST)
-        base_model = resume_state["base_model"]
-        if checkpoint.is_adapter(folder):
-            model = checkpoint.load_weights(folder, merge=False, dropout=config["dropout"])
-        else:  # a scratch run without biases was saved with zero biases; rebuild it without them
-            no_bias = {"bias": False} if base_model == "scratch" and not config["bias"] else {}
-            model = GPT.from_pretrained(folder, dropout=config["dropout"], **no_bias)
-    elif init_from == "scratch":
+def on_first_rank(work, rank, world, device):
+    """Run work() on rank 0 and tell every rank its result (a small int) or that it failed,
+    so the others stop with a message instead of dying in their next collective."""
+    outcome, error = 0, None
+    if rank == 0:
+        try:
+            outcome = int(work() or 0)
+        except BaseException as err:
+            outcome, error = -1, err
+    if world > 1:
+        shared = torch.tensor(outcome, device=device)
+        torch.distributed.broadcast(shared, src=0)
+        outcome = int(shared.item())
+    if error is not None:
+        raise error
+    if outcome == -1:
+        raise GrafitoError(f"rank {rank}: stopping, rank 0 failed (see its message)")
+    return outcome
+
+
+def build_model(config, init_source, resume_state):
+    """The model to train, LoRA applied when lora_r > 0 (or restored on resume)."""
+    if resume_state is not None:  # a scratch run without biases was saved with zero biases: rebuilt without
+        no_bias = {"bias": False} if resume_state["base_model"] == "scratch" and not config["bias"] else {}
+        model = checkpoint.load_model(init_source, merge=False, dropout=config["dropout"], **no_bias)
+    elif config["init_from"] == "scratch":
         model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
                               n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"]))
-        base_model = "scratch"
-    else:  # a GPT-2 name, a hub repo id, a weights folder or an earlier run's out_dir (adapters merged)
-        source = checkpoint.resolve_model_source(init_from)
-        model = checkpoint.load_model(source, dropout=config["dropout"])
-        base_model = str(source.resolve()) if isinstance(source, Path) else init_from
+    else:  # a GPT-2 name, a hub id, a folder or an earlier run (its adapters folded in)
+        model = checkpoint.load_model(init_source, dropout=config["dropout"])
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))
-    if lora.lora_layers(model) and dtype in ("bfloat16", "float16"):
-        lora.cast_frozen_linears(model, DTYPES[dtype])
     if config["block_size"] > model.config.block_size:
-        raise GrafitoError(f"config: block_size = {config['block_size']} is larger than the model's context "
-                           f"({model.config.block_size} positions)")
-    return model.to(device), base_model
-
-
-def make_optimizer(model, config, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases and LayerNorms
-    fused = device.startswith(("cuda", "cpu"))  # one kernel for the whole update (CPU support: torch >= 2.4)
-    return torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]), fused=fused)
-
-
-def learning_rate(step, config, max_iters):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (or constant)."""
-    lr, warmup = config["learning_rate"], config["warmup_iters"]
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    if config["lr_schedule"] == "constant":
-        return lr
-    decay_iters = config["lr_decay_iters"] or max_iters
-    if step >= decay_iters:
-        return config["min_lr"]
-    progress = (step - warmup) / max(1, decay_iters - warmup)
-    return config["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - config["min_lr"])
-
-
-@torch.no_grad()
-def masked_val_loss(model, batches, device, dtype):
-    """Mean cross-entropy over every supervised token of (x, y) batches (eval mode, autocast)."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for x, y in batches:
-        with autocast(device, dtype):
-            _, loss_sum = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), loss_reduction="sum")
-        total += loss_sum.float()
-        count += int((y >= 0).sum())
-    model.train(was_training)
-    return total.item() / max(count, 1)
+        raise invalid("block_size", config["block_size"], f"at most the model's context ({model.config.block_size})")
+    return model
 
 
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's own device
     return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def to_device(array, device):
+    """A host batch on the device; pinned and asynchronous on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # ----------------------------------------------------------------------------- the run
 
-class Trainer:
-    def __init__(self, config):
-        self.config = config
-        self.rank, self.local_rank, self.world, self.device = setup_distributed(config)
-        self.master = self.rank == 0
-        self.dtype = resolve_dtype(config["dtype"], self.device)
-        self.out_dir = Path(config["out_dir"])
-        if self.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(config["seed"])
+def train(config):
+    """Train as config says; returns the trained model (unwrapped)."""
+    # ------------------------------------------------------------------ set-up: processes and device
+    rank, local_rank, world, device, dtype = setup_distributed(config)
+    master = rank == 0
+    out_dir = Path(config["out_dir"]).expanduser()
+    resume = config["init_from"] == "resume"
 
+    # ------------------------------------------------------------------ set-up: the run folder, checked (nothing deleted yet)
+    checkpoint.check_writable(out_dir)
+    if resume:
+        resume_state = checkpoint.load_train_state(out_dir)
+        checkpoint.check_resume(resume_state, config)
+        init_source = checkpoint.resolve(checkpoint.latest(out_dir))
+        base_name, base_fingerprint = resume_state["base_model"], resume_state["base_fingerprint"]
+    else:
         resume_state = None
-        if config["init_from"] != "resume":
-            self._claim_out_dir()
-        else:
-            resume_state = checkpoint.load_train_state(self.out_dir)
-            changed = [k for k in RESUME_FIXED if resume_state["config"].get(k) != config[k]]
-            if changed:
-                raise GrafitoError("cannot resume with different " + ", ".join(
-                    f"{k} ({resume_state['config'][k]!r} -> {config[k]!r})" for k in changed))
-        self.model, self.base_model = build_model(config, self.device, self.dtype, resume_state)
-        self.lora = bool(lora.lora_layers(self.model))
-        # taken now, as training begins: a base folder that changes later makes the adapter refuse to load
-        self.base_fingerprint = checkpoint.base_fingerprint_of(self.base_model) if self.lora else None
+        init_source = None if config["init_from"] == "scratch" else checkpoint.resolve(config["init_from"])
+        checkpoint.check_new_run(out_dir, init_source, config["overwrite"])
+        base_name = "scratch" if init_source is None else init_source.describe()
+        base_fingerprint = None
 
-        self.train_split = data.load_split(config["dataset"], "train")
-        self.val_split = data.load_split(config["dataset"], "val")
-        meta = data.load_meta(config["dataset"])
-        if meta["vocab_size"] > self.model.config.vocab_size:
-            raise GrafitoError(f"dataset vocab {meta['vocab_size']} exceeds the model's {self.model.config.vocab_size}")
-        self.sampler = data.PackedBatches(self.train_split, config["block_size"], seed=config["seed"])
-        self.accum = self._accumulation_steps()
-        if resume_state is not None:
-            self._check_same_accumulation(resume_state)
-        self.rows_per_step = config["batch_size"] * self.accum
-        rows_per_epoch = len(self.sampler.rows_of_epoch(0))
-        self.max_iters = (math.ceil(config["epochs"] * rows_per_epoch / self.rows_per_step) if config["epochs"] > 0
-                          else config["max_iters"])
-        self.val_batches = self._val_batches()
+    # ------------------------------------------------------------------ set-up: data
+    train_split = data.load_split(config["dataset"], "train")
+    val_split = data.load_split(config["dataset"], "val")
+    sampler = data.PackedBatches(train_split, config["block_size"], seed=config["seed"])
+    rows_per_epoch = len(sampler.rows_of_epoch(0))
+    accum = accumulation_steps(config, world)
+    if resume_state is not None and resume_state["accumulation"] != accum:
+        raise GrafitoError(f"cannot resume: the run took {resume_state['accumulation']} micro-batches per step over "
+                           f"{resume_state['world']} process(es); with {world} it would take {accum} (rounded to a "
+                           f"multiple of the process count). Resume with {resume_state['world']} process(es)")
+    rows_per_step = config["batch_size"] * accum
+    max_iters = (math.ceil(config["epochs"] * rows_per_epoch / rows_per_step) if config["epochs"] > 0
+                 else config["max_iters"])
+    val_batches = (data.eval_batches(val_split, config["block_size"], config["batch_size"], config["eval_iters"])
+                   if val_split.num_conversations else [])
 
-        self.optimizer = make_optimizer(self.model, config, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
-        self.step, self.best_val, self.evals_without_gain = 0, float("inf"), 0
-        if resume_state is not None:
-            self.optimizer.load_state_dict(resume_state["optimizer"])
-            self.scaler.load_state_dict(resume_state["scaler"])
-            self.sampler.load_state_dict(resume_state["sampler"])
-            self.step, self.best_val = resume_state["step"], resume_state["best_val"]
-            self.evals_without_gain = resume_state["evals_without_gain"]
-            set_rng_state(resume_state["rng"])
+    # ------------------------------------------------------------------ set-up: model and optimizer
+    model = build_model(config, init_source, resume_state)
+    data.check_token_ids(train_split, model.config.vocab_size)
+    data.check_token_ids(val_split, model.config.vocab_size)
+    is_lora = bool(lora.lora_layers(model))
+    if is_lora and not resume:
+        base_fingerprint = checkpoint.base_fingerprint(init_source)
+    if is_lora and dtype in ("bfloat16", "float16"):
+        lora.cast_frozen_linears(model, DTYPES[dtype])
+    model.to(device)
+    optimizer = make_optimizer(model, config["learning_rate"], config["weight_decay"],
+                               (config["beta1"], config["beta2"]), device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    step, best_val, evals_without_gain = 0, float("inf"), 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scaler.load_state_dict(resume_state["scaler"])
+        sampler.load_state_dict(resume_state["sampler"])
+        step, best_val, evals_without_gain = resume_state["step"], resume_state["best_val"], resume_state["evals_without_gain"]
+        if rank < len(resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
+            set_rng_state(resume_state["rng"][rank])
+    raw_model = model
+    if config["compile"]:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.raw_model = self.model
-        if config["compile"]:
-            self.model = torch.compile(self.model)
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        # training changes no buffer: nothing to send before every forward (the option's name changed in torch 2.13)
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, **no_buffer_sync)
 
-            self.model = DistributedDataParallel(self.model, device_ids=[self.local_rank] if self.device.startswith("cuda") else None)
-        self.peak = peak_flops(self.device, self.dtype)
-        if self.master:
-            self._announce(rows_per_epoch)
+    # ------------------------------------------------------------------ set-up: start the run (old files go only now)
+    lock = None
 
-    def _claim_out_dir(self):
-        """A new run gets an out_dir without another run's files: refused if it holds a run,
-        emptied of that run's files (rank 0, before anyone reads or writes) with overwrite."""
-        run_files = [self.out_dir.resolve() / name for name in (checkpoint.LATEST, checkpoint.BEST, checkpoint.MERGED)]
-        run_files += [path.with_name(path.name + ".old") for path in run_files]
-        source = checkpoint.resolve_model_source(self.config["init_from"])
-        if isinstance(source, Path) and set(run_files) & {source.resolve(), *source.resolve().parents}:
-            raise GrafitoError(f"init_from={self.config['init_from']} lies inside out_dir={self.out_dir}: this run "
-                               f"would overwrite the weights it starts from. Continue that run with init_from=resume, "
-                               f"or choose another out_dir")
-        found = [path for path in run_files if path.exists()]
-        if found and not self.config["overwrite"]:
-            raise GrafitoError(f"{self.out_dir} already holds a run ({found[0]}); continue it with init_from=resume, "
-                               f"choose another out_dir, or pass --overwrite to start a new run there")
-        if self.master:
-            for path in found:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            for name in ("log.jsonl", "loss.png"):
-                (self.out_dir / name).unlink(missing_ok=True)
-        if self.world > 1:
-            torch.distributed.barrier()
+    def start():
+        nonlocal lock
+        lock = checkpoint.RunLock(out_dir)  # a second run into out_dir stops here, before it changes anything
+        if not resume:
+            checkpoint.clear_run(out_dir)
+        (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        announce(config, raw_model, device, dtype, world, train_split, sampler, rows_per_epoch, rows_per_step,
+                 accum, max_iters, len(val_batches))
+        return 0
 
-    def _accumulation_steps(self):
-        """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
-        c = self.config
-        if c["tokens_per_step"]:
-            steps = math.ceil(c["tokens_per_step"] / (c["batch_size"] * c["block_size"]))
-        else:
-            steps = c["gradient_accumulation_steps"]
-        rounded = math.ceil(steps / self.world) * self.world
-        if rounded != steps and self.master:
-            print(f"note: {steps} micro-batches per step rounded up to {rounded}, a multiple of the "
-                  f"{self.world} processes (every process runs the same number)")
-        return rounded
+    on_first_rank(start, rank, world, device)
+    try:
+        log = checkpoint.open_log(out_dir, step) if master else None
+        peak = peak_flops(device, dtype)
 
-    def _check_same_accumulation(self, resume_state):
-        """A step must take as many rows after a resume as before, or the run is not the same run."""
-        saved, saved_world = resume_state.get("accumulation"), resume_state.get("world")
-        if saved is not None and saved != self.accum:
-            raise GrafitoError(f"cannot resume: the run took {saved} micro-batches per step over {saved_world} "
-                               f"process(es); with {self.world} it would take {self.accum} (rounded to a multiple "
-                               f"of the process count). Resume with {saved_world} process(es)")
+        def evaluate_and_save(train_loss):
+            """Rank 0: evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
+            nonlocal best_val, evals_without_gain
+            improved = step > 0
+            if val_batches:
+                val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
+                if not math.isfinite(val_loss):
+                    raise GrafitoError(f"validation loss became {val_loss} at step {step}; stopped without saving")
+                improved = step > 0 and val_loss < best_val  # step 0 is the starting model: a reference
+                if improved:
+                    best_val, evals_without_gain = val_loss, 0
+                elif step > 0:
+                    evals_without_gain += 1
+                bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
+                          + (f", train loss {train_loss:.4f}" if train_loss is not None else "") + (" (best)" if improved else ""))
+                log.write(json.dumps({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                      "time": time.time()}) + "\n")
+                log.flush()
+            if step > 0:
+                state = {"format": checkpoint.STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states,
+                         "best_val": best_val, "evals_without_gain": evals_without_gain, "config": config,
+                         "base_model": base_name, "base_fingerprint": base_fingerprint, "accumulation": accum, "world": world}
+                if improved:
+                    checkpoint.save_checkpoint(out_dir, checkpoint.BEST, raw_model, base_name, base_fingerprint)
+                checkpoint.save_checkpoint(out_dir, checkpoint.LATEST, raw_model, base_name, base_fingerprint, state)
+            patience = config["early_stop_patience"]
+            if patience and evals_without_gain >= patience:
+                bar.write(f"early stop: no better val loss in {patience} evaluations")
+                return 1
+            return 0
 
-    def _val_batches(self):
-        if self.val_split.num_conversations == 0:  # prepared with --val_fraction 0
-            print("(no val split: evaluations only save checkpoints, and best/ follows the latest)")
-            return []
-        return data.eval_batches(self.val_split, self.config["block_size"], self.config["batch_size"],
-                                 self.config["eval_iters"])
-
-    def _announce(self, rows_per_epoch):
-        c = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "train_config.json").write_text(json.dumps(c, indent=2) + "\n")
-        print("config:\n" + format_config(c))
-        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
-        print(f"model: {self.raw_model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
-              f"{', LoRA' if self.lora else ''}), device {self.device}, dtype {self.dtype}, {self.world} process(es)")
-        tokens_per_step = self.rows_per_step * c["block_size"]
-        print(f"data: {self.train_split.num_conversations:,} train conversations in {rows_per_epoch:,} rows of "
-              f"{c['block_size']} tokens ({self.sampler.packing_efficiency():.1%} filled), "
-              f"{len(self.val_batches)} val batches")
-        cut, cut_tokens = self.sampler.overlong()
-        if cut:
-            print(f"note: {cut:,} train conversations are longer than a row ({c['block_size'] + 1} tokens) and lose "
-                  f"their last {cut_tokens:,} tokens ({cut_tokens / len(self.train_split.tokens):.1%} of the split); "
-                  f"prepare with --block_size={c['block_size']} to drop them or cut them at a turn boundary instead")
-        print(f"steps: {self.max_iters:,} of {self.rows_per_step} rows ({tokens_per_step:,} tokens, gradient "
-              f"accumulation {self.accum}) = {self.max_iters * self.rows_per_step / rows_per_epoch:.2f} epochs")
-
-    # ------------------------------------------------------------------------- one step
-
-    def _to_device(self, array):
-        tensor = torch.from_numpy(array)
-        if self.device.startswith("cuda"):
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
-
-    def train_step(self):
-        """One optimizer step over this process's micro-batches; returns (loss sum, supervised count)."""
-        rows = self.sampler.next_rows(self.rows_per_step)
-        per_rank = len(rows) // self.world
-        mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
-        size = self.config["batch_size"]
-        batches = [self.sampler.batch(mine[i:i + size]) for i in range(0, len(mine), size)]
-        supervised = torch.tensor(float(sum((y >= 0).sum() for _, y in batches)), device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(supervised)
-        # every token weighs the same in the step's loss, wherever it landed (DDP averages over processes)
-        scale = self.world / supervised.clamp(min=1)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = self.model.no_sync() if self.world > 1 and not last else nullcontext()
-            with sync:
-                with autocast(self.device, self.dtype):
-                    _, micro_loss = self.model(self._to_device(x), self._to_device(y), loss_reduction="sum")
-                self.scaler.scale(micro_loss * scale).backward()
-            loss_sum += micro_loss.detach()
-        if self.config["grad_clip"]:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.raw_model.parameters() if p.requires_grad],
-                                           self.config["grad_clip"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, supervised
-
-    def evaluate(self):
-        return masked_val_loss(self.raw_model, self.val_batches, self.device, self.dtype)
-
-    # ------------------------------------------------------------------------- the loop
-
-    def run(self):
+        # ------------------------------------------------------------------ the loop
         from tqdm import tqdm
 
-        c = self.config
-        log = self._open_log() if self.master else None
-        bar = tqdm(total=self.max_iters, initial=self.step, disable=not self.master, unit="step", dynamic_ncols=True)
-        window_loss, window_sup = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        window_steps, window_start = 0, time.perf_counter()
-        if self.step == 0:
-            self._evaluate_on_master(log, bar, train_loss=None)
+        bar = tqdm(total=max_iters, initial=step, disable=not master, unit="step", dynamic_ncols=True)
+        window_loss, window_supervised, window_steps, window_start = torch.zeros((), device=device), 0, 0, time.perf_counter()
+        rng_states = None
+        if step == 0:
+            on_first_rank(lambda: evaluate_and_save(None), rank, world, device)
         stop = False
-        while self.step < self.max_iters and not stop:
-            lr = learning_rate(self.step, c, self.max_iters)
-            for group in self.optimizer.param_groups:
+        while step < max_iters and not stop:
+            # learning rate
+            lr = learning_rate(step, config, max_iters)
+            for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, supervised = self.train_step()
-            self.step += 1
-            window_loss += loss_sum
-            window_sup += supervised
+            # one optimizer step over this process's share of the step's rows
+            rows = sampler.next_rows(rows_per_step)
+            per_rank = len(rows) // world
+            mine = rows[rank * per_rank:(rank + 1) * per_rank]
+            batches = [sampler.batch(mine[i:i + config["batch_size"]]) for i in range(0, len(mine), config["batch_size"])]
+            supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in batches)), device=device)
+            if world > 1:
+                torch.distributed.all_reduce(supervised)
+            scale = world / supervised.clamp(min=1)  # every supervised token weighs the same, wherever it landed
+            for i, (x, y) in enumerate(batches):
+                sync = model.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext()
+                with sync:
+                    with autocast(device, dtype):
+                        _, loss_sum = model(to_device(x, device), to_device(y, device), reduction="sum",
+                                            supervised=to_device(np.flatnonzero(y >= 0), device))
+                    scaler.scale(loss_sum * scale).backward()
+                window_loss += loss_sum.detach()
+            if config["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_supervised += supervised
             window_steps += 1
             bar.update(1)
-            at_eval = self.step % c["eval_interval"] == 0 or self.step == self.max_iters
-            if self.step % c["log_interval"] == 0 or at_eval:
+            # log
+            at_eval = step % config["eval_interval"] == 0 or step == max_iters
+            if step % config["log_interval"] == 0 or at_eval:
                 trim_cpu_memory()
-                train_loss = self._train_loss(window_loss, window_sup)
+                total = window_loss.clone()
+                if world > 1:
+                    torch.distributed.all_reduce(total)
+                supervised_count = float(window_supervised)
+                train_loss = total.item() / max(supervised_count, 1)
+                if not math.isfinite(train_loss):
+                    raise GrafitoError(f"training loss became {train_loss} by step {step}; stopped, and the last good "
+                                       f"checkpoint in {out_dir / checkpoint.LATEST} is untouched. Try a lower "
+                                       f"learning_rate, grad_clip, or bfloat16 instead of float16")
                 elapsed = time.perf_counter() - window_start
-                self._log_step(log, bar, train_loss, lr, window_steps, window_sup.item(), elapsed)
-                window_loss.zero_(), window_sup.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                if master:
+                    tokens = window_steps * rows_per_step * config["block_size"]  # all processes
+                    flops = training_flops(raw_model.config, tokens, supervised_count, config["block_size"], lora=is_lora)
+                    mfu = flops / world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
+                                    mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
+                    log.write(json.dumps({"step": step, "train_loss": train_loss, "lr": lr,
+                                          "tokens_per_s": tokens / elapsed, "mfu": mfu, "time": time.time()}) + "\n")
+                    log.flush()
+                window_loss.zero_()
+                window_supervised, window_steps, window_start = 0, 0, time.perf_counter()
+            # evaluate and save
             if at_eval:
-                stop = self._evaluate_on_master(log, bar, train_loss)
+                rng_states = gather_rng_states(world)
+                stop = on_first_rank(lambda: evaluate_and_save(train_loss), rank, world, device) == 1
                 window_start = time.perf_counter()  # evaluation time is not training throughput
         bar.close()
-        if self.master:
-            self._finish(log)
 
-    def _open_log(self):
-        """log.jsonl: started afresh by a new run; on resume, cut back to the checkpoint's step
-        (steps logged after it, before an interruption, are run again and logged again)."""
-        path = self.out_dir / "log.jsonl"
-        if self.step == 0 or not path.exists():
-            return open(path, "w")
-        kept = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # e.g. a line cut short by a crash
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= self.step:
-                kept.append(line + "\n")
-        path.write_text("".join(kept))
-        return open(path, "a")
+        # ------------------------------------------------------------------ finish
+        if master:
+            log.close()
+            best = (f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f})"
+                    if val_batches else "no val split")
+            print(f"done: {step} steps, {best}; weights in {out_dir / checkpoint.BEST}")
+            if is_lora and config["lora_merge"]:  # into a fresh float32 base, not the training copy
+                merged = checkpoint.load_model(out_dir / checkpoint.BEST)
+                checkpoint.save_checkpoint(out_dir, checkpoint.MERGED, merged)
+                print(f"merged adapter into the base: {out_dir / checkpoint.MERGED}")
+            if config["plot"]:
+                plot_losses(out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+    return raw_model
 
-    def _train_loss(self, window_loss, window_sup):
-        total = window_loss.clone()
-        if self.world > 1:
-            torch.distributed.all_reduce(total)
-        loss = total.item() / max(window_sup.item(), 1)
-        if not math.isfinite(loss):
-            raise GrafitoError(f"training loss became {loss} by step {self.step}; stopped, and the last good "
-                               f"checkpoint in {self.out_dir / checkpoint.LATEST} is untouched. Try a lower "
-                               f"learning_rate, grad_clip, or bfloat16 instead of float16")
-        return loss
 
-    def _log_step(self, log, bar, train_loss, lr, steps, supervised, elapsed):
-        if not self.master:
-            return
-        c = self.config
-        tokens = steps * self.rows_per_step * c["block_size"]
-        flops = training_flops(self.raw_model.config, tokens, supervised, c["block_size"], lora=self.lora)
-        mfu = flops / elapsed / self.peak if self.peak else None
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
-                        mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
-        log.write(json.dumps({"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens / elapsed,
-                              "mfu": mfu, "time": time.time()}) + "\n")
-        log.flush()
+def gather_rng_states(world):
+    """Every rank's RNG states, in rank order (saved so that each rank resumes its own stream)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
 
-    def _evaluate_and_save(self, log, bar, train_loss):
-        """Evaluate, write the latest checkpoint and, on improvement, best/; True means stop early."""
-        if self.val_batches:
-            val_loss = self.evaluate()
-            if not math.isfinite(val_loss):
-                raise GrafitoError(f"validation loss became {val_loss} at step {self.step}; stopped without saving")
-            improved = self.step > 0 and val_loss < self.best_val  # step 0 is the starting model: a reference
-            if improved:
-                self.best_val, self.evals_without_gain = val_loss, 0
-            elif self.step > 0:
-                self.evals_without_gain += 1
-            bar.write(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
-                      + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
-                      + (" (best)" if improved else ""))
-            log.write(json.dumps({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                  "time": time.time()}) + "\n")
-            log.flush()
-        else:
-            improved = self.step > 0  # nothing to compare: best/ follows the latest weights
-        if self.step > 0:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "sampler": self.sampler.state_dict(), "rng": rng_state(), "best_val": self.best_val,
-                     "evals_without_gain": self.evals_without_gain, "config": self.config,
-                     "base_model": self.base_model, "accumulation": self.accum, "world": self.world,
-                     "format": "grafito-train-1"}
-            if improved:  # before ckpt/: a resume from ckpt/ must never know of a best/ that is not there
-                checkpoint.save_checkpoint(self.out_dir, checkpoint.BEST, self.raw_model, self.base_model,
-                                           base_fingerprint=self.base_fingerprint)
-            checkpoint.save_checkpoint(self.out_dir, checkpoint.LATEST, self.raw_model, self.base_model, state,
-                                       base_fingerprint=self.base_fingerprint)
-        patience = self.config["early_stop_patience"]
-        if patience and self.evals_without_gain >= patience:
-            bar.write(f"early stop: no better val loss in {patience} evaluations")
-            return True
-        return False
 
-    def _evaluate_on_master(self, log, bar, train_loss):
-        """Rank 0 evaluates and saves; every rank learns whether to stop, or that rank 0 failed
-        (and says so, rather than dying in its next collective with a cryptic peer error)."""
-        STOP, FAILED = 1, 2
-        outcome, error = 0, None
-        if self.master:
-            try:
-                outcome = STOP if self._evaluate_and_save(log, bar, train_loss) else 0
-            except BaseException as err:
-                outcome, error = FAILED, err
-        if self.world > 1:
-            tensor = torch.tensor(outcome, device=self.device)
-            torch.distributed.broadcast(tensor, src=0)
-            outcome = int(tensor.item())
-        if error is not None:
-            raise error
-        if outcome == FAILED:
-            raise GrafitoError(f"rank {self.rank}: stopping, rank 0 failed while evaluating or saving (see its message)")
-        return outcome == STOP
-
-    def _finish(self, log):
-        log.close()
-        best = (f"best val loss {self.best_val:.4f} (perplexity {math.exp(min(self.best_val, 50)):.2f})"
-                if self.val_batches else "no val split")
-        print(f"done: {self.step} steps, {best}; weights in {self.out_dir / checkpoint.BEST}")
-        if self.lora and self.config["lora_merge"]:  # into a fresh float32 base, not the training copy
-            merged = checkpoint.load_weights(self.out_dir / checkpoint.BEST)
-            checkpoint.save_checkpoint(self.out_dir, checkpoint.MERGED, merged, self.base_model)
-            print(f"merged adapter into the base: {self.out_dir / checkpoint.MERGED}")
-        if self.config["plot"]:
-            plot_losses(self.out_dir)
+def announce(config, model, device, dtype, world, train_split, sampler, rows_per_epoch, rows_per_step, accum,
+             max_iters, n_val_batches):
+    print("config:\n" + format_config(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
+          f"{', LoRA' if lora.lora_layers(model) else ''}), device {device}, dtype {dtype}, {world} process(es)")
+    wanted = config["gradient_accumulation_steps"] if not config["tokens_per_step"] else None
+    if wanted is not None and wanted != accum:
+        print(f"note: {wanted} micro-batches per step rounded up to {accum}, a multiple of the {world} processes "
+              f"(every process runs the same number)")
+    print(f"data: {train_split.num_conversations:,} train conversations in {rows_per_epoch:,} rows of "
+          f"{config['block_size']} tokens ({sampler.packing_efficiency():.1%} filled), {n_val_batches} val batches"
+          + ("" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"))
+    cut, cut_tokens = sampler.overlong()
+    if cut:
+        print(f"note: {cut:,} train conversations are longer than a row ({config['block_size'] + 1} tokens) and lose "
+              f"their last {cut_tokens:,} tokens ({cut_tokens / len(train_split.tokens):.1%} of the split); "
+              f"prepare with --block_size={config['block_size']} to drop them or cut them at a turn boundary instead")
+    print(f"steps: {max_iters:,} of {rows_per_step} rows ({rows_per_step * config['block_size']:,} tokens, gradient "
+          f"accumulation {accum}) = {max_iters * rows_per_step / rows_per_epoch:.2f} epochs")
 
 
 def plot_losses(out_dir):
@@ -561,13 +463,13 @@ def plot_losses(out_dir):
         print("(pip install matplotlib for out_dir/loss.png)")
         return
     rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train_points = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val_points = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train (masked)")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="val (masked)")
+    if train_points:
+        ax.plot(*zip(*train_points), label="train (masked)")
+    if val_points:
+        ax.plot(*zip(*val_points), marker="o", label="val (masked)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
@@ -576,14 +478,13 @@ def plot_losses(out_dir):
     print(f"loss curve: {Path(out_dir) / 'loss.png'}")
 
 
-def main():
-    config = load_train_config()
-    validate(config)
-    trainer = Trainer(config)
+def main(argv=None):
+    config = load_train_config(argv)
+    check_config(config)
     try:
-        trainer.run()
+        train(config)
     finally:
-        if trainer.world > 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

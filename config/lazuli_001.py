@@ -1,20 +1,15 @@
-# lazuli-001: OpenAI's gpt2-medium (355M) adapted to grafito-25k with LoRA.
-# The original README lists this size as "coming soon" and says the project moved towards
-# LoRA; everything below is chosen here, following the LoRA paper (Hu et al. 2021) for GPT-2.
+# lazuli-001: OpenAI's gpt2-medium (355M) adapted to grafito-25k with LoRA (the README's model table says why these values).
 out_dir = "out/lazuli_001"
 init_from = "gpt2-medium"
-dataset = "grafito25k"  # python prepare/grafito25k.py
+dataset = "grafito25k"
 
 block_size = 1024
-lora_r = 16  # the paper's GPT-2 runs use r=4; 16 leaves room for a more varied chat dataset
-lora_alpha = 32.0  # alpha / r = 2, the scale common LoRA recipes use
+lora_r = 16
+lora_alpha = 32.0
 lora_dropout = 0.05
-lora_targets = "q,v"  # W_q and W_v, the paper's choice, as separate adapters on the fused c_attn
-lora_merge = True  # also write out/lazuli_001/merged, a plain GPT-2 folder (sample.py loads either)
+lora_targets = "q,v"
+lora_merge = True
 
-# Adapters learn slowly from few parameters: a higher learning rate than full fine-tuning
-# (2e-4; larger models take smaller steps), no weight decay on the near-zero factors, 3 epochs
-# of the ~715 packed rows, 4 rows (4,096 tokens) per step.
 learning_rate = 2e-4
 min_lr = 2e-4 / 10
 weight_decay = 0.0
@@ -24,7 +19,7 @@ gradient_accumulation_steps = 1
 warmup_iters = 30
 lr_schedule = "cosine"
 grad_clip = 1.0
-dropout = 0.0  # the adapters have their own dropout; the frozen base runs deterministically
+dropout = 0.0
 eval_interval = 50
 log_interval = 10
 

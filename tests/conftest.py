@@ -41,3 +41,41 @@ def hf_checkpoint(tmp_path):
         return folder, model
 
     return make
+
+
+def prepare_head(folder, n_train, n_val):
+    """The first real grafito-25k conversations, prepared in the standard format."""
+    sys.path.insert(0, str(ROOT / "prepare"))
+    import data
+    import grafito25k
+    import pipeline
+    import tokenizer
+
+    if not GRAFITO_25K.exists():
+        pytest.skip("../shared data not present")
+    text = "\n\n\n".join(GRAFITO_25K.read_text(encoding="utf-8").split("\n\n\n")[:n_train + n_val + 10])
+    report = pipeline.Report("grafito-25k head")
+    kept = pipeline.clean_records(grafito25k.parse(text, report), report, detokenize=True)
+    rendered = tokenizer.render_batch([r.turns for r in kept])
+    data.write_dataset(folder, {"train": rendered[:n_train], "val": rendered[n_train:n_train + n_val]},
+                       {"dataset": folder.name, "vocab_size": 50257})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """100 train and 20 val conversations of grafito-25k."""
+    return prepare_head(tmp_path_factory.mktemp("data") / "tiny", 100, 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A small GPT-2-format weights folder with the real vocabulary (a stand-in for gpt2)."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "base"
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).save_pretrained(folder)
+    return folder

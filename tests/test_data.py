@@ -401,3 +401,26 @@ def test_readers_use_the_previous_version_during_a_swap_without_renaming(tmp_pat
     data.write_dataset(tmp_path / "d", {"train": [conv, conv], "val": []}, {"dataset": "t"})
     assert data.load_split(tmp_path / "d", "train").num_conversations == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# ----------------------------------------------------------------------------- training batches
+
+def test_packed_rows_hold_whole_conversations_and_shifted_masks(tiny_dataset):
+    split = data.load_split(tiny_dataset, "train")
+    batches = data.PackedBatches(split, 128, seed=3)
+    rows = batches.rows_of_epoch(0)
+    assert sorted(i for row in rows for i in row) == list(range(split.num_conversations))  # each once per epoch
+    for row in rows:
+        assert sum(min(split.lengths[i], 129) for i in row) <= 129 or len(row) == 1
+    x, y = batches.batch(rows[:4])
+    for r, row in enumerate(rows[:4]):
+        tokens = np.concatenate([split.conversation(i)[0] for i in row])[:129]
+        mask = np.concatenate([split.conversation(i)[1] for i in row])[:129]
+        n = len(tokens)
+        assert (x[r, :min(n, 128)] == tokens[:128]).all()
+        expected_y = np.where(mask[1:], tokens[1:], -1)
+        assert (y[r, :n - 1] == expected_y).all() and (y[r, n - 1:] == -1).all()
+    assert batches.rows_of_epoch(1) != rows  # a new order each epoch
+    cut, cut_tokens = data.PackedBatches(split, 48).overlong()  # reported by train.py: what the row end cuts off
+    long = [n for n in split.lengths if n > 49]
+    assert cut == len(long) > 0 and cut_tokens == sum(n - 49 for n in long)

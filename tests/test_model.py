@@ -1,6 +1,7 @@
-"""GPT-2 numerics against transformers, the KV cache, sampling and the weight loader."""
+"""GPT-2 numerics against transformers, and reading and writing its weights."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common import GrafitoError
-from model import GPT, GPTConfig, KVCache, left_pad, sample_next
+from model import GPT, GPTConfig
 
 
 def hf_logits(hf_model, idx):
@@ -92,174 +93,6 @@ def test_model_without_biases_exports_as_zero_biases(tmp_path):
         GPT.from_pretrained(tmp_path / "b", bias=False)
 
 
-def test_masked_loss_equals_full_logits_cross_entropy():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=70)).eval()
-    idx = torch.randint(0, 70, (4, 32))
-    targets = torch.randint(0, 70, (4, 32))
-    targets[torch.rand(4, 32) < 0.6] = -1
-    no_logits, loss = model(idx, targets)
-    full_logits, _ = model(idx)
-    expected = F.cross_entropy(full_logits.view(-1, 70), targets.view(-1), ignore_index=-1)
-    assert torch.allclose(loss, expected, atol=1e-6)
-    assert no_logits is None
-    _, loss_sum = model(idx, targets, loss_reduction="sum")
-    assert torch.allclose(loss_sum, expected * (targets >= 0).sum(), rtol=1e-5)
-    _, no_loss = model(idx, torch.full_like(targets, -1))
-    assert no_loss.item() == 0.0
-
-
-def test_batch_without_supervised_tokens_gives_zero_gradients():
-    """A packed row can hold only prompt tokens; its gradient must be zero, not garbage."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=70))
-    torch.empty(1 << 20).fill_(float("nan"))  # leave NaNs in freed memory an uninitialised buffer could reuse
-    _, loss = model(torch.randint(0, 70, (2, 16)), torch.full((2, 16), -1))
-    loss.backward()
-    for name, param in model.named_parameters():
-        assert param.grad is None or (param.grad == 0).all(), name
-
-
-def test_model_gradients_equal_full_logits_cross_entropy():
-    """The fused output layer and the shared tied-weight gradient change nothing but speed."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70))
-    idx, targets = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
-    targets[torch.rand(3, 16) < 0.5] = -1
-    logits, _ = model(idx)
-    F.cross_entropy(logits.reshape(-1, 70), targets.reshape(-1), ignore_index=-1).backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    model(idx, targets)[1].backward()
-    for name, param in model.named_parameters():
-        assert torch.allclose(param.grad, expected[name], atol=1e-6), name
-
-
-def test_compiled_model_gradients_equal_eager():
-    """torch.compile (compile=True in the codename configs) must keep the tied weight's
-    output-layer gradient, not only the embedding's part of it."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=70))
-    idx, targets = torch.randint(0, 70, (2, 16)), torch.randint(0, 70, (2, 16))
-    targets[:, :6] = -1
-    grads = []
-    for run in (model, torch.compile(model)):
-        model.zero_grad(set_to_none=True)
-        run(idx, targets)[1].backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name, grad in grads[0].items():
-        assert torch.allclose(grads[1][name], grad, atol=1e-5), name
-
-
-def test_fused_output_loss_gradients_equal_the_reference():
-    torch.manual_seed(0)
-    h = torch.randn(300, 32, requires_grad=True)
-    weight = torch.randn(128, 32, requires_grad=True)  # 100 real rows + padding, as the tied embedding
-    targets = torch.randint(0, 100, (300,))
-    reference = F.cross_entropy(F.linear(h, weight)[:, :100], targets, reduction="sum")
-    reference.backward()
-    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
-    h.grad = weight.grad = None
-    from model import linear_cross_entropy
-
-    fused = linear_cross_entropy(h, weight, targets, 100, chunk_rows=64)  # several chunks
-    (fused * 0.5).backward()
-    assert torch.allclose(fused, reference, rtol=1e-5)
-    assert torch.allclose(h.grad, expected_h * 0.5, atol=1e-5) and torch.allclose(weight.grad, expected_w * 0.5, atol=1e-5)
-    assert (weight.grad[100:] == 0).all()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax: as autocast's own path
-        fused_bf16 = linear_cross_entropy(h, weight, targets, 100)
-        reference_bf16 = F.cross_entropy(F.linear(h, weight)[:, :100].float(), targets, reduction="sum")
-    assert torch.allclose(fused_bf16, reference_bf16, rtol=1e-4)
-
-
-def test_kv_cache_matches_full_forward():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=40, vocab_size=80)).eval()
-    idx = torch.randint(0, 80, (2, 40))
-    full, _ = model(idx)
-    cache = KVCache(model.config, 2, 40, "cpu", torch.float32)
-    with torch.no_grad():
-        steps = [model.lm_head(model.hidden_states(idx[:, :7], cache))[..., :80]]  # prefill
-        steps += [model.lm_head(model.hidden_states(idx[:, t:t + 1], cache))[..., :80] for t in range(7, 20)]
-        steps += [model.decode_step(idx[:, t], cache)[:, None] for t in range(20, 30)]  # fixed-shape steps
-        steps += [model.lm_head(model.hidden_states(idx[:, 30:], cache))[..., :80]]  # a chunk after them
-    incremental = torch.cat(steps, dim=1)
-    assert (incremental - full).abs().max().item() < 1e-5
-
-
-def test_left_padded_batch_matches_each_prompt_alone():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=60)).eval()
-    prompts = [torch.randint(0, 60, (n,)) for n in (5, 11, 8)]
-    idx, mask = left_pad(prompts, pad_id=0)
-    batched = model.generate(idx, 12, temperature=0, prompt_mask=mask)[:, idx.shape[1]:]
-    for row, prompt in zip(batched, prompts):
-        alone = model.generate(prompt[None], 12, temperature=0)[0, len(prompt):]
-        assert torch.equal(row, alone)
-
-
-def test_greedy_generation_equals_transformers_and_uncached_greedy(hf_checkpoint):
-    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113)
-    model = GPT.from_pretrained(folder).eval()
-    idx = torch.randint(0, 113, (2, 9))
-    ours = model.generate(idx, 40, temperature=0)
-    theirs = hf.generate(idx, max_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours, theirs)
-    uncached = idx
-    for _ in range(40):  # no cache: the whole sequence every step
-        uncached = torch.cat([uncached, model(uncached)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(ours, uncached)
-
-
-def test_generation_past_the_context_window_keeps_going():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=40)).eval()
-    out = model.generate(torch.randint(0, 40, (2, 10)), 30, temperature=0)
-    assert out.shape == (2, 40)
-
-
-def test_sampling_rules():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    gen = lambda seed: torch.Generator().manual_seed(seed)
-    assert torch.equal(sample_next(logits, 0.8, generator=gen(1)), sample_next(logits, 0.8, generator=gen(1)))
-    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen(2)), logits.argmax(-1))
-    # top-p keeps the smallest set of tokens whose probability reaches p
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    picks = {int(sample_next(probs.log(), 1.0, top_p=0.8, generator=gen(s))) for s in range(200)}
-    assert picks == {0, 1}
-    picks = {int(sample_next(probs.log(), 1.0, top_p=0.81, generator=gen(s))) for s in range(200)}
-    assert picks == {0, 1, 2}
-    seen = torch.zeros(1, 4, dtype=torch.bool)
-    seen[0, 0] = True
-    assert int(sample_next(probs.log() + 5, 0, repetition_penalty=2.0, seen=seen)) == 1
-
-
-def test_vocab_limit_keeps_tokens_the_tokenizer_can_decode():
-    """A checkpoint may have more rows than its tokenizer has ids (dlite: 50,260 for 50,257)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=70)).eval()
-    idx = torch.zeros(2, 1, dtype=torch.long)
-    free = model.generate(idx, 40, temperature=2.0, generator=torch.Generator().manual_seed(0))
-    limited = model.generate(idx, 40, temperature=2.0, generator=torch.Generator().manual_seed(0), vocab_limit=20)
-    assert free[:, 1:].max() >= 20 and limited[:, 1:].max() < 20
-
-
-def test_stop_ids_end_rows_and_pad_them():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=30)).eval()
-    idx = torch.randint(0, 30, (3, 4))
-    free = model.generate(idx, 20, temperature=0)[:, 4:]
-    stop = int(free[0, 2])
-    stopped = model.generate(idx, 20, temperature=0, stop_ids=[stop])[:, 4:]
-    for row_free, row in zip(free, stopped):
-        hits = (row_free == stop).nonzero()
-        if len(hits):
-            first = int(hits[0])
-            assert torch.equal(row[:first + 1], row_free[:first + 1])
-            assert (row[first:] == stop).all()
-
-
 # ----------------------------------------------------------------------------- loader errors
 
 def test_missing_and_misshapen_weights_name_the_key(hf_checkpoint, tmp_path):
@@ -277,22 +110,13 @@ def test_missing_and_misshapen_weights_name_the_key(hf_checkpoint, tmp_path):
         GPT.from_pretrained(broken)
 
 
-def test_missing_folder_and_offline_hub_errors(tmp_path):
-    with pytest.raises(GrafitoError, match="no such model folder"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
+def test_a_folder_without_config_or_weights_is_a_clear_error(tmp_path):
     with pytest.raises(GrafitoError, match="has no config.json"):
-        GPT.from_pretrained(empty)
-    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8,
-                                                   "n_positions": 8, "vocab_size": 10}))
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8,
+                                                      "n_positions": 8, "vocab_size": 10}))
     with pytest.raises(GrafitoError, match="no weights"):
-        GPT.from_pretrained(empty)
-    # HF_HUB_OFFLINE=1 (conftest): nothing cached, so a clear error naming the local alternative
-    with pytest.raises(GrafitoError, match=r"(?s)unreachable.*init_from=path/to/dir"):
-        GPT.from_pretrained("gpt2")
-    with pytest.raises(GrafitoError, match=r"(?s)unreachable.*No local folder 'someone/fine-tune'"):
-        GPT.from_pretrained("someone/fine-tune")
+        GPT.from_pretrained(tmp_path)
 
 
 def test_non_gpt2_config_is_refused(tmp_path):
@@ -301,40 +125,117 @@ def test_non_gpt2_config_is_refused(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-def test_compiled_decode_step_gives_the_same_tokens():
+GOOD_CONFIG = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 97}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{ not json", "not a readable JSON file"),
+    ("", "not a readable JSON file"),
+    ("[]", "expected a JSON object"),
+    (json.dumps({**GOOD_CONFIG, "layer_norm_epsilon": "abc"}), "layer_norm_epsilon = 'abc' is invalid"),
+    (json.dumps({**GOOD_CONFIG, "n_layer": True}), "n_layer = True is invalid: must be an integer"),
+    (json.dumps({**GOOD_CONFIG, "n_positions": 1e13}), "n_positions = 10000000000000.0 is invalid"),
+    (json.dumps({**GOOD_CONFIG, "n_embd": 33}), "not divisible by n_head"),
+    (json.dumps({**GOOD_CONFIG, "activation_function": "mish"}), "activation_function='mish'"),
+])
+def test_a_malformed_config_json_is_one_error_naming_the_file(hf_checkpoint, text, message):
+    folder, _ = hf_checkpoint()
+    (folder / "config.json").write_text(text)
+    with pytest.raises(GrafitoError, match=re.escape(message)) as err:
+        GPT.from_pretrained(folder)
+    assert "config.json" in str(err.value)
+
+
+def test_binary_config_json_is_one_error(hf_checkpoint):
+    folder, _ = hf_checkpoint()
+    (folder / "config.json").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(GrafitoError, match="not a readable JSON file"):
+        GPT.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_integer_or_boolean_weights_are_refused(hf_checkpoint, dtype):
+    folder, _ = hf_checkpoint()
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(dtype)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(GrafitoError, match=r"'h\.0\.mlp\.c_fc\.weight' holds torch\.\w+ values"):
+        GPT.from_pretrained(folder)
+
+
+def test_a_malformed_shard_index_is_one_error(hf_checkpoint):
+    folder, _ = hf_checkpoint()
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []}))
+    with pytest.raises(GrafitoError, match="weight_map"):
+        GPT.from_pretrained(folder)
+
+
+def test_sharded_weights_load(hf_checkpoint, tmp_path):
+    folder, hf = hf_checkpoint()
+    state = load_file(folder / "model.safetensors")
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, folder / shard)
+    (folder / "model.safetensors").unlink()
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    idx = torch.randint(0, 97, (1, 16))
+    assert (GPT.from_pretrained(folder).eval()(idx)[0] - hf_logits(hf, idx)).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- GPT-2-family variants
+
+VARIANTS = {  # transformers GPT2Config settings grafito runs exactly
+    "exact GELU (Cerebras-GPT)": dict(activation_function="gelu"),
+    "MLP width 3 x n_embd": dict(n_inner=96),
+    "2048 positions, context cropped to 40": dict(n_positions=2048),
+    "ReLU": dict(activation_function="relu"),
+    "quick GELU": dict(activation_function="quick_gelu"),
+}
+
+
+def hf_variant(tmp_path, **settings):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=300, vocab_size=64)).eval()
-    idx = torch.randint(0, 64, (2, 7))
-    eager = model.generate(idx, 12, temperature=0)
-    model.compile_decode()
-    assert torch.equal(model.generate(idx, 12, temperature=0), eager)
-    assert model._cache_length(19) == 256 and model._cache_length(290) == 300  # shapes bucketed, capped
-
-
-def test_one_row_bf16_decoding_path_matches_the_linear_layers(monkeypatch):
-    """model.linear's matrix-vector shortcut (bf16, one row, inference) computes what nn.Linear does."""
-    import model as model_module
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
-    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    config = GPT2Config(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 97, **settings})
+    hf = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
-        assert torch.allclose(model_module.linear(layer, x).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
-    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=90)).to(torch.bfloat16)
-    idx = torch.randint(0, 90, (1, 5))
-    fast = gpt.generate(idx, 20, temperature=0)
-    monkeypatch.setattr(model_module, "linear", lambda layer, x: layer(x))
-    assert torch.equal(gpt.generate(idx, 20, temperature=0), fast)
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    hf.save_pretrained(tmp_path / "variant")
+    return tmp_path / "variant", hf
 
 
-def test_explicit_cpu_attention_equals_sdpa():
-    from model import _causal_attention
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_gpt2_family_variants_match_transformers(tmp_path, name):
+    folder, hf = hf_variant(tmp_path, **VARIANTS[name])
+    block = 40 if "n_positions" in VARIANTS[name] else None
+    model = GPT.from_pretrained(folder, **({"block_size": block} if block else {})).eval()
+    idx = torch.randint(0, 97, (2, block or 64))
+    assert (model(idx)[0] - hf_logits(hf, idx)).abs().max().item() <= 1e-4
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
-    ours = _causal_attention(q, k, v, dropout=0.0)
-    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    expected = torch.autograd.grad(reference.square().sum(), (q, k, v))
-    assert torch.allclose(ours, reference, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected))
+
+def test_a_variant_saved_by_grafito_loads_back_in_transformers_with_its_settings(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    folder, hf = hf_variant(tmp_path, activation_function="gelu", n_inner=96, n_positions=128)
+    GPT.from_pretrained(folder).save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (saved["activation_function"], saved["n_inner"], saved["n_positions"]) == ("gelu", 96, 128)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = torch.randint(0, 97, (2, 30))
+    assert (hf_logits(again, idx) - hf_logits(hf, idx)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+    (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
+    (dict(tie_word_embeddings=False), "tie_word_embeddings"),
+])
+def test_unsupported_variants_are_refused_naming_the_key(tmp_path, settings, message):
+    folder, _ = hf_variant(tmp_path, **settings)
+    with pytest.raises(GrafitoError, match=message):
+        GPT.from_pretrained(folder)

@@ -1,0 +1,161 @@
+"""engine.py: the KV cache and decode loop equal a full forward, batching changes nothing, sampling rules."""
+
+import pytest
+import torch
+
+import engine
+from common import GrafitoError
+from engine import Engine, KVCache, Sampling, naive_generate, sample
+from model import GPT, GPTConfig
+
+GREEDY = Sampling(temperature=0)
+
+
+def tiny_gpt(seed=0, **config):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 60, **config})).eval()
+
+
+def rows_of(steps, row):
+    return [tokens[row] for tokens in steps if tokens[row] is not None]
+
+
+def test_prefill_then_decode_steps_equal_a_full_forward():
+    model = tiny_gpt(n_layer=3, n_head=4, n_embd=64, block_size=40, vocab_size=80)
+    idx = torch.randint(0, 80, (2, 40))
+    full, _ = model(idx)
+    model_engine = Engine(model)
+    cache = model_engine.new_cache(2, 40)
+    model_engine.prefill(cache, [0, 1], idx[:, :7].tolist())
+    steps = [model_engine.decode(cache, idx[:, t].tolist()) for t in range(7, 40)]
+    assert (torch.stack(steps, dim=1) - full[:, 7:]).abs().max().item() < 1e-5
+
+
+def test_rows_of_different_lengths_decode_as_each_row_alone():
+    model = tiny_gpt()
+    prompts = [torch.randint(0, 60, (n,)).tolist() for n in (5, 11, 1)]
+    batched = list(Engine(model).generate(prompts, 12, GREEDY))
+    for row, prompt in enumerate(prompts):
+        alone = list(Engine(model).generate([prompt], 12, GREEDY))
+        assert rows_of(batched, row) == rows_of(alone, 0)
+
+
+def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_checkpoint):
+    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113)
+    model = GPT.from_pretrained(folder).eval()
+    prompts = torch.randint(0, 113, (2, 9))
+    steps = list(Engine(model).generate(prompts.tolist(), 40, GREEDY))
+    theirs = hf.generate(prompts, max_new_tokens=40, do_sample=False, pad_token_id=0)[:, 9:]
+    for row in range(2):
+        assert rows_of(steps, row) == naive_generate(model, prompts[row].tolist(), 40) == theirs[row].tolist()
+
+
+def test_a_row_past_the_context_restarts_from_its_recent_tokens_without_changing_the_others():
+    model = tiny_gpt(block_size=16)
+    long_prompt, short_prompt = torch.randint(0, 60, (12,)).tolist(), [3]
+    steps = list(Engine(model).generate([long_prompt, short_prompt], 10, GREEDY))
+    assert len(rows_of(steps, 0)) == 10  # went on past the 16-token context
+    # the short row never filled its context: exactly its greedy continuation, as if alone
+    assert rows_of(steps, 1) == naive_generate(model, short_prompt, 10)
+    # the long row, within the context, is its greedy continuation too
+    assert rows_of(steps, 0)[:4] == naive_generate(model, long_prompt, 4)
+
+
+def test_generation_memory_follows_the_context_not_max_new_tokens():
+    steps = Engine(tiny_gpt(block_size=16)).generate([[1, 2, 3]], 10 ** 12, GREEDY)
+    assert len([next(steps) for _ in range(40)]) == 40  # no buffer of 10^12 tokens was allocated
+
+
+def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
+    model = tiny_gpt(vocab_size=30)
+    prompts = torch.randint(0, 30, (3, 4)).tolist()
+    free = list(Engine(model).generate(prompts, 20, GREEDY))
+    stop = free[2][0]
+    stopped = list(Engine(model).generate(prompts, 20, GREEDY, stop_ids=[stop]))
+    for row in range(3):
+        tokens = rows_of(free, row)
+        if stop in tokens:
+            first = tokens.index(stop)
+            assert rows_of(stopped, row) == tokens[:first + 1]
+            assert all(step[row] is None for step in stopped[first + 1:])
+
+
+def test_vocab_limit_keeps_tokens_the_tokenizer_can_decode():
+    """A checkpoint may have more rows than its tokenizer has ids (dlite: 50,260 for 50,257)."""
+    model = tiny_gpt(vocab_size=70)
+    hot = Sampling(temperature=2.0)
+    free = list(Engine(model).generate([[0], [0]], 40, hot, generator=torch.Generator().manual_seed(0)))
+    limited = list(Engine(model).generate([[0], [0]], 40, hot, generator=torch.Generator().manual_seed(0),
+                                          vocab_limit=20))
+    assert max(max(s) for s in free) >= 20 and max(max(s) for s in limited) < 20
+
+
+def test_same_seed_same_samples():
+    model = tiny_gpt()
+    run = lambda seed: list(Engine(model).generate([[1, 2]] * 3, 12, Sampling(temperature=1.0),
+                                                   generator=torch.Generator().manual_seed(seed)))
+    assert run(5) == run(5) != run(6)
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    assert torch.equal(sample(logits, Sampling(top_k=1), generator=gen(2)), logits.argmax(-1))
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # top-p keeps the smallest set reaching p
+    assert {int(sample(probs.log(), Sampling(top_p=0.8), generator=gen(s))) for s in range(200)} == {0, 1}
+    assert {int(sample(probs.log(), Sampling(top_p=0.81), generator=gen(s))) for s in range(200)} == {0, 1, 2}
+    seen = torch.tensor([[True, False, False, False]])
+    assert int(sample(probs.log() + 5, Sampling(temperature=0, repetition_penalty=2.0), seen=seen)) == 1
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=float("nan")), dict(temperature=1e-45), dict(temperature=-1),
+                                      dict(top_p=0.0), dict(top_p=float("inf")), dict(top_k=-1),
+                                      dict(repetition_penalty=float("nan")), dict(repetition_penalty=0)])
+def test_bad_sampling_settings_are_one_clear_error(settings):
+    with pytest.raises(GrafitoError, match="is invalid"):
+        Sampling(**settings)
+
+
+def test_non_finite_logits_are_one_clear_error():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    with pytest.raises(GrafitoError, match="NaN or infinite logits"):
+        list(Engine(model).generate([[1, 2]], 3, Sampling(temperature=1.0)))
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = tiny_gpt(block_size=300, vocab_size=64)
+    prompts = [torch.randint(0, 64, (7,)).tolist(), [5, 6]]
+    eager = list(Engine(model).generate(prompts, 12, GREEDY))
+    compiled = Engine(model, compile=True)
+    assert list(compiled.generate(prompts, 12, GREEDY)) == eager
+    assert compiled.new_cache(1, 19).max_len == 256 and compiled.new_cache(1, 290).max_len == 300  # bucketed, capped
+
+
+def test_one_row_matrix_vector_path_equals_the_linear_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x).float()
+        layer.__class__ = engine.MatVecLinear
+        assert torch.allclose(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_cpu_engine_uses_matrix_vector_layers_and_keeps_the_tied_weight():
+    model = tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)
+    model_engine = Engine(model)
+    assert isinstance(model.lm_head, engine.MatVecLinear) and model.lm_head.weight is model.transformer.wte.weight
+    prompt = [1, 2, 3, 4, 5]
+    two_rows = list(model_engine.generate([prompt, prompt], 20, GREEDY))  # matrix products
+    one_row = list(model_engine.generate([prompt], 20, GREEDY))  # matrix-vector products
+    assert rows_of(one_row, 0) == rows_of(two_rows, 0)
+
+
+def test_kv_cache_slots_hold_their_own_lengths():
+    model = tiny_gpt()
+    cache = KVCache(model.config, 3, 16, "cpu", torch.float32)
+    Engine(model).prefill(cache, [0, 2], [[1, 2, 3], []])
+    assert cache.lengths == [3, 0, 0] and cache.positions.tolist() == [3, 0, 0]
