@@ -367,22 +367,25 @@ class PairBatches:
     block_size / pad_multiple shapes.
 
     Each epoch visits every pair once, in a seeded random order (shuffle=True) or in file
-    order. The position (epoch, cursor) is all the state; restoring it resumes the exact
-    sequence of pairs.
+    order. With length_group > 0 that order is cut into groups of length_group pairs, each
+    sorted longest first, so the pairs that follow each other (a batch) have similar lengths
+    and less padding. The position (epoch, cursor) is all the state; restoring it resumes
+    the exact sequence of pairs.
     """
 
-    def __init__(self, split, block_size, seed=0, shuffle=True, pad_id=EOT, pad_multiple=64):
+    def __init__(self, split, block_size, seed=0, shuffle=True, pad_id=EOT, pad_multiple=64, length_group=0):
         if split.num_pairs == 0:
             raise GrafitoError(f"the {split.name} split has no pairs")
-        if pad_multiple < 1:
-            raise GrafitoError(f"pad_multiple must be at least 1, got {pad_multiple}")
+        if pad_multiple < 1 or length_group < 0:
+            raise GrafitoError(f"pad_multiple must be at least 1 and length_group at least 0, got {pad_multiple} "
+                               f"and {length_group}")
         overlong = int((split.row_lengths.max(axis=1) > block_size + 1).sum())
         if overlong:  # cutting a row would cut its answer, and the answer's log-probability with it
             raise GrafitoError(f"{overlong:,} of {split.num_pairs:,} pairs in the {split.name} split have a row of more "
                                f"than block_size + 1 = {block_size + 1} tokens; prepare the pairs with --block_size "
                                f"{block_size} (it cuts the oldest turns of a prompt) or raise block_size")
         self.split, self.block_size, self.seed, self.shuffle = split, block_size, seed, shuffle
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self.pad_id, self.pad_multiple, self.length_group = pad_id, pad_multiple, length_group
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = None, None
 
@@ -390,8 +393,12 @@ class PairBatches:
         """The pair indices of an epoch, in the order they are visited."""
         if self._order_epoch != epoch:
             n = self.split.num_pairs
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            if self.length_group:
+                longest = self.split.row_lengths.max(axis=1)
+                groups = [order[i:i + self.length_group] for i in range(0, n, self.length_group)]
+                order = np.concatenate([group[np.argsort(-longest[group], kind="stable")] for group in groups])
+            self._order, self._order_epoch = order, epoch
         return self._order
 
     def next_pairs(self, n):

@@ -280,17 +280,18 @@ def test_pair_batches_refuse_rows_longer_than_block_size(tmp_path):
         data.PairBatches(split, 6)
 
 
-def test_pair_batches_resume_exactly_and_visit_every_pair_each_epoch(tmp_path):
+@pytest.mark.parametrize("length_group", [0, 3])
+def test_pair_batches_resume_exactly_and_visit_every_pair_each_epoch(tmp_path, length_group):
     toy = [([1 + i % 5] * (2 + i % 3), [30 + i], [60 + i, 61]) for i in range(10)]
     split = write_toy_pairs(tmp_path / "d", toy)
-    straight = data.PairBatches(split, 32, seed=5)
+    straight = data.PairBatches(split, 32, seed=5, length_group=length_group)
     steps = [straight.next_pairs(4) for _ in range(8)]  # 32 pairs: three epochs and a bit
     epochs = [sum(steps, [])[i:i + 10] for i in (0, 10, 20)]
     assert all(sorted(e) == list(range(10)) for e in epochs) and epochs[0] != epochs[1]
-    first = data.PairBatches(split, 32, seed=5)
+    first = data.PairBatches(split, 32, seed=5, length_group=length_group)
     for _ in range(3):
         first.next_pairs(4)
-    resumed = data.PairBatches(split, 32, seed=5)
+    resumed = data.PairBatches(split, 32, seed=5, length_group=length_group)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint stores it
     for step in steps[3:]:
         pairs = resumed.next_pairs(4)
@@ -298,6 +299,17 @@ def test_pair_batches_resume_exactly_and_visit_every_pair_each_epoch(tmp_path):
         for a, b in zip(resumed.batch(pairs), straight.batch(step)):
             assert (a == b).all()
     assert data.PairBatches(split, 32, seed=5, shuffle=False).next_pairs(12) == list(range(10)) + [0, 1]
+
+
+def test_length_groups_sort_each_group_of_the_shuffled_order_longest_first(tmp_path):
+    toy = [([1] * (2 + (7 * i) % 11), [30], [60, 61]) for i in range(10)]
+    split = write_toy_pairs(tmp_path / "d", toy)
+    shuffled = data.PairBatches(split, 32, seed=5).order_of_epoch(1)
+    grouped = data.PairBatches(split, 32, seed=5, length_group=4).order_of_epoch(1)
+    longest = split.row_lengths.max(axis=1)
+    for start in (0, 4, 8):  # the same pairs in each group, longest first
+        group = grouped[start:start + 4]
+        assert sorted(group) == sorted(shuffled[start:start + 4]) and list(longest[group]) == sorted(longest[group], reverse=True)
 
 
 def test_pair_eval_batches_cover_the_split_in_file_order(tmp_path):
