@@ -8,6 +8,12 @@ A dataset folder (data/<name>/ by default) holds, for each split (train, val):
 
 and meta.json: format version, tokenizer, template, vocab size, source (URL or path, sha256),
 counts, block size, seed, split fraction. All three .bin files are raw arrays for np.memmap.
+
+A preference-pairs dataset (meta.json "kind": "pairs", from prepare/hh_rlhf.py --pairs) has
+the same files: pair i of a split is conversation 2i (prompt + chosen answer) and 2i+1
+(prompt + rejected answer). Both rows start with the same prompt ids, every earlier turn
+with its answer and the last instruction up to '### Answer:'; the mask is 1 only on the
+final answer and its <|endoftext|>. A meta.json without "kind" is an SFT dataset.
 """
 
 import json
@@ -77,6 +83,26 @@ def load_meta(folder):
     return _read_meta(resolve_dataset(folder))
 
 
+def dataset_kind(meta):
+    """'sft' (conversations; meta.json without "kind") or 'pairs' (preference pairs, see load_pairs)."""
+    return meta.get("kind", "sft")
+
+
+def check_kind(meta, expected, folder="the dataset"):
+    """Refuse a dataset of the wrong kind: SFT on a pairs dataset would also learn the rejected answers."""
+    kind = dataset_kind(meta)
+    if kind == expected:
+        return
+    if kind not in ("sft", "pairs"):
+        raise GrafitoError(f"{folder}: dataset kind {kind!r} is not one this grafito reads (sft or pairs)")
+    if kind == "pairs":
+        raise GrafitoError(f"{folder} is a preference-pairs dataset (prepared with --pairs): read as conversations "
+                           f"it would train on its rejected answers too; use it with a preference objective, or "
+                           f"prepare an SFT dataset without --pairs")
+    raise GrafitoError(f"{folder} is an SFT dataset of conversations, not preference pairs; prepare pairs with "
+                       f"--pairs, e.g. python prepare/hh_rlhf.py --pairs")
+
+
 def _read_meta(folder):
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -117,9 +143,11 @@ class Split:
         return self.tokens[start:end].tolist(), self.mask[start:end].tolist()
 
 
-def load_split(folder, split):
+def load_split(folder, split, kind="sft"):
+    """One split's files, checked against meta.json; a dataset of another kind is refused."""
     folder = resolve_dataset(folder)
     meta = _read_meta(folder)
+    check_kind(meta, kind, folder)
     token_file, mask_file, offset_file = split_files(folder, split)
     if split not in meta["splits"] or not token_file.exists():
         raise GrafitoError(f"{folder} has no {split!r} split (it has {', '.join(meta['splits'])})")
@@ -266,3 +294,179 @@ def eval_batches(split, block_size, batch_size, max_batches=0):
     rows = packed.rows_of_epoch(0)
     batches = [packed.batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     return batches[:max_batches] if max_batches else batches
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+EOT = 50256  # <|endoftext|> (tokenizer.EOT): every row of a pairs dataset ends with it
+PAIRS_LAYOUT = ("pair i = conversations 2i (prompt + chosen answer) and 2i+1 (prompt + rejected answer), "
+                "the same prompt ids in both; mask 1 on the final answer and its end-of-text only")
+
+
+def write_pairs(folder, splits, meta):
+    """Write {split: [(prompt ids, chosen answer ids, rejected answer ids), ...]} as a pairs dataset.
+
+    Both answers end with <|endoftext|>. The two rows of a pair are built from the one prompt
+    list, so they share its ids by construction.
+    """
+    rows = {}
+    for split, pairs in splits.items():
+        rows[split] = []
+        for prompt, chosen, rejected in pairs:
+            if not prompt or not chosen or not rejected or chosen[-1] != EOT or rejected[-1] != EOT:
+                raise GrafitoError("a pair needs a prompt and two answers that end with <|endoftext|>")
+            for answer in (chosen, rejected):
+                rows[split].append((list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)))
+    return write_dataset(folder, rows, {**meta, "kind": "pairs", "layout": PAIRS_LAYOUT})
+
+
+@dataclass
+class PairSplit:
+    """One split of a pairs dataset: pair i is rows 2i (prompt + chosen answer) and 2i+1
+    (prompt + rejected answer) of `rows`, which share their first prompt_lengths[i] ids."""
+    rows: Split
+    prompt_lengths: np.ndarray  # int64 (num_pairs,): tokens of the shared prompt, up to '### Answer:'
+    answer_lengths: np.ndarray  # int64 (num_pairs, 2): tokens of the chosen and the rejected answer, end-of-text included
+
+    @property
+    def name(self):
+        return self.rows.name
+
+    @property
+    def num_pairs(self):
+        return len(self.prompt_lengths)
+
+    @property
+    def row_lengths(self):
+        """int64 (num_pairs, 2): tokens of the chosen and the rejected row."""
+        return self.prompt_lengths[:, None] + self.answer_lengths
+
+    def pair(self, i):
+        """(chosen ids, chosen mask, rejected ids, rejected mask) of pair i, as lists."""
+        return (*self.rows.conversation(2 * i), *self.rows.conversation(2 * i + 1))
+
+
+def load_pairs(folder, split):
+    """A split of a pairs dataset, memory-mapped; refuses an SFT dataset and rows that are not
+    prompt + answer + end-of-text with the same prompt length as their partner."""
+    rows = load_split(folder, split, kind="pairs")
+    if rows.num_conversations == 0:
+        return PairSplit(rows, np.zeros(0, np.int64), np.zeros((0, 2), np.int64))
+    where = f"{resolve_dataset(folder)}: the {split} split"
+    starts, lengths = rows.offsets[:-1], rows.lengths
+    if rows.num_conversations % 2 or (lengths < 2).any():
+        raise GrafitoError(f"{where} does not hold pairs of rows (an odd count or an empty row); rerun "
+                           f"python prepare/hh_rlhf.py --pairs")
+    mask = np.asarray(rows.mask)
+    ends = starts + lengths - 1
+    # a row's mask is 0 on its prompt, then 1 to its end: it falls back to 0 only where a row starts
+    falls = np.flatnonzero(np.diff(mask.astype(np.int8)) < 0) + 1
+    answer = np.add.reduceat(mask, starts, dtype=np.int64)
+    prompt = (lengths - answer).reshape(-1, 2)
+    broken = ((mask > 1).any() or (mask[starts] != 0).any() or (mask[ends] != 1).any()
+              or (np.asarray(rows.tokens[ends]) != EOT).any() or not np.isin(falls, starts).all()
+              or (prompt[:, 0] != prompt[:, 1]).any())
+    if broken:
+        raise GrafitoError(f"{where} is damaged: its rows are not prompt (mask 0) + answer and <|endoftext|> "
+                           f"(mask 1) with the same prompt length in both rows of a pair; rerun "
+                           f"python prepare/hh_rlhf.py --pairs")
+    return PairSplit(rows, prompt[:, 0].copy(), answer.reshape(-1, 2))
+
+
+class PairBatches:
+    """Batches of whole preference pairs: two rows per pair, its chosen and its rejected
+    conversation, never packed with other text (a row's log-probabilities depend on it alone).
+
+    batch(pairs) gives (x, y), int64 (2 * len(pairs), T): rows 0..B-1 are the chosen rows and
+    rows B..2B-1 the rejected rows of the same pairs, in the same order (chosen = rows[:B],
+    rejected = rows[B:]). x is a row's tokens but the last; y[t] is the token at t + 1 where that
+    token is supervised (the final answer and its end-of-text), else -1. Rows are right-padded,
+    x with pad_id and y with -1, to the batch's longest row rounded up to a multiple of
+    pad_multiple (at most block_size): padding after a row cannot change its causal
+    log-probabilities, short batches stay short, and a compiled model sees at most
+    block_size / pad_multiple shapes.
+
+    Each epoch visits every pair once, in a seeded random order (shuffle=True) or in file
+    order. With length_group > 0 that order is cut into groups of length_group pairs, each
+    sorted longest first, so the pairs that follow each other (a batch) have similar lengths
+    and less padding. The position (epoch, cursor) is all the state; restoring it resumes
+    the exact sequence of pairs.
+    """
+
+    def __init__(self, split, block_size, seed=0, shuffle=True, pad_id=EOT, pad_multiple=64, length_group=0):
+        if split.num_pairs == 0:
+            raise GrafitoError(f"the {split.name} split has no pairs")
+        if pad_multiple < 1 or length_group < 0:
+            raise GrafitoError(f"pad_multiple must be at least 1 and length_group at least 0, got {pad_multiple} "
+                               f"and {length_group}")
+        overlong = int((split.row_lengths.max(axis=1) > block_size + 1).sum())
+        if overlong:  # cutting a row would cut its answer, and the answer's log-probability with it
+            raise GrafitoError(f"{overlong:,} of {split.num_pairs:,} pairs in the {split.name} split have a row of more "
+                               f"than block_size + 1 = {block_size + 1} tokens; prepare the pairs with --block_size "
+                               f"{block_size} (it cuts the oldest turns of a prompt) or raise block_size")
+        self.split, self.block_size, self.seed, self.shuffle = split, block_size, seed, shuffle
+        self.pad_id, self.pad_multiple, self.length_group = pad_id, pad_multiple, length_group
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def order_of_epoch(self, epoch):
+        """The pair indices of an epoch, in the order they are visited."""
+        if self._order_epoch != epoch:
+            n = self.split.num_pairs
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            if self.length_group:
+                longest = self.split.row_lengths.max(axis=1)
+                groups = [order[i:i + self.length_group] for i in range(0, n, self.length_group)]
+                order = np.concatenate([group[np.argsort(-longest[group], kind="stable")] for group in groups])
+            self._order, self._order_epoch = order, epoch
+        return self._order
+
+    def next_pairs(self, n):
+        """The next n pair indices, continuing into the next epoch when this one runs out."""
+        out = []
+        while len(out) < n:
+            order = self.order_of_epoch(self.epoch)
+            take = order[self.cursor:self.cursor + n - len(out)]
+            out += take.tolist()
+            self.cursor += len(take)
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def batch(self, pairs):
+        """(x, y) int64 arrays (2 * len(pairs), T): the chosen rows, then the rejected rows."""
+        pairs = np.asarray(pairs, dtype=np.int64)
+        rows = np.concatenate([2 * pairs, 2 * pairs + 1])
+        offsets = self.split.rows.offsets
+        starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+        longest_input = int(lengths.max()) - 1  # the last token is only a target
+        width = min(self.block_size, -(-longest_input // self.pad_multiple) * self.pad_multiple) + 1
+        tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        supervised = np.zeros((len(rows), width), dtype=bool)
+        for r, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            tokens[r, :n] = self.split.rows.tokens[start:start + n]
+            supervised[r, :n] = self.split.rows.mask[start:start + n]
+        x = tokens[:, :-1]
+        y = np.where(supervised[:, 1:], tokens[:, 1:], -1)
+        return x, y
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple=64):
+    """All pairs of a split in file order as (pairs, x, y): pairs the int64 indices of the
+    batch's batch_size pairs (the last batch may hold fewer), x and y as PairBatches.batch
+    gives them; the first max_batches if > 0."""
+    batcher = PairBatches(split, block_size, shuffle=False, pad_multiple=pad_multiple)
+    starts = range(0, split.num_pairs, batch_size)
+    if max_batches:
+        starts = starts[:max_batches]
+    batches = []
+    for start in starts:
+        pairs = np.arange(start, min(start + batch_size, split.num_pairs))
+        batches.append((pairs, *batcher.batch(pairs)))
+    return batches

@@ -16,7 +16,7 @@ import time
 import unicodedata
 import urllib.request
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,4 +401,178 @@ def print_summary(s, out_dir):
           f"{'/'.join(str(v) for v in s['length_percentiles'].values())}")
     print(f"train {sp['train']['conversations']:,} conversations / {sp['train']['tokens']:,} tokens, "
           f"val {sp['val']['conversations']:,} / {sp['val']['tokens']:,}")
+    print(f"wrote {out_dir} in {s['seconds']:.1f}s (report.json beside the bins)")
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+@dataclass
+class Pair:
+    """A preference record: the conversation both transcripts share, and their two final answers."""
+    line: int  # where the record starts in the source (1-based)
+    history: list  # [(instruction, answer), ...] before the last instruction
+    instruction: str  # the last instruction, which both final answers answer
+    chosen: str
+    rejected: str
+
+    def turns(self, answer):
+        return self.history + [(self.instruction, answer)]
+
+
+def clean_pairs(pairs, report):
+    """clean_records for pairs: both transcripts normalised, the chosen one held to every rule
+    of clean_records, the rejected answer only to the format's (a rejected answer that parrots
+    the instruction or has no words is what the pair teaches against); then pairs without a
+    preference and duplicates dropped."""
+    kept, seen_exact, seen_normalized = [], set(), set()
+    for pair in tqdm(pairs, desc="cleaning", unit="pair", leave=False, mininterval=0.5):
+        chosen, changed = clean_turns(pair.turns(pair.chosen))
+        rejected, rejected_changed = clean_turns(pair.turns(pair.rejected))
+        for name in sorted(changed | rejected_changed):
+            report.repair(name, pair.line)
+        reason = _drop_reason(chosen, False) or _rejected_drop_reason(rejected[-1][1])
+        if not reason and tokenizer.squash(chosen[-1][1]) == tokenizer.squash(rejected[-1][1]):
+            reason = "same_answers_up_to_case_or_punctuation"  # nothing to prefer
+        if reason:
+            report.drop(reason, pair.line)
+            continue
+        cleaned = Pair(pair.line, chosen[:-1], chosen[-1][0], chosen[-1][1], rejected[-1][1])
+        exact = (tuple(chosen), cleaned.rejected)
+        if exact in seen_exact:
+            report.drop("duplicate_exact", pair.line)
+            continue
+        key = f"{dedup_key(chosen)}\x1d{tokenizer.squash(cleaned.rejected)}"
+        if key in seen_normalized:
+            report.drop("duplicate_normalized", pair.line)
+            continue
+        seen_exact.add(exact)
+        seen_normalized.add(key)
+        kept.append(cleaned)
+    return kept
+
+
+def _rejected_drop_reason(answer):
+    if not answer:
+        return "empty_answer"
+    if ROLE_MARKER.search(answer):
+        return "role_marker_inside_text"
+    return None
+
+
+def pair_in_val(pair, fraction, seed):
+    """in_val by the whole prompt (before any cut): pairs that share a prompt share a split."""
+    return in_val(pair.turns(""), fraction, seed)
+
+
+def tokenize_pairs(pairs, block_size, overlong, report):
+    """(pair, prompt ids, chosen answer ids, rejected answer ids) per pair, each answer ending
+    with <|endoftext|>. A pair with a row over block_size loses its oldest turns until both
+    rows fit (overlong='truncate'; both final answers stay whole), or is dropped."""
+    rendered = []
+    chunk = 1024
+    with tqdm(total=len(pairs), desc="tokenizing", unit="pair", mininterval=0.5) as bar:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            rendered += tokenizer.render_batch([turns for p in part for turns in (p.turns(p.chosen), p.turns(p.rejected))])
+            bar.update(len(part))
+    out = []
+    for k, pair in enumerate(pairs):
+        chosen, rejected = rendered[2 * k], rendered[2 * k + 1]
+        longest, cut = max(len(chosen[0]), len(rejected[0])), False
+        while overlong == "truncate" and pair.history and longest > block_size:
+            pair = replace(pair, history=pair.history[1:])
+            chosen, rejected = tokenizer.render_batch([pair.turns(pair.chosen), pair.turns(pair.rejected)])
+            longest, cut = max(len(chosen[0]), len(rejected[0])), True
+        if longest > block_size:
+            report.drop("longer_than_block_size", pair.line)
+            continue
+        if cut:
+            report.repair("oldest_turns_cut_to_fit_block_size", pair.line)
+        out.append((pair, *split_pair(pair, chosen, rejected)))
+    return out
+
+
+def split_pair(pair, chosen, rejected):
+    """(prompt ids, chosen answer ids, rejected answer ids) from the two rendered rows, whose
+    final answers (with their end-of-text) are the last run of supervised tokens."""
+    halves = []
+    for ids, mask in (chosen, rejected):
+        answer_start = len(mask) - mask[::-1].index(0)
+        halves.append((ids[:answer_start], ids[answer_start:]))
+    (prompt, chosen_answer), (rejected_prompt, rejected_answer) = halves
+    if prompt != rejected_prompt:  # render() encodes a prompt apart from its answer, so this cannot differ
+        raise GrafitoError(f"line {pair.line}: the chosen and the rejected row do not start with the same prompt "
+                           f"ids; tokenizer.render no longer cuts a prompt from its answer")
+    return prompt, chosen_answer, rejected_answer
+
+
+def build_pairs(args, name, pairs, report, source, extra_meta=None):
+    """build_dataset for preference pairs: clean, tokenise, split by prompt and write through
+    data.write_pairs; print the report and save it beside the data."""
+    started = time.perf_counter()
+    kept = clean_pairs(pairs, report)
+    val = {pair.line: pair_in_val(pair, args.val_fraction, args.seed) for pair in kept}
+    splits = {"train": [], "val": []}
+    for row in tokenize_pairs(kept, args.block_size, args.overlong, report):
+        splits["val" if val[row[0].line] else "train"].append(row)
+    meta = {
+        "dataset": name, "tokenizer": "gpt2 (tiktoken)", "vocab_size": tokenizer.VOCAB_SIZE,
+        "eot_token": tokenizer.EOT, "template": tokenizer.TEMPLATE, "source": source,
+        "block_size": args.block_size, "overlong": args.overlong, "val_fraction": args.val_fraction,
+        "seed": args.seed, **(extra_meta or {}),
+    }
+    if not splits["train"]:  # never replace a dataset with nothing
+        lost = {**report.skipped, **report.dropped}
+        reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
+        raise GrafitoError(f"{report.source}: no pair is left for the train split ({report.read:,} records read; "
+                           f"{reasons or 'all went to val'}); nothing written, {args.out_dir} is unchanged")
+    written = data.write_pairs(args.out_dir, {s: [row[1:] for row in rows] for s, rows in splits.items()}, meta)
+    summary = make_pairs_summary(report, splits, written, time.perf_counter() - started)
+    (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_pairs_summary(summary, args.out_dir)
+    return summary
+
+
+def make_pairs_summary(report, splits, meta, seconds):
+    rows = [row for split in splits.values() for row in split]
+
+    def percentiles(lengths):
+        lengths = np.array(lengths) if lengths else np.zeros(1)
+        return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())}
+
+    prompts = [len(prompt) for _, prompt, _, _ in rows]
+    answers = [len(answer) for _, _, chosen, rejected in rows for answer in (chosen, rejected)]
+    tokens, supervised = 2 * sum(prompts) + sum(answers), sum(answers)
+    return {
+        "source": report.source,
+        "records_read": report.read,
+        "skipped_malformed": dict(report.skipped),
+        "repaired": dict(report.repaired),
+        "dropped": dict(report.dropped),
+        "first_lines": {k: v for k, v in report.lines.items()},
+        "pairs": len(rows),
+        "turns": sum(len(pair.history) + 1 for pair, _, _, _ in rows),
+        "tokens": tokens,
+        "supervised_fraction": round(supervised / max(tokens, 1), 4),
+        "row_length_percentiles": percentiles([len(p) + len(a) for _, p, c, r in rows for a in (c, r)]),
+        "prompt_length_percentiles": percentiles(prompts),
+        "answer_length_percentiles": percentiles(answers),
+        "splits": {s: {"pairs": len(splits[s]), **meta["splits"][s]} for s in splits},
+        "seconds": round(seconds, 2),
+    }
+
+
+def print_pairs_summary(s, out_dir):
+    print(f"read {s['records_read']:,} records from {s['source']}")
+    for title, key in (("skipped (malformed)", "skipped_malformed"), ("repaired", "repaired"), ("dropped", "dropped")):
+        for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
+            lines = ", ".join(map(str, s["first_lines"].get(reason, [])))
+            print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
+    sp = s["splits"]
+    print(f"kept {s['pairs']:,} pairs ({s['turns']:,} turns), {s['tokens']:,} tokens in their {2 * s['pairs']:,} rows, "
+          f"{s['supervised_fraction']:.1%} supervised")
+    for what in ("row", "prompt", "answer"):
+        print(f"  {what} length p50/p90/p99/max {'/'.join(str(v) for v in s[f'{what}_length_percentiles'].values())}")
+    print(f"train {sp['train']['pairs']:,} pairs / {sp['train']['tokens']:,} tokens, "
+          f"val {sp['val']['pairs']:,} / {sp['val']['tokens']:,}")
     print(f"wrote {out_dir} in {s['seconds']:.1f}s (report.json beside the bins)")
