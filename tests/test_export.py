@@ -474,6 +474,36 @@ def test_push_without_a_token_fails_before_any_work(run, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_push_creates_the_repo_and_uploads_the_finished_folder(run, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    class FakeHub:  # stands for the hub, which tests never reach
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def whoami(self, token=None):
+            return {"name": "someone"}
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None):
+            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir())))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    run_export(f"--out_dir={run[0]}", "--to=hf", "--push=someone/ruby-002", "--private", f"--dest={tmp_path / 'x'}")
+    assert ("create", "someone/ruby-002", True, True) in calls and ("token", "hf_test") in calls
+    [upload] = [c for c in calls if c[0] == "upload"]
+    assert upload[1] == "someone/ruby-002" and {"README.md", "config.json", "model.safetensors"} <= set(upload[2])
+    assert 'model="someone/ruby-002"' in (tmp_path / "x" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--to=onnx"], r"--to=onnx: choose one or more of hf, gguf, peft"),
     (["--outtype=q4_k"], r"--outtype=q4_k: choose one of"),
