@@ -41,6 +41,46 @@ EOT_TEXT = "<|endoftext|>"
 NEUTRALIZED = {INSTRUCTION: "### instruction:", ANSWER: "### answer:", EOT_TEXT: "<endoftext>"}
 
 
+def _jinja_literal(text):
+    """text as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The template above as Jinja, for exported models (transformers' apply_chat_template, llama.cpp,
+# LM Studio): it renders exactly render_text() for a conversation ending with an answer and
+# render_prompt() for one ending with a user message (with add_generation_prompt), folding a
+# first system message into the first instruction as turns_from_messages() does.
+_NEUTRALIZE = "".join(f" | replace({_jinja_literal(m)}, {_jinja_literal(h)})" for m, h in NEUTRALIZED.items())
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}\n"
+    "{%- set turns = messages -%}\n"
+    "{%- if messages and messages[0]['role'] == 'system' -%}\n"
+    "  {%- set ns.system = messages[0]['content'] | trim -%}\n"
+    "  {%- set turns = messages[1:] -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in turns -%}\n"
+    "  {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}\n"
+    "    {{- raise_exception('messages must alternate user, assistant, ... after an optional first system message') -}}\n"
+    "  {%- endif -%}\n"
+    "  {%- set text = message['content'] | trim -%}\n"
+    "  {%- if not text -%}{{- raise_exception('a user or assistant message is empty') -}}{%- endif -%}\n"
+    "  {%- if loop.first and ns.system -%}\n"
+    f"    {{%- set text = ns.system ~ {_jinja_literal(TURN_SEPARATOR)} ~ text -%}}\n"
+    "  {%- endif -%}\n"
+    f"  {{%- set text = text{_NEUTRALIZE} -%}}\n"
+    "  {%- if message['role'] == 'user' -%}\n"
+    f"    {{%- if not loop.first -%}}{{{{- {_jinja_literal(TURN_SEPARATOR)} -}}}}{{%- endif -%}}\n"
+    f"    {{{{- {_jinja_literal(INSTRUCTION + ' ')} ~ text -}}}}\n"
+    "    {%- if not loop.last or add_generation_prompt -%}"
+    f"{{{{- {_jinja_literal(TURN_SEPARATOR + ANSWER)} -}}}}{{%- endif -%}}\n"
+    "  {%- else -%}\n"
+    f"    {{{{- ' ' ~ text -}}}}\n"
+    f"    {{%- if loop.last -%}}{{{{- {_jinja_literal(EOT_TEXT)} -}}}}{{%- endif -%}}\n"
+    "  {%- endif -%}\n"
+    "{%- endfor -%}\n"
+)
+
+
 @functools.cache
 def get_encoding():
     try:
