@@ -6,14 +6,15 @@
 
 Rows: a full fine-tuning step on plain LM batches (every token supervised) and on masked
 SFT batches (real prepared data when data/<dataset> exists, else a synthetic mask with the
-given supervised fraction), a LoRA step on the masked batches, prompt prefill and KV-cache
-decoding at batch 1 and batch N. Each row: warm-up steps excluded, `repeats` timed runs
+given supervised fraction), a LoRA step on the masked batches, and generation at batch 1 and
+batch N: "prefill" is the time to the first new token (the prompt's forward pass and one
+step), "decode" the KV-cache steps after it. Each row: warm-up steps excluded, `repeats` timed runs
 (ours and transformers' alternating), the median reported, GPU timings synchronised.
 Step memory is the process's peak during a row, everything resident included (weights,
 optimizer state, activations): the peak RSS on Linux CPUs (reset to the current RSS
 before each row), max allocated on GPUs.
 transformers trains with torch.optim.AdamW's defaults (what a user writes), grafito with
-its fused AdamW, as train.py does. MFU divides the FLOPs each implementation performs (model.training_flops: transformers
+its optimizer (optim.py), as train.py does. MFU divides the FLOPs each implementation performs (common.training_flops: transformers
 computes logits at every position, grafito only where the loss is taken) by the peak of
 the device: the datasheet table for GPUs, or on CPUs a bf16/fp32 matmul peak measured here
 first. The last line of output is one JSON object with every number.
@@ -99,6 +100,25 @@ def peak_memory_mb(device):
     except OSError:
         pass
     return None
+
+
+class StepClock:
+    """When each token of a generation appeared: a transformers streamer (put() gets the prompt,
+    then every new token), also fed by hand for grafito's engine."""
+
+    def __init__(self, device):
+        self.device, self.times = device, [time.perf_counter()]
+
+    def put(self, value):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def first_token_and_decode(self):
+        """(seconds to the first new token, seconds of the tokens after it)."""
+        return self.times[2] - self.times[0], self.times[-1] - self.times[2]
 
 
 def interleaved(timers, repeats, warmup):
@@ -254,11 +274,19 @@ def _worker_handle(message, state, jobs):
             state["decoder"] = hf_model(state["gpt_config"]).eval().to(device=device, dtype=DTYPES[dtype])
         decoder, prompt = state["decoder"], torch.tensor(message["prompt"], device=device)
         n = message["new_tokens"]
-        jobs[message["generate"]] = torch.no_grad()(lambda: decoder.generate(
-            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+
+        def generate():
+            clock = StepClock(device)
+            with torch.no_grad():
+                decoder.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                 streamer=clock)
+            return clock.first_token_and_decode()
+
+        jobs[message["generate"]] = generate
         return {"ok": True}
     if "run" in message:
-        return {"seconds": timed(jobs[message["run"]], device)}
+        job = jobs[message["run"]]
+        return {"seconds": job() if message["run"].startswith("generate") else timed(job, device)}
     if "reset_memory" in message:
         reset_peak_memory(device)
         return {"ok": True}
@@ -316,17 +344,21 @@ def decode_rows(config, gpt_config, device, dtype, theirs):
     P, N = config["prompt_tokens"], config["decode_tokens"]
     if P + N > gpt_config.block_size:
         raise GrafitoError(f"prompt_tokens + decode_tokens = {P + N} exceed block_size {gpt_config.block_size}")
+    greedy = engine.Sampling(temperature=0)
+
+    def ours_generate(prompts):
+        clock = StepClock(device)
+        clock.put(prompts)  # as transformers' streamer is given the prompt first
+        for _ in ours.generate(prompts, N, greedy):
+            clock.put(None)
+        return clock.first_token_and_decode()
+
     for batch in (1, config["decode_batch"]):
-        prompt = torch.randint(0, tokenizer.VOCAB_SIZE, (batch, P), device=device)
-        prompts = prompt.tolist()
-        greedy = engine.Sampling(temperature=0)
-        ours_runs = {"prefill": lambda: list(ours.generate(prompts, 1, greedy)),
-                     "generate": lambda: list(ours.generate(prompts, N, greedy))}
-        timers = [(f"grafito {kind}", lambda fn=fn: timed(fn, device)) for kind, fn in ours_runs.items()]
+        prompts = torch.randint(0, tokenizer.VOCAB_SIZE, (batch, P)).tolist()
+        timers = [("grafito", lambda prompts=prompts: ours_generate(prompts))]
         if theirs is not None:
-            for kind, n in (("prefill", 1), ("generate", N)):
-                theirs.ask(generate=f"{kind} {batch}", prompt=prompt.tolist(), new_tokens=n)
-                timers.append((f"transformers {kind}", theirs.timer(f"{kind} {batch}")))
+            theirs.ask(generate=f"generate {batch}", prompt=prompts, new_tokens=N)
+            timers.append(("transformers", theirs.timer(f"generate {batch}")))
             theirs.ask(reset_memory=True)
         reset_peak_memory(device)
         times = interleaved(timers, config["repeats"], 1)
@@ -334,12 +366,13 @@ def decode_rows(config, gpt_config, device, dtype, theirs):
         if theirs is not None:
             memory["transformers"] = theirs.ask(memory=True)["mb"]
         for who in memory:
-            prefill, total = statistics.median(times[f"{who} prefill"]), statistics.median(times[f"{who} generate"])
+            first = statistics.median(t[0] for t in times[who])
+            decode = statistics.median(t[1] for t in times[who])
             rows.append({"row": f"prefill, batch {batch}", "impl": who, "batch": f"{batch}x{P} prompt",
-                         "tokens_per_s": batch * P / prefill, "step_ms": prefill * 1e3, "mfu": None,
+                         "tokens_per_s": batch * P / first, "step_ms": first * 1e3, "mfu": None,
                          "memory_mb": memory[who]})
             rows.append({"row": f"decode, batch {batch}", "impl": who, "batch": f"{batch}x{N - 1} new tokens",
-                         "tokens_per_s": batch * (N - 1) / (total - prefill), "step_ms": (total - prefill) / (N - 1) * 1e3,
+                         "tokens_per_s": batch * (N - 1) / decode, "step_ms": decode / (N - 1) * 1e3,
                          "mfu": None, "memory_mb": memory[who]})
     return rows
 
@@ -377,7 +410,7 @@ def main():
     for key in ("batch_size", "block_size", "repeats", "prompt_tokens", "decode_batch"):
         if config[key] < 1:
             raise GrafitoError(f"--{key} must be at least 1")
-    if config["decode_tokens"] < 2:  # decode speed is (all tokens - the first, which prefill gives) / time
+    if config["decode_tokens"] < 2:  # decode speed is over the tokens after the first, which prefill gives
         raise GrafitoError("--decode_tokens must be at least 2")
     unknown = set(config["rows"].split(",")) - {"train", "masked", "lora", "decode"}
     if unknown:

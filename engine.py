@@ -73,6 +73,10 @@ class MatVecLinear(nn.Linear):
         return super().forward(x)
 
 
+# how a chat model answers unless told otherwise: sample.py's, serve.py's and exported models' defaults
+CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, top_p=1.0, repetition_penalty=1.0)
+
+
 @dataclass
 class Sampling:
     temperature: float = 1.0  # 0 is greedy

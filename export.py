@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import lora
 import tokenizer
-from common import GrafitoError, atomic_dir, readable_dir, run_cli
+from common import GrafitoError, atomic_dir, run_cli
 from configurator import load_config
+from model import TANH_GELUS
 
 DEFAULTS = dict(
     out_dir="out/ruby_002",  # the training run to export
@@ -55,7 +58,7 @@ HUB_DATASETS = {"hh_rlhf": "Anthropic/hh-rlhf", "dolly": "databricks/databricks-
 # ----------------------------------------------------------------------------- model and run
 
 @dataclass
-class Source:
+class Exported:
     """What is exported: `spec` as given, the weights folder it resolved to, and the run around it."""
     spec: str
     folder: Path | None  # the weights folder (a run's best/ or ckpt/), None for hub names
@@ -64,32 +67,23 @@ class Source:
 
 
 def load_for_export(spec, merged=True, unmerged=False):
-    """(merged GPT or None, GPT with its LoRA adapters unmerged or None, Source).
-
-    Every call into checkpoint/lora lives here: load_model gives the merged weights of any
-    source; a LoRA run's adapter comes from load_weights(folder, merge=False)."""
-    import checkpoint
-    import lora
-
-    resolved = checkpoint.resolve_model_source(spec)
-    folder = resolved if isinstance(resolved, Path) else None
-    readable = readable_dir(folder) if folder is not None else None
-    adapter = lora.read_adapter_config(readable) if readable is not None and checkpoint.is_adapter(readable) else None
-    run_dir = next((d for d in ([Path(spec), folder.parent] if folder is not None else [])
-                    if (d / "train_config.json").is_file()), None)
-    source = Source(spec=str(spec), folder=folder, run_dir=run_dir, adapter=adapter)
+    """(merged GPT or None, GPT with its LoRA adapters unmerged or None, Exported)."""
+    source = checkpoint.resolve(spec)
+    folder = None if source.kind == "hub" else checkpoint.weights_folder(source)
+    adapter = lora.read_adapter_config(folder) if folder is not None and (folder / lora.ADAPTER_CONFIG).is_file() else None
+    candidates = [source.path] if source.kind == "run" else [folder.parent] if folder is not None else []
+    run_dir = next((d for d in candidates if (d / "train_config.json").is_file()), None)
+    exported = Exported(spec=str(spec), folder=folder, run_dir=run_dir, adapter=adapter)
     if unmerged and adapter is None:
         raise GrafitoError(f"--to=peft exports a LoRA adapter, but {folder or spec} holds full weights (not a LoRA "
                            f"run); export it with --to=hf or --to=gguf")
-    model = checkpoint.load_model(spec).eval() if merged else None
-    lora_model = checkpoint.load_weights(folder, merge=False).eval() if unmerged else None
-    return model, lora_model, source
+    model = checkpoint.load_model(source).eval() if merged else None
+    lora_model = checkpoint.load_model(source, merge=False).eval() if unmerged else None
+    return model, lora_model, exported
 
 
 def lora_adapters(lora_model):
     """{module path inside a block: [LoRALinear per layer]} of a model with unmerged adapters."""
-    import lora
-
     layers = {}
     for block in lora_model.transformer.h:
         for path in sorted({path for path, _ in lora.TARGETS.values()}):
@@ -181,11 +175,10 @@ def _read_json(path):
 
 
 def sampling_defaults():
-    """sample.py's defaults: the generation settings the exported model ships with."""
-    import sample
+    """The generation settings the exported model ships with: those sample.py and serve.py use."""
+    import engine
 
-    return {key: sample.DEFAULTS[key] for key in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                                  "max_new_tokens")}
+    return dict(engine.CHAT_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- the GPT-2 BPE, byte-level
@@ -313,7 +306,6 @@ def write_peft(lora_model, folder, source):
 # ----------------------------------------------------------------------------- GGUF and ollama
 
 GGUF_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the GELU llama.cpp's gpt2 graph computes
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 
 
@@ -336,8 +328,8 @@ def write_gguf(model, path, outtype, name, info, write_output=False):
     import gguf
 
     config = model.config
-    activation = getattr(config, "activation", "gelu_new")
-    if activation not in TANH_GELU:
+    activation = config.activation
+    if activation not in TANH_GELUS:  # the GELU llama.cpp's gpt2 graph computes
         raise GrafitoError(f"--to=gguf: this model's MLP uses activation {activation!r}, but llama.cpp's gpt2 "
                            f"architecture computes the tanh GELU (gelu_new); export it with --to=hf instead")
     if config.vocab_size < tokenizer.VOCAB_SIZE:
@@ -358,7 +350,7 @@ def write_gguf(model, path, outtype, name, info, write_output=False):
     writer.add_block_count(config.n_layer)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(getattr(config, "n_inner", None) or 4 * config.n_embd)
+    writer.add_feed_forward_length(config.mlp_width)
     writer.add_head_count(config.n_head)
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
     writer.add_file_type(gguf.LlamaFileType[GGUF_FILE_TYPES[outtype]])
@@ -446,11 +438,9 @@ def write_modelfile(folder, gguf_name, name, block_size):
 
 def hub_id(name):
     """The hub repo id a base model name stands for, or None for a local folder."""
-    from model import HUB_REPOS
-
     name = str(name)
-    if name in HUB_REPOS:
-        return HUB_REPOS[name]
+    if name in checkpoint.HUB_REPOS:
+        return checkpoint.HUB_REPOS[name]
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists() and not name.startswith("."):
         return name
     return None
@@ -632,7 +622,7 @@ def parse_options(config):
     else:
         spec = config["init_from"]
     folder = Path(spec.rstrip("/"))
-    if folder.name in ("best", "ckpt", "merged") and (folder.parent / "train_config.json").is_file():
+    if folder.name in (checkpoint.BEST, checkpoint.LATEST, checkpoint.MERGED) and (folder.parent / "train_config.json").is_file():
         folder = folder.parent  # a run's weights folder: named after the run
     name = config["name"] or folder.name.replace("_", "-")
     if not re.fullmatch(r"[\w.-]+", name):
@@ -649,7 +639,7 @@ def parse_options(config):
                            f"so give a folder of its own, e.g. export/{name}")
     if Path(spec).exists():  # the export replaces dest as a whole: never the model's own folders
         source = Path(spec).resolve()
-        weights = [source / sub for sub in ("best", "ckpt", "merged")]
+        weights = [source / sub for sub in (checkpoint.BEST, checkpoint.LATEST, checkpoint.MERGED)]
         if (source / "config.json").is_file() or (source / "adapter_config.json").is_file():
             weights.append(source)
         if target == source or target in source.parents or any(w == target or w in target.parents for w in weights):

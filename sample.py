@@ -30,11 +30,7 @@ DEFAULTS = dict(
     out_dir="out/ruby_002",
     start="what is 2+2",  # the prompt, or FILE:path to read it from a file
     num_samples=1,
-    max_new_tokens=200,
-    temperature=0.7,  # 0 is greedy
-    top_k=50,  # 0 disables
-    top_p=1.0,
-    repetition_penalty=1.0,
+    **engine.CHAT_DEFAULTS,  # max_new_tokens, temperature (0 is greedy), top_k (0 disables), top_p, repetition_penalty
     seed=1337,
     device="auto",
     dtype="auto",  # weights are cast to this for decoding: bfloat16 halves the memory traffic

@@ -13,14 +13,15 @@ import torch
 
 import checkpoint
 import export
+import engine
 import lora
-import sample
 import tokenizer
 from common import GrafitoError
 from conftest import GRAFITO_25K, ROOT, needs_shared
 from model import GPT, GPTConfig
 
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 24}
+GREEDY = engine.Sampling(temperature=0.0)
+NEW_TOKENS = 24
 TAUGHT = [  # what the tiny model learns by heart, so that its greedy answers are clear-cut
     [("what is the capital of france", "Paris is the capital of France.")],
     [("hi", "Hello! How can I help?"), ("what is 2+2", "4, because 2 + 2 = 4.")],
@@ -44,7 +45,7 @@ def run_export(*args):
 
 
 def greedy_answer(model, history, instruction):
-    return sample.generate_answers(model, [tokenizer.render_prompt(history, instruction)], GREEDY)[0][0]
+    return engine.answers(engine.Engine(model), [tokenizer.render_prompt(history, instruction)], NEW_TOKENS, GREEDY)[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def run(tmp_path_factory):
     assert greedy_answer(model, [], TAUGHT[0][0][0]) == TAUGHT[0][0][1]  # learned: answers are clear-cut
 
     out_dir = tmp_path_factory.mktemp("runs") / "ruby_002"
-    checkpoint.save_checkpoint(out_dir, checkpoint.BEST, model, base_model="gpt2")
+    checkpoint.save_checkpoint(out_dir, checkpoint.BEST, model, base_name="gpt2")
     train_config = {"out_dir": str(out_dir), "init_from": "gpt2", "dataset": "grafito25k", "block_size": 64,
                     "batch_size": 2, "max_iters": 300, "learning_rate": 1e-4, "lora_r": 0, "dropout": 0.1}
     (out_dir / "train_config.json").write_text(json.dumps(train_config))
@@ -197,7 +198,7 @@ def test_config_and_generation_config_describe_gpt2_and_sample_defaults(hf_folde
     generation = json.loads((hf_folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 50256
     for key in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
-        assert generation[key] == sample.DEFAULTS[key]
+        assert generation[key] == engine.CHAT_DEFAULTS[key]
     tokenizer_config = json.loads((hf_folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["bos_token"] == tokenizer_config["eos_token"] == tokenizer_config["pad_token"] \
         == "<|endoftext|>"
@@ -220,7 +221,7 @@ def test_pipeline_chat_answer_equals_grafitos_greedy_answer(run, hf_folder, name
 
     messages = CONVERSATIONS[name]
     chat = pipeline("text-generation", model=str(hf_folder), device="cpu")
-    reply = chat(messages, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])[0]["generated_text"][-1]
+    reply = chat(messages, do_sample=False, max_new_tokens=NEW_TOKENS)[0]["generated_text"][-1]
     expected = greedy_answer(run[1], *tokenizer.turns_from_messages(messages))
     assert reply["role"] == "assistant" and reply["content"].strip() == expected
     assert expected in (TAUGHT[0][0][1], TAUGHT[1][1][1])
@@ -275,7 +276,7 @@ def lora_run(tmp_path, targets):
         for name, param in base.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.3)
-    checkpoint.save_checkpoint(tmp_path / "run", checkpoint.BEST, base, base_model=str(tmp_path / "base"))
+    checkpoint.save_checkpoint(tmp_path / "run", checkpoint.BEST, base, base_name=str(tmp_path / "base"))
     return tmp_path / "run", base.eval()
 
 
@@ -395,14 +396,21 @@ def test_gguf_output_weight_is_written_only_when_asked(gguf_readers):
     assert np.array_equal(tensors["output.weight"].data, tensors["token_embd.weight"].data)
 
 
-def test_gguf_refuses_an_activation_llama_cpp_does_not_compute(run, tmp_path, monkeypatch):
-    model = checkpoint.load_model(run[0])
-    model.config.activation = "gelu"  # exact erf GELU; llama.cpp's gpt2 graph has the tanh one
-    source = export.Source(spec=str(run[0]), folder=run[0] / "best", run_dir=run[0], adapter=None)
-    monkeypatch.setattr(export, "load_for_export", lambda *args, **kwargs: (model, None, source))
+def test_gguf_refuses_an_activation_llama_cpp_does_not_compute(tmp_path):
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, activation="gelu")).save_pretrained(tmp_path / "exact")
     with pytest.raises(GrafitoError, match="tanh GELU"):
-        run_export(f"--out_dir={run[0]}", "--to=gguf", f"--dest={tmp_path / 'x'}")
+        run_export(f"--init_from={tmp_path / 'exact'}", "--to=gguf", f"--dest={tmp_path / 'x'}")
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_writes_a_variant_mlp_width(tmp_path):
+    import gguf
+
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, n_inner=96)).save_pretrained(tmp_path / "wide")
+    run_export(f"--init_from={tmp_path / 'wide'}", "--to=gguf", "--outtype=f32", f"--dest={tmp_path / 'x'}")
+    reader = gguf.GGUFReader(next((tmp_path / "x").glob("*.gguf")))
+    field = reader.fields["gpt2.feed_forward_length"]
+    assert int(field.parts[field.data[0]][0]) == 96
 
 
 def test_modelfile_runs_the_gguf_with_grafitos_prompt_and_stops(gguf_files):
@@ -421,8 +429,8 @@ def test_llama_cpp_greedy_continuation_equals_grafitos(run, gguf_files, outtype)
     for history, instruction in (([], TAUGHT[0][0][0]), (TAUGHT[1][:1], TAUGHT[1][1][0])):
         prompt = tokenizer.render_prompt(history, instruction)
         assert llm.tokenize(tokenizer.decode(prompt).encode(), add_bos=False, special=True) == prompt
-        expected = run[1].generate(torch.tensor([prompt]), 16, temperature=0, stop_ids=[tokenizer.EOT])[0, len(prompt):]
-        expected = expected.tolist()[:expected.tolist().index(tokenizer.EOT) + 1]
+        steps = engine.Engine(run[1]).generate([prompt], 16, GREEDY, stop_ids=[tokenizer.EOT])
+        expected = [tokens[0] for tokens in steps if tokens[0] is not None]
         llm.reset()
         got = []
         for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -448,7 +456,7 @@ def test_llama_cpp_chat_through_the_gguf_template_gives_grafitos_answer(run, ggu
     messages = CONVERSATIONS[name]
     history, instruction = tokenizer.turns_from_messages(messages)
     reply = llm.create_chat_completion(messages, temperature=0.0, top_k=1, repeat_penalty=1.0,
-                                       max_tokens=GREEDY["max_new_tokens"])
+                                       max_tokens=NEW_TOKENS)
     assert reply["usage"]["prompt_tokens"] == len(tokenizer.render_prompt(history, instruction))
     assert reply["choices"][0]["message"]["content"].strip() == greedy_answer(run[1], history, instruction)
 
