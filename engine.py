@@ -12,6 +12,7 @@ reference the tests hold this loop equal to.
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -249,6 +250,25 @@ def naive_generate(model, prompt, max_new_tokens):
         with torch.no_grad():
             tokens.append(int(model(context)[0][0, -1].argmax()))
     return tokens[len(prompt):]
+
+
+def load_engine(options):
+    """An Engine for the model options sample.py and serve.py share: init_from ('resume' is the
+    training run in out_dir: its best weights, adapters merged), device, dtype (the weights
+    are cast to it), compile."""
+    import checkpoint
+    from common import DTYPES, setup
+
+    source = options["init_from"]
+    if source == "resume":
+        source = options["out_dir"]
+        if not Path(source).expanduser().is_dir():
+            raise GrafitoError(f"no training run in out_dir={source}: train one (python train.py "
+                               f"config/ruby_002.py) or use another model, e.g. --init_from=gpt2 or "
+                               f"--init_from=path/to/model")
+    device, dtype = setup(options["device"], options["dtype"])
+    model = checkpoint.load_model(source)
+    return Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=options["compile"])
 
 
 def answers(engine, prompts, max_new_tokens, sampling, generator=None, on_text=None, raw=False):

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint
 import data
 import engine
 import tokenizer
-from common import DTYPES, GrafitoError, read_text, run_cli, setup
+from common import GrafitoError, read_text, run_cli
 from configurator import SEED, check_options, integer, load_config
 
 DEFAULTS = dict(
@@ -48,25 +47,6 @@ def sampling_of(config):
     """engine.Sampling from the options (checked there: temperature, top_k, top_p, penalty)."""
     return engine.Sampling(temperature=config["temperature"], top_k=config["top_k"], top_p=config["top_p"],
                            repetition_penalty=config["repetition_penalty"])
-
-
-def model_source(config):
-    """What init_from names: 'resume' stands for the training run in out_dir."""
-    if config["init_from"] != "resume":
-        return config["init_from"]
-    if not Path(config["out_dir"]).expanduser().is_dir():
-        raise GrafitoError(f"no training run in out_dir={config['out_dir']}: train one (python train.py "
-                           f"config/ruby_002.py) or talk to another model, e.g. --init_from=gpt2 or "
-                           f"--init_from=path/to/model")
-    return config["out_dir"]
-
-
-def load_engine(config):
-    """An engine.Engine on the configured device, weights cast to the configured dtype."""
-    device, dtype = setup(config["device"], config["dtype"])
-    model = checkpoint.load_model(model_source(config))
-    model.to(device=device, dtype=DTYPES[dtype])
-    return engine.Engine(model, compile=config["compile"])
 
 
 def read_start(start):
@@ -107,12 +87,6 @@ def load_shots(shots, dataset, seed):
     return turns
 
 
-def reply_budget(block_size, max_new_tokens):
-    """Prompt tokens allowed: the context less the room kept for the reply (max_new_tokens,
-    at most half the context; a longer reply slides the window on as it grows)."""
-    return block_size - min(max_new_tokens, block_size // 2)
-
-
 _warned = set()
 
 
@@ -136,7 +110,7 @@ def chat(model_engine, config, shots, generator, lines=None):
     interactive = lines is None and sys.stdin.isatty()
     lines = iter(lines) if lines is not None else sys.stdin
     history = []
-    budget = reply_budget(model_engine.model.config.block_size, config["max_new_tokens"])
+    budget = tokenizer.prompt_budget(model_engine.model.config.block_size, config["max_new_tokens"])
     if interactive:
         print("chat: type a message; /clear forgets the conversation, /quit (or Ctrl-D) leaves")
     while True:
@@ -173,7 +147,7 @@ def main():
         raise GrafitoError("--raw continues plain text: it takes neither --chat nor --shots (few-shot examples "
                            "are chat turns; for a base model, write them into --start)")
     shots = load_shots(config["shots"], config["shots_dataset"], config["seed"])
-    model_engine = load_engine(config)
+    model_engine = engine.load_engine(config)
     generator = torch.Generator(device=model_engine.device).manual_seed(config["seed"])
     if config["chat"]:
         chat(model_engine, config, shots, generator)
@@ -184,7 +158,7 @@ def main():
         ids = raw_prompt(text, block_size)
         print(text, end="", flush=True)
     else:
-        ids, _, notes = tokenizer.fit_prompt(shots, text, reply_budget(block_size, config["max_new_tokens"]))
+        ids, _, notes = tokenizer.fit_prompt(shots, text, tokenizer.prompt_budget(block_size, config["max_new_tokens"]))
         for note in notes:
             warn_once(note)
     # the first sample streams as it is generated; the others are printed when the batch is done

@@ -209,6 +209,12 @@ def turns_from_messages(messages):
     return list(zip(texts[:-1:2], texts[1::2])), texts[-1]
 
 
+def prompt_budget(block_size, max_new_tokens):
+    """Prompt tokens allowed: the context less the room kept for the reply (max_new_tokens,
+    at most half the context; a longer reply slides the window on as it grows)."""
+    return block_size - min(max_new_tokens, block_size // 2)
+
+
 def fit_prompt(history, instruction, budget):
     """Prompt ids for history + instruction in at most `budget` tokens: the oldest turns go
     first, then (a single over-long instruction) the prompt's left end.

@@ -29,8 +29,8 @@ def run_script(*args, stdin=None):
 
 
 def test_the_reply_keeps_at_most_half_the_context():
-    assert sample.reply_budget(120, 40) == 80
-    assert sample.reply_budget(120, 500) == 60  # a long answer reserves half the context, not all of it
+    assert tokenizer.prompt_budget(120, 40) == 80
+    assert tokenizer.prompt_budget(120, 500) == 60  # a long answer reserves half the context, not all of it
 
 
 def test_greedy_answers_do_not_depend_on_the_seed(tiny_model_dir):
