@@ -327,10 +327,11 @@ def train(config):
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         announce(config, raw_model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
                  len(val_batches))
-        if reference_fingerprint is not None:
+        if reference_fingerprint is not None:  # val batched as evaluations batch it: step 0's rewards are exactly 0
             store_reference(out_dir, reference_fingerprint, resume, lambda: {
-                split.name: every_pair_log_probs(raw_model, split, config, device, dtype)
-                for split in (train_split, val_split)})
+                "train": every_pair_log_probs(raw_model, train_split, config, device, dtype),
+                "val": pair_log_probs(raw_model, data.pair_eval_batches(val_split, config["block_size"],
+                                                                        config["batch_size"]), device, dtype)[0]})
         return 0
 
     on_first_rank(start, rank, world, device)

@@ -264,6 +264,7 @@ def test_a_new_run_reuses_stored_reference_log_probs_only_when_they_fit(tmp_path
     assert "log-probabilities in" in capsys.readouterr().out and path.read_bytes() == first
     run(tmp_path, sums, base, "--max_iters=1", "--eval_interval=1", "--overwrite", "--dtype=bfloat16")
     assert "log-probabilities of 140 train and 40 val pairs" in capsys.readouterr().out
+    assert logged(tmp_path / "out", "val_reward_margin")[0] == 0.0  # bf16 too: step 0's policy is its reference
 
 
 # ----------------------------------------------------------------------------- learning
