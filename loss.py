@@ -1,5 +1,6 @@
-"""The training loss: cross-entropy over the supervised tokens only, with GPT-2's output
-layer fused into it, and the masked validation loss built on it.
+"""The training losses: cross-entropy over the supervised tokens only, with GPT-2's output
+layer fused into it, and the masked validation loss built on it; for preference tuning,
+each answer's summed log-probability (the same fused layer) and the DPO loss.
 
 Chat fine-tuning supervises only the answers (about 40% of grafito-25k's tokens), so the
 output layer (n_embd x 50257, the largest matmul of a 124M model) runs only at supervised
