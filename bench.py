@@ -38,7 +38,7 @@ import engine
 import lora
 import tokenizer
 from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops
-from configurator import load_config
+from configurator import SEED, check_options, integer, load_config, number, one_of
 from model import GPT, PRESETS, GPTConfig
 from optim import make_optimizer
 
@@ -64,6 +64,14 @@ DEFAULTS = dict(
     device="auto",
     seed=1337,
 )
+ROWS = ("train", "masked", "lora", "decode")
+RULES = {
+    "model": one_of(*PRESETS), "compare": one_of("", "hf"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
+    "n_embd": integer(0, 1 << 16), "batch_size": integer(1, 4096), "block_size": integer(1, 1 << 16),
+    "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
+    "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
+    "decode_batch": integer(1, 4096), "seed": SEED,
+}
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -403,18 +411,10 @@ def print_table(rows, header):
 
 def main():
     config = load_config(DEFAULTS)
-    if config["model"] not in PRESETS:
-        raise GrafitoError(f"--model must be one of {', '.join(PRESETS)}")
-    if config["compare"] not in ("", "hf"):
-        raise GrafitoError("--compare takes 'hf' (transformers) or nothing")
-    for key in ("batch_size", "block_size", "repeats", "prompt_tokens", "decode_batch"):
-        if config[key] < 1:
-            raise GrafitoError(f"--{key} must be at least 1")
-    if config["decode_tokens"] < 2:  # decode speed is over the tokens after the first, which prefill gives
-        raise GrafitoError("--decode_tokens must be at least 2")
-    unknown = set(config["rows"].split(",")) - {"train", "masked", "lora", "decode"}
+    check_options(config, RULES)
+    unknown = set(config["rows"].split(",")) - set(ROWS)
     if unknown:
-        raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from train, masked, lora, decode")
+        raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
     device, dtype = setup(config["device"], config["dtype"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)

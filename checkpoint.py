@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import lora
-from common import GrafitoError, atomic_dir, current_version
+from common import GrafitoError, atomic_dir, current_version, remove_stale_temporaries
 from model import GPT, PRESETS, weight_files
 
 TRAIN_STATE = "train_state.pt"
@@ -245,6 +245,12 @@ def clear_run(out_dir):
     """Delete an earlier run's files (overwrite), once the new run is known to start."""
     for path in existing_run(out_dir):
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def remove_stale_saves(out_dir):
+    """Temporary checkpoint folders that killed saves left behind (their writers are gone)."""
+    for name in (LATEST, BEST, MERGED):
+        remove_stale_temporaries(Path(out_dir) / name)
 
 
 def load_train_state(out_dir):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import tokenizer
-from common import GrafitoError
+from common import GrafitoError, check_memory
 from configurator import check_options, integer, number
 
 
@@ -139,6 +139,9 @@ class Engine:
         """A cache for batch_size rows of up to `tokens` tokens (at most the context)."""
         if self.compiled:  # few distinct shapes, few compilations
             tokens = math.ceil(tokens / 256) * 256
+        config = self.model.config
+        needed = 2 * config.n_layer * batch_size * min(tokens, config.block_size) * config.n_embd * self.dtype.itemsize
+        check_memory(needed, str(self.device), f"a KV cache for {batch_size} rows", "generate fewer rows at once")
         cache = KVCache(self.model.config, batch_size, min(tokens, self.model.config.block_size), self.device,
                         self.dtype)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs may then update them in place

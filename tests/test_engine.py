@@ -66,6 +66,11 @@ def test_generation_memory_follows_the_context_not_max_new_tokens():
     assert len([next(steps) for _ in range(40)]) == 40  # no buffer of 10^12 tokens was allocated
 
 
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating():
+    with pytest.raises(GrafitoError, match="a KV cache for 100000000 rows needs about"):
+        Engine(tiny_gpt()).new_cache(10 ** 8, 64)
+
+
 def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
     model = tiny_gpt(vocab_size=30)
     prompts = torch.randint(0, 30, (3, 4)).tolist()

@@ -351,6 +351,16 @@ def test_block_size_larger_than_the_model_is_refused(tmp_path, tiny_dataset, tin
         run(tmp_path, tiny_dataset, f"--init_from={tiny_pretrained}", "--block_size=256", "--max_iters=1")
 
 
+def test_a_model_too_large_for_this_machine_is_refused_before_allocating(tmp_path, tiny_dataset):
+    with pytest.raises(GrafitoError, match=r"this model needs about [\d,.]+ GiB, more than the"):
+        run(tmp_path, tiny_dataset, "--n_layer=2000", "--n_embd=8192", "--n_head=64", "--max_iters=1")
+
+
+def test_a_batch_too_large_for_this_machine_is_refused_before_allocating(tmp_path, tiny_dataset):
+    with pytest.raises(GrafitoError, match="needs about .* GiB"):
+        run(tmp_path, tiny_dataset, "--batch_size=60000", "--max_iters=1")
+
+
 def test_cli_errors_are_one_line_without_a_traceback():
     result = run_script(ROOT / "train.py", "--batch_size=0")
     assert result.returncode == 2 and "batch_size = 0 is invalid" in result.stderr and "Traceback" not in result.stderr
