@@ -28,10 +28,10 @@ def hf_checkpoint(tmp_path):
 
     hf_logging.set_verbosity_error()
 
-    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0, name="hf"):
+    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0, name="hf", **settings):
         torch.manual_seed(seed)
         config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **settings)
         model = GPT2LMHeadModel(config).eval()
         with torch.no_grad():  # random biases and LayerNorm affines too, so every tensor is checked
             for param in model.parameters():

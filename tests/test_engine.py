@@ -40,8 +40,9 @@ def test_rows_of_different_lengths_decode_as_each_row_alone():
         assert rows_of(batched, row) == rows_of(alone, 0)
 
 
-def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_checkpoint):
-    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113)
+@pytest.mark.parametrize("variant", [{}, {"activation_function": "gelu", "n_inner": 96}])  # GPT-2; Cerebras-GPT-like
+def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_checkpoint, variant):
+    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113, **variant)
     model = GPT.from_pretrained(folder).eval()
     prompts = torch.randint(0, 113, (2, 9))
     steps = list(Engine(model).generate(prompts.tolist(), 40, GREEDY))

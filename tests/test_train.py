@@ -17,7 +17,7 @@ import train
 from common import GrafitoError
 from configurator import load_config, read_config_file
 from conftest import ROOT, prepare_head
-from model import GPT
+from model import GPT, GPTConfig
 
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
         "--device=cpu", "--dtype=float32", "--plot=false", "--log_interval=1", "--warmup_iters=2"]
@@ -282,6 +282,29 @@ def test_a_run_may_not_start_from_weights_inside_its_own_out_dir(tmp_path, tiny_
     run(tmp_path, tiny_dataset, f"--init_from={tiny_pretrained}", "--max_iters=2", *LORA)
     with pytest.raises(GrafitoError, match="would overwrite the weights it starts from"):
         run(tmp_path, tiny_dataset, "--max_iters=1", f"--init_from={tmp_path / 'out'}", *LORA[1:], "--overwrite")
+
+
+def test_a_gpt2_family_variant_trains_resumes_and_saves_its_settings(tmp_path, tiny_dataset):
+    """Cerebras-GPT-like: exact GELU, 2048 positions (trained here at block 128), a 3 x n_embd MLP."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_inner=192, activation="gelu", block_size=2048)).save_pretrained(
+        tmp_path / "variant")
+    args = [f"--init_from={tmp_path / 'variant'}", "--lora_r=4", "--lora_targets=q,v,mlp_fc,mlp_proj",
+            "--learning_rate=5e-3", "--lr_decay_iters=6", "--eval_interval=3", "--lora_merge=true"]
+    run(tmp_path, tiny_dataset, "--max_iters=6", *args, out="straight")
+    run(tmp_path, tiny_dataset, "--max_iters=3", *args, out="resumed")
+    run(tmp_path, tiny_dataset, "--max_iters=6", *args[1:], "--init_from=resume", out="resumed")
+    a, b = logged(tmp_path / "straight", "train_loss"), logged(tmp_path / "resumed", "train_loss")
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) < 1e-6 for s in a)
+    merged = json.loads((tmp_path / "straight" / checkpoint.MERGED / "config.json").read_text())
+    assert (merged["activation_function"], merged["n_inner"], merged["n_positions"]) == ("gelu", 192, 2048)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "straight" / checkpoint.MERGED).eval()
+    ours = checkpoint.load_model(tmp_path / "straight" / checkpoint.MERGED).eval()
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
 
 
 # ----------------------------------------------------------------------------- failures and options
