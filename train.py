@@ -368,9 +368,11 @@ def train(config):
             for i, (x, y) in enumerate(batches):
                 sync = model.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext()
                 with sync:
+                    positions = to_device(np.flatnonzero(y >= 0), device)
+                    torch._dynamo.maybe_mark_dynamic(positions, 0)  # a new length every batch: one graph for all
                     with autocast(device, dtype):
                         _, loss_sum = model(to_device(x, device), to_device(y, device), reduction="sum",
-                                            supervised=to_device(np.flatnonzero(y >= 0), device))
+                                            supervised=positions)
                     scaler.scale(loss_sum * scale).backward()
                 window_loss += loss_sum.detach()
             if config["grad_clip"]:
