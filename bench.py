@@ -20,6 +20,7 @@ the device: the datasheet table for GPUs, or on CPUs a bf16/fp32 matmul peak mea
 first. The last line of output is one JSON object with every number.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,12 +60,13 @@ DEFAULTS = dict(
     prompt_tokens=128,  # prefill length
     decode_tokens=128,  # new tokens per decode run
     decode_batch=8,  # the "batch N" decode row
-    rows="train,masked,lora,decode",  # which rows to run
+    rows="train,masked,lora,decode",  # which rows to run; also configs: the codename configs' own shapes
+    configs="ruby_002,obsidian_000,lazuli_001",  # for rows=configs
     compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes
     device="auto",
     seed=1337,
 )
-ROWS = ("train", "masked", "lora", "decode")
+ROWS = ("train", "masked", "lora", "decode", "configs")
 RULES = {
     "model": one_of(*PRESETS), "compare": one_of("", "hf"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
     "n_embd": integer(0, 1 << 16), "batch_size": integer(1, 4096), "block_size": integer(1, 1 << 16),
@@ -155,14 +157,13 @@ def measured_peak(device, dtype):
 
 # ----------------------------------------------------------------------------- the workloads
 
-def masked_batch(config, rng):
-    """(x, y, source): rows packed from real prepared data when present, else synthetic."""
-    B, T = config["batch_size"], config["block_size"]
+def masked_batch(dataset, B, T, config, rng):
+    """(x, y, source): B rows of T tokens packed from a prepared dataset when present, else synthetic."""
     try:
-        split = data.load_split(config["dataset"], "train")
+        split = data.load_split(dataset, "train")
         batches = data.PackedBatches(split, T, seed=config["seed"])
         x, y = batches.batch(batches.next_rows(B))
-        return x, y, f"{config['dataset']} (real, {float((y >= 0).mean()):.0%} supervised)"
+        return x, y, f"{dataset} (real, {float((y >= 0).mean()):.0%} supervised)"
     except GrafitoError:
         x = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
         y = np.where(rng.random((B, T)) < config["supervised"], rng.integers(0, tokenizer.VOCAB_SIZE, (B, T)), -1)
@@ -180,7 +181,7 @@ class StepTimer:
 
     def step(self, **inputs):
         with autocast(self.device, self.dtype):
-            out = self.forward(**inputs)
+            out = self.forward(**inputs)  # grafito: idx, targets and the supervised positions, as train.py gives them
         loss = out[1] if isinstance(out, tuple) else out.loss
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -188,12 +189,12 @@ class StepTimer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def our_trainer(gpt_config, device, dtype, compile_model, lora_r=0):
+def our_trainer(gpt_config, device, dtype, compile_model, lora_config=None):
     """A GPT set up as train.py sets it up: its optimizer; LoRA with frozen matrices in the autocast dtype."""
     torch.manual_seed(0)
     model = GPT(gpt_config)
-    if lora_r:
-        lora.apply_lora(model, lora.LoRAConfig(r=lora_r))
+    if lora_config is not None:
+        lora.apply_lora(model, lora_config)
         if dtype in ("bfloat16", "float16"):
             lora.cast_frozen_linears(model, DTYPES[dtype])
     model.to(device)
@@ -208,7 +209,8 @@ def hf_model(gpt_config):
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=gpt_config.n_layer, n_head=gpt_config.n_head, n_embd=gpt_config.n_embd,
                                       n_positions=gpt_config.block_size, vocab_size=gpt_config.vocab_size,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                      resid_pdrop=gpt_config.dropout, embd_pdrop=gpt_config.dropout,
+                                      attn_pdrop=gpt_config.dropout))
 
 
 def hf_labels(x, y):
@@ -227,7 +229,7 @@ class TransformersWorker:
             env.pop("THP_MEM_ALLOC_ENABLE", None)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.ask(setup={"gpt_config": asdict(gpt_config), "device": device, "dtype": dtype, "compile": compile_model})
+        self.ask(setup={"gpt_config": dataclasses.asdict(gpt_config), "device": device, "dtype": dtype, "compile": compile_model})
 
     def ask(self, **message):
         self.process.stdin.write(json.dumps(message) + "\n")
@@ -267,10 +269,13 @@ def _worker_handle(message, state, jobs):
         return {"ok": True}
     device, dtype = state["device"], state["dtype"]
     if "train" in message:
-        if "trainer" not in state:  # AdamW with PyTorch's defaults, as a transformers user writes it
-            model = hf_model(state["gpt_config"]).to(device)
+        dropout = message.get("dropout", 0.0)
+        if state.get("trainer_dropout") != dropout:  # AdamW with PyTorch's defaults, as a transformers user writes it
+            state.pop("trainer", None)
+            model = hf_model(dataclasses.replace(state["gpt_config"], dropout=dropout)).to(device)
             state["trainer"] = StepTimer(model, torch.optim.AdamW(model.parameters(), lr=1e-5), device, dtype,
                                          state["compile"])
+            state["trainer_dropout"] = dropout
         x = torch.tensor(message["x"], device=device)
         labels = hf_labels(x, torch.tensor(message["y"], device=device))
         trainer = state["trainer"]
@@ -303,45 +308,85 @@ def _worker_handle(message, state, jobs):
     raise ValueError(f"unknown request {message}")
 
 
+def training_row(name, note, x, y, ours, gpt_config, config, device, peak, theirs=None, lora_row=False):
+    """Row dicts for one training step timed on batch (x, y): ours, and transformers' when given."""
+    B, T = x.shape
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    positions = torch.from_numpy(np.flatnonzero(y >= 0)).to(device)
+    timers = [("grafito", lambda: timed(lambda: ours.step(idx=xt, targets=yt, supervised=positions), device))]
+    if theirs is not None:
+        theirs.ask(train=name, x=x.tolist(), y=y.tolist(), dropout=gpt_config.dropout)
+        timers.append(("transformers", theirs.timer(name)))
+        theirs.ask(reset_memory=True)
+    reset_peak_memory(device)
+    times = interleaved(timers, config["repeats"], config["warmup"])
+    memory = {"grafito": peak_memory_mb(device)}
+    if theirs is not None:
+        memory["transformers"] = theirs.ask(memory=True)["mb"]
+    supervised = {"grafito": int((y >= 0).sum()), "transformers": B * T}  # transformers: logits everywhere
+    rows = []
+    for who, seconds in times.items():
+        median = statistics.median(seconds)
+        flops = training_flops(gpt_config, B * T, supervised[who], T, lora=lora_row)
+        rows.append({"row": name, "impl": who, "batch": note, "tokens_per_s": B * T / median, "step_ms": median * 1e3,
+                     "mfu": flops / median / peak, "memory_mb": memory[who],
+                     "times_ms": [round(t * 1e3, 1) for t in seconds]})
+    return rows
+
+
 def train_rows(config, gpt_config, device, dtype, peak, rng, theirs):
+    """The default shape: full steps on plain LM and masked SFT batches, and a LoRA step."""
     rows = []
     B, T = config["batch_size"], config["block_size"]
     wanted = config["rows"].split(",")
     x_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
     y_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
-    x_masked, y_masked, source = masked_batch(config, rng)
-    n_tokens = B * T
-
-    def row(name, batch_note, x, y, trainer, lora_row=False):
-        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        timers = [("grafito", lambda: timed(lambda: trainer.step(idx=xt, targets=yt), device))]
-        if theirs is not None and not lora_row:
-            theirs.ask(train=name, x=x.tolist(), y=y.tolist())
-            timers.append(("transformers", theirs.timer(name)))
-            theirs.ask(reset_memory=True)
-        reset_peak_memory(device)
-        times = interleaved(timers, config["repeats"], config["warmup"])
-        memory = {"grafito": peak_memory_mb(device)}
-        if theirs is not None and not lora_row:
-            memory["transformers"] = theirs.ask(memory=True)["mb"]
-        supervised = {"grafito": int((y >= 0).sum()), "transformers": n_tokens}  # transformers: logits everywhere
-        for who, seconds in times.items():
-            median = statistics.median(seconds)
-            flops = training_flops(gpt_config, n_tokens, supervised[who], T, lora=lora_row)
-            rows.append({"row": name, "impl": who, "batch": batch_note, "tokens_per_s": n_tokens / median,
-                         "step_ms": median * 1e3, "mfu": flops / median / peak, "memory_mb": memory[who],
-                         "times_ms": [round(t * 1e3, 1) for t in seconds]})
-
+    x_masked, y_masked, source = masked_batch(config["dataset"], B, T, config, rng)
+    timing = dict(gpt_config=gpt_config, config=config, device=device, peak=peak)
     if "train" in wanted or "masked" in wanted:
-        trainer = our_trainer(gpt_config, device, dtype, config["compile"])
+        ours = our_trainer(gpt_config, device, dtype, config["compile"])
         if "train" in wanted:
-            row("train full, plain LM", f"{B}x{T}, all supervised", x_plain, y_plain, trainer)
+            rows += training_row("train full, plain LM", f"{B}x{T}, all supervised", x_plain, y_plain, ours,
+                                 theirs=theirs, **timing)
         if "masked" in wanted:
-            row("train full, masked SFT", f"{B}x{T}, {source}", x_masked, y_masked, trainer)
-        del trainer
+            rows += training_row("train full, masked SFT", f"{B}x{T}, {source}", x_masked, y_masked, ours,
+                                 theirs=theirs, **timing)
+        del ours
     if "lora" in wanted:
-        trainer = our_trainer(gpt_config, device, dtype, config["compile"], lora_r=config["lora_r"])
-        row("train LoRA, masked SFT", f"{B}x{T}, r={config['lora_r']} q,v", x_masked, y_masked, trainer, lora_row=True)
+        ours = our_trainer(gpt_config, device, dtype, config["compile"], lora.LoRAConfig(r=config["lora_r"]))
+        rows += training_row("train LoRA, masked SFT", f"{B}x{T}, r={config['lora_r']} q,v", x_masked, y_masked, ours,
+                             lora_row=True, **timing)
+    return rows
+
+
+def codename_rows(config, gpt_config, device, dtype, peak, rng, theirs):
+    """Training steps at each codename config's own batch x block, dropout and LoRA settings
+    (on the --model shape: a CPU cannot time gpt2-xl), beside transformers' at the same settings;
+    a LoRA config also gets our full step at its shape, for the ratio."""
+    from train import load_train_config  # the config exactly as train.py resolves it
+
+    rows = []
+    for name in filter(None, config["configs"].split(",")):
+        path = Path(__file__).resolve().parent / "config" / f"{name}.py"
+        if not path.is_file():
+            raise GrafitoError(f"--configs: no config/{name}.py")
+        run = load_train_config([str(path)])
+        B, T = run["batch_size"], run["block_size"]
+        shape = dataclasses.replace(gpt_config, dropout=run["dropout"], block_size=max(gpt_config.block_size, T))
+        x, y, source = masked_batch(run["dataset"], B, T, config, rng)
+        timing = dict(gpt_config=shape, config=config, device=device, peak=peak)
+        note = f"{B}x{T}, dropout {run['dropout']}, {source}"
+        if run["lora_r"]:
+            targets = tuple(t.strip() for t in run["lora_targets"].split(","))
+            adapters = lora.LoRAConfig(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"], targets=targets)
+            ours = our_trainer(shape, device, dtype, config["compile"], adapters)
+            rows += training_row(f"{name} LoRA", note, x, y, ours, lora_row=True, **timing)
+            del ours
+            rows += training_row(f"{name} as full", note, x, y, our_trainer(shape, device, dtype, config["compile"]),
+                                 **timing)
+        else:
+            rows += training_row(name, note, x, y, our_trainer(shape, device, dtype, config["compile"]), theirs=theirs,
+                                 **timing)
     return rows
 
 
@@ -391,9 +436,12 @@ def with_ratios(rows):
     for r in rows:
         other = by_key.get((r["row"], "transformers"))
         r["ratio_vs_transformers"] = r["tokens_per_s"] / other["tokens_per_s"] if other and r["impl"] == "grafito" else None
-    lora_row, full_row = by_key.get(("train LoRA, masked SFT", "grafito")), by_key.get(("train full, masked SFT", "grafito"))
-    if lora_row and full_row:
-        lora_row["ratio_vs_full"] = lora_row["tokens_per_s"] / full_row["tokens_per_s"]
+    pairs = [("train LoRA, masked SFT", "train full, masked SFT")]
+    pairs += [(r["row"], r["row"].replace(" LoRA", " as full")) for r in rows if r["row"].endswith(" LoRA")]
+    for lora_name, full_name in pairs:
+        lora_row, full_row = by_key.get((lora_name, "grafito")), by_key.get((full_name, "grafito"))
+        if lora_row and full_row:
+            lora_row["ratio_vs_full"] = lora_row["tokens_per_s"] / full_row["tokens_per_s"]
     return rows
 
 
@@ -432,6 +480,8 @@ def main():
             rows += decode_rows(config, gpt_config, device, dtype, theirs)
         if {"train", "masked", "lora"} & set(config["rows"].split(",")):
             rows += train_rows(config, gpt_config, device, dtype, peak, rng, theirs)
+        if "configs" in config["rows"].split(","):
+            rows += codename_rows(config, gpt_config, device, dtype, peak, rng, theirs)
     finally:
         if theirs is not None:
             theirs.close()
