@@ -408,12 +408,17 @@ def make_summary(report, splits, meta, seconds):
     }
 
 
-def print_summary(s, out_dir):
+def print_reasons(s):
+    """The report's counts: records read, then every skip, repair and drop with its first lines."""
     print(f"read {s['records_read']:,} records from {s['source']}")
     for title, key in (("skipped (malformed)", "skipped_malformed"), ("repaired", "repaired"), ("dropped", "dropped")):
         for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
             lines = ", ".join(map(str, s["first_lines"].get(reason, [])))
-            print(f"  {title:20s} {reason:38s} {n:7,}   first lines: {lines}")
+            print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
+
+
+def print_summary(s, out_dir):
+    print_reasons(s)
     sp = s["splits"]
     print(f"kept {s['conversations']:,} conversations ({s['turns']:,} turns), {s['tokens']:,} tokens, "
           f"{s['supervised_fraction']:.1%} supervised; length p50/p90/p99/max "
@@ -582,11 +587,7 @@ def make_pairs_summary(report, splits, meta, seconds):
 
 
 def print_pairs_summary(s, out_dir):
-    print(f"read {s['records_read']:,} records from {s['source']}")
-    for title, key in (("skipped (malformed)", "skipped_malformed"), ("repaired", "repaired"), ("dropped", "dropped")):
-        for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
-            lines = ", ".join(map(str, s["first_lines"].get(reason, [])))
-            print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
+    print_reasons(s)
     sp = s["splits"]
     print(f"kept {s['pairs']:,} pairs ({s['turns']:,} turns), {s['tokens']:,} tokens in their {2 * s['pairs']:,} rows, "
           f"{s['supervised_fraction']:.1%} supervised")

@@ -69,6 +69,19 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny GPT-2-format folder (width 32, context 96) with the real vocabulary, for generation tests."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
     """A small GPT-2-format weights folder with the real vocabulary (a stand-in for gpt2)."""
     import torch

@@ -1,6 +1,5 @@
 """loss.py: the fused output layer + cross-entropy equals the plain reference, values and gradients."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

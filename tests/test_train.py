@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import lora
 import loss
 import train
