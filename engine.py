@@ -3,10 +3,10 @@ serve.py all use.
 
 Every row of a batch is a slot of the KV cache holding its own sequence from position 0,
 so rows of different lengths need no padding masks, and a row can be (re)filled while the
-others go on, which is what continuous batching in serve.py does. A token produces logits
-only through a decode step: a prompt's tokens but the last are prefilled (one causal
-forward), the last one is the first decode step's input. naive_generate() is the
-reference the tests hold this loop equal to.
+others go on, which is what continuous batching (Batcher, at the end, for serve.py) does.
+A token produces logits only through a decode step: a prompt's tokens but the last are
+prefilled (one causal forward), the last one is the first decode step's input.
+naive_generate() is the reference the tests hold this loop equal to.
 """
 
 import collections
