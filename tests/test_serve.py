@@ -570,3 +570,15 @@ def test_bad_options_stop_the_command_before_it_serves(option):
                              timeout=60)
     assert process.returncode == 2 and process.stderr.startswith("error:") and "is invalid" in process.stderr
 
+
+
+def test_bench_serve_rows_report_throughput_and_time_to_first_token():
+    result = subprocess.run([sys.executable, "bench.py", "--rows=serve", "--n_layer=2", "--n_head=2", "--n_embd=64",
+                             "--serve_clients=1,2", "--serve_requests=2", "--serve_tokens=3", "--dtype=float32",
+                             "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["serve_rows"]
+    assert [(r["row"], r["impl"]) for r in rows] == [("serve, 1 clients", "grafito"), ("serve, 2 clients", "grafito")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] and r["ratio_vs_one_client"] > 0
+    assert "| serve, 2 clients | grafito |" in result.stdout
