@@ -67,9 +67,10 @@ class KVCache:
             self.keys[layer][self.rows, :, :k.shape[2]] = k
             self.values[layer][self.rows, :, :v.shape[2]] = v
             return k, v
-        index = self.positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        # indexed writes, not scatter_: on a CPU scatter_'s time grows with the whole cache
+        slots = torch.arange(k.shape[0], device=self.device)
+        self.keys[layer][slots, :, self.positions] = k[:, :, 0]
+        self.values[layer][slots, :, self.positions] = v[:, :, 0]
         return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
 
 
