@@ -23,7 +23,7 @@ first. The serve rows (--rows=serve) start serve.py in its own process on random
 saved with the tokenizer files, and send the same requests through N concurrent streaming
 clients: aggregate generated tokens/s (all requests' tokens over the wall time) and the time
 to first token's p50 and p95; with --compare=hf transformers serve --continuous-batching gets
-the same requests on the same weights right after. The last line of output is one JSON object
+the same requests on the same weights, the two servers taking turns. The last line of output is one JSON object
 with every number.
 """
 
@@ -401,7 +401,7 @@ def serve_prompts(count, seed):
     return [f"request {i}: " + " ".join(rng.choice(words, rng.integers(15, 26))) for i in range(count)]
 
 
-def start_server(command, port, log):
+def start_server(name, command, port, log):
     """A server process, once its /health answers 200 (or an error with the end of its log)."""
     import httpx
 
@@ -416,7 +416,7 @@ def start_server(command, port, log):
         time.sleep(0.5)
     process.kill()
     log.seek(0)
-    raise GrafitoError(f"{command[1]} did not start: {log.read()[-2000:]}")
+    raise GrafitoError(f"{name} did not start: {log.read()[-2000:]}")
 
 
 def load_test(url, model, prompts, clients, max_tokens):
@@ -454,7 +454,7 @@ def load_test(url, model, prompts, clients, max_tokens):
 
 
 def serve_rows(config, gpt_config, device, dtype):
-    """serve.py (and transformers serve) under 1, 4, 16 concurrent clients, each server alone on the machine."""
+    """serve.py (and transformers serve) under 1, 4, 16 concurrent clients, taking turns."""
     import tempfile
 
     import export
@@ -471,33 +471,38 @@ def serve_rows(config, gpt_config, device, dtype):
                             f"--dtype={dtype}", f"--port={port}", f"--max_batch={max(clients)}",
                             f"--compile={config['compile']}", "--log_level=warning"], "grafito")]
     if config["compare"] == "hf":
-        blocks = math.ceil(max(clients) * (128 + tokens) / 32) * 2  # the KV cache these requests need, twice
+        # its KV cache sized to twice what these requests need (prompts under 64 tokens): by default it
+        # claims most of the machine's memory
+        blocks = math.ceil(max(clients) * (64 + tokens) / 32) * 2
         servers.append(("transformers serve", [
             sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching",
             f"--device={device}", f"--dtype={dtype}", f"--port={port + 1}", "--cb-block-size=32",
             f"--cb-num-blocks={blocks}", "--cb-max-batch-tokens=2048", "--log-level=warning"], str(folder)))
-    rows = []
+    rows, processes, logs = [], [], []
     try:
-        for i, (impl, command, model) in enumerate(servers):
-            with open(work / f"{impl}.log", "w+") as log:
-                process = start_server(command, port + i, log)
-                url = f"http://127.0.0.1:{port + i}"
-                try:
-                    load_test(url, model, prompts[:2], 1, 4)  # warm-up: first-request set-up, the batch shapes
-                    load_test(url, model, prompts[:max(clients)], max(clients), 4)
-                    for n in clients:
-                        tokens_per_s, firsts = load_test(url, model, prompts, n, tokens)
-                        rows.append({"row": f"serve, {n} clients", "impl": impl,
-                                     "batch": f"{len(prompts)} requests x {tokens} new tokens",
-                                     "tokens_per_s": tokens_per_s, "ttft_p50_s": float(np.percentile(firsts, 50)),
-                                     "ttft_p95_s": float(np.percentile(firsts, 95))})
-                finally:
-                    process.send_signal(signal.SIGINT)
-                    try:
-                        process.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+        for i, (impl, command, model) in enumerate(servers):  # both up at once: idle, neither takes the CPU
+            logs.append(open(work / f"{impl.replace(' ', '_')}.log", "w+"))
+            processes.append(start_server(impl, command, port + i, logs[-1]))
+            url = f"http://127.0.0.1:{port + i}"
+            load_test(url, model, prompts[:2], 1, 4)  # warm-up: first-request set-up, the batch shapes
+            load_test(url, model, prompts[:max(clients)], max(clients), 4)
+        for n in clients:  # the servers take turns at each load, so the machine's drift hits both alike
+            for i, (impl, _, model) in enumerate(servers):
+                tokens_per_s, firsts = load_test(f"http://127.0.0.1:{port + i}", model, prompts, n, tokens)
+                rows.append({"row": f"serve, {n} clients", "impl": impl,
+                             "batch": f"{len(prompts)} requests x {tokens} new tokens", "tokens_per_s": tokens_per_s,
+                             "ttft_p50_s": float(np.percentile(firsts, 50)),
+                             "ttft_p95_s": float(np.percentile(firsts, 95))})
+                print(f"({rows[-1]['row']}, {impl}: {tokens_per_s:.1f} tokens/s)", file=sys.stderr, flush=True)
     finally:
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
         shutil.rmtree(work, ignore_errors=True)
     for r in rows:
         alone = next(o for o in rows if o["impl"] == r["impl"] and o["row"] == f"serve, {min(clients)} clients")

@@ -97,7 +97,8 @@ def not_json(name):
 async def json_body(request, schema):
     """The request's JSON body checked against a schema; every way it can be wrong is a 400 (or 415)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, "send the body as JSON with 'Content-Type: application/json'", code="unsupported_media_type")
+        raise APIError(415, "send the body as JSON with 'Content-Type: application/json'",
+                       code="unsupported_media_type")
     try:
         data = json.loads(await request.body(), parse_constant=not_json)
     except (ValueError, RecursionError) as err:
@@ -284,7 +285,8 @@ def completion_prompt(body, config, block_size, max_tokens):
     budget = tokenizer.prompt_budget(block_size, max_tokens)
     if len(ids) > budget:
         raise APIError(400, f"the prompt is {len(ids)} tokens; with room for the answer (max_tokens) the model's "
-                            f"{block_size}-token context takes {budget}", code="context_length_exceeded", param="prompt")
+                            f"{block_size}-token context takes {budget}", code="context_length_exceeded",
+                       param="prompt")
     return ids
 
 
@@ -436,7 +438,8 @@ def create_app(config, load=engine.load_engine):
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])
     app.add_exception_handler(APIError, lambda request, err: err.response())
     app.add_exception_handler(HTTPException, lambda request, err: APIError(
-        err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=f"http_{err.status_code}").response())
+        err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+        code=f"http_{err.status_code}").response())
 
     def ready_batcher():
         if state.batcher is None:

@@ -21,7 +21,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+                                reason="needs Debian's chromium and chromium-driver (apt-get install them)")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_a_sent_message_streams_in_the_apis_greedy_answer(browser, page_server, 
     wait_for(lambda: answering(browser))
     wait_for(lambda: not answering(browser))
     assert [b.text for b in bubbles(browser, "user")] == ["what is a river"]
-    assert bubbles(browser, "assistant")[0].get_attribute("textContent") == solo(reference, ask("what is a river"), 12)[0]
+    expected = solo(reference, ask("what is a river"), 12)[0]
+    assert bubbles(browser, "assistant")[0].get_attribute("textContent") == expected
     assert "tokens/s" in browser.find_element(By.ID, "speed").text
 
 

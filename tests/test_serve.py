@@ -344,7 +344,7 @@ def test_models_lists_the_served_model(server):
     assert [m.id for m in models.data] == ["tiny"]
 
 
-# ----------------------------------------------------------------------------- bad input: status and OpenAI's error shape
+# ----------------------------------------------------------------------------- bad input: status, OpenAI's error shape
 
 def long_messages(count, chars):
     return [{"role": ["user", "assistant"][i % 2], "content": "a" * chars} for i in range(count - 1)] + \
@@ -357,13 +357,15 @@ BAD_REQUESTS = [  # (name, path, body (bytes are sent as they are), status, para
     ("NaN", "/v1/chat/completions", b'{"messages": [], "temperature": NaN}', 400, "invalid_json"),
     ("messages missing", "/v1/chat/completions", {}, 400, "messages"),
     ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("content not text", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("content not text", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
     ("temperature a string", "/v1/chat/completions", {"messages": ask("hi"), "temperature": "hot"}, 400, "temperature"),
     ("temperature below 0", "/v1/chat/completions", {"messages": ask("hi"), "temperature": -0.5}, 400, "temperature"),
     ("top_p 0", "/v1/chat/completions", {"messages": ask("hi"), "top_p": 0}, 400, "top_p"),
     ("top_p above 1", "/v1/chat/completions", {"messages": ask("hi"), "top_p": 1.5}, 400, "top_p"),
     ("max_tokens 0", "/v1/chat/completions", {"messages": ask("hi"), "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens above the cap", "/v1/chat/completions", {"messages": ask("hi"), "max_tokens": 5000}, 400, "max_tokens"),
+    ("max_tokens above the cap", "/v1/chat/completions", {"messages": ask("hi"), "max_tokens": 5000}, 400,
+     "max_tokens"),
     ("max_tokens a float", "/v1/chat/completions", {"messages": ask("hi"), "max_tokens": 2.5}, 400, "max_tokens"),
     ("negative seed", "/v1/chat/completions", {"messages": ask("hi"), "seed": -1}, 400, "seed"),
     ("empty stop string", "/v1/chat/completions", {"messages": ask("hi"), "stop": [""]}, 400, "stop"),
@@ -372,7 +374,8 @@ BAD_REQUESTS = [  # (name, path, body (bytes are sent as they are), status, para
     ("logprobs", "/v1/chat/completions", {"messages": ask("hi"), "logprobs": True}, 400, "logprobs"),
     ("no messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("empty message", "/v1/chat/completions", {"messages": ask("   ")}, 400, "invalid_messages"),
-    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_messages"),
+    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400,
+     "invalid_messages"),
     ("turns do not alternate", "/v1/chat/completions", {"messages": ask("a") + ask("b")}, 400, "invalid_messages"),
     ("ends with an answer", "/v1/chat/completions",
      {"messages": ask("a") + [{"role": "assistant", "content": "b"}]}, 400, "invalid_messages"),
