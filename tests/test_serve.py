@@ -153,30 +153,40 @@ def prompts_of(n):
     return [tokenizer.render_prompt([], f"question {i}: " + "tell me more " * i) for i in range(n)]
 
 
+_alone = {}
+
+
+def answer_alone(reference, prompt, max_tokens):
+    key = (tuple(prompt), max_tokens)
+    if key not in _alone:
+        _alone[key] = engine.answers(reference, [prompt], max_tokens, GREEDY)[0][0]
+    return _alone[key]
+
+
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_batched_greedy_answers_equal_each_answer_alone_whatever_the_arrival_order(reference, order):
-    prompts, max_tokens = prompts_of(6), [12, 40, 5, 60, 25, 33]
+    prompts, max_tokens = prompts_of(6), [8, 30, 4, 40, 16, 24]
     arrivals = [[0, 0, 0, 0, 0, 0], [0, 3, 3, 9, 17, 30], [30, 17, 9, 3, 3, 0]][order]
     answers, _, batcher = batcher_answers(reference, prompts, max_tokens, arrivals)
     for prompt, n, answer in zip(prompts, max_tokens, answers):
-        assert answer == engine.answers(reference, [prompt], n, GREEDY)[0][0]
+        assert answer == answer_alone(reference, prompt, n)
     assert batcher.busy == 0 and batcher.peak_busy >= 3
 
 
 def test_a_slot_whose_context_fills_restarts_as_generate_does(reference):
     prompts = prompts_of(3)
-    max_tokens = [300, 10, 150]  # past the 128-token context: rows restart from their recent tokens
+    max_tokens = [170, 10, 130]  # past the 128-token context: rows restart from their recent tokens
     answers, _, _ = batcher_answers(reference, prompts, max_tokens, [0, 2, 5])
     for prompt, n, answer in zip(prompts, max_tokens, answers):
-        assert answer == engine.answers(reference, [prompt], n, GREEDY)[0][0]
+        assert answer == answer_alone(reference, prompt, n)
 
 
 def test_each_slot_samples_with_its_own_seed_as_sample_py_would(reference):
-    prompts, hot = prompts_of(4), engine.Sampling(temperature=1.0, top_k=40, repetition_penalty=1.3)
-    answers, _, _ = batcher_answers(reference, prompts, [20] * 4, [0, 1, 1, 4], sampling=hot, seeds=[7, 8, 7, 9])
-    for prompt, seed, answer in zip(prompts, [7, 8, 7, 9], answers):
+    prompts, hot = prompts_of(3), engine.Sampling(temperature=1.0, top_k=40, repetition_penalty=1.3)
+    answers, _, _ = batcher_answers(reference, prompts, [12] * 3, [0, 1, 4], sampling=hot, seeds=[7, 8, 7])
+    for prompt, seed, answer in zip(prompts, [7, 8, 7], answers):
         generator = torch.Generator().manual_seed(seed)  # sample.py --seed: one generator, one sample
-        assert answer == engine.answers(reference, [prompt], 20, hot, generator)[0][0]
+        assert answer == engine.answers(reference, [prompt], 12, hot, generator)[0][0]
     assert answers[0] != answers[2]  # the same seed on different prompts
 
 
@@ -194,7 +204,7 @@ def test_a_cancelled_job_leaves_at_once_and_the_others_go_on_unchanged(reference
     while batcher.busy:
         batcher.step()
     for prompt, out in zip(prompts[1:], outs[1:]):
-        assert "".join(t for t, _ in out) == engine.answers(reference, [prompt], 30, GREEDY)[0][0]
+        assert "".join(t for t, _ in out) == answer_alone(reference, prompt, 30)
 
 
 def test_stop_strings_are_held_back_until_they_are_ruled_out(reference):
