@@ -4,6 +4,8 @@
     python bench.py --compare=hf                     # the same shapes through transformers, interleaved
     python bench.py --model=gpt2-medium --dtype=bfloat16 --compile --device=cuda
 
+    python bench.py --rows=serve --compare=hf        # serve.py under 1, 4, 16 clients, beside transformers serve
+
 Rows: a full fine-tuning step on plain LM batches (every token supervised) and on masked
 SFT batches (real prepared data when data/<dataset> exists, else a synthetic mask with the
 given supervised fraction), a LoRA step on the masked batches, and generation at batch 1 and
@@ -17,13 +19,21 @@ transformers trains with torch.optim.AdamW's defaults (what a user writes), graf
 its optimizer (optim.py), as train.py does. MFU divides the FLOPs each implementation performs (common.training_flops: transformers
 computes logits at every position, grafito only where the loss is taken) by the peak of
 the device: the datasheet table for GPUs, or on CPUs a bf16/fp32 matmul peak measured here
-first. The last line of output is one JSON object with every number.
+first. The serve rows (--rows=serve) start serve.py in its own process on random weights
+saved with the tokenizer files, and send the same requests through N concurrent streaming
+clients: aggregate generated tokens/s (all requests' tokens over the wall time) and the time
+to first token's p50 and p95; with --compare=hf transformers serve --continuous-batching gets
+the same requests on the same weights, the two servers taking turns. The last line of output is one JSON object
+with every number.
 """
 
 import dataclasses
 import json
+import math
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,19 +70,23 @@ DEFAULTS = dict(
     prompt_tokens=128,  # prefill length
     decode_tokens=128,  # new tokens per decode run
     decode_batch=8,  # the "batch N" decode row
-    rows="train,masked,lora,decode",  # which rows to run; also configs: the codename configs' own shapes
-    configs="ruby_002,obsidian_000,lazuli_001",  # for rows=configs
-    compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes
+    rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve
+    configs="ruby_002,obsidian_000,lazuli_001",  # rows=configs: the codename configs' own shapes
+    compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes (serve: transformers serve)
+    serve_clients="1,4,16",  # the serve rows: concurrent streaming clients (1 = the requests one at a time)
+    serve_requests=16,  # requests per serve row, shared among its clients
+    serve_tokens=48,  # new tokens each request asks for (greedy)
     device="auto",
     seed=1337,
 )
-ROWS = ("train", "masked", "lora", "decode", "configs")
+ROWS = ("train", "masked", "lora", "decode", "configs", "serve")
 RULES = {
     "model": one_of(*PRESETS), "compare": one_of("", "hf"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
     "n_embd": integer(0, 1 << 16), "batch_size": integer(1, 4096), "block_size": integer(1, 1 << 16),
     "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
     "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
-    "decode_batch": integer(1, 4096), "seed": SEED,
+    "decode_batch": integer(1, 4096), "seed": SEED, "serve_requests": integer(1, 1 << 16),
+    "serve_tokens": integer(1, 1 << 16),
 }
 
 
@@ -430,6 +444,137 @@ def decode_rows(config, gpt_config, device, dtype, theirs):
     return rows
 
 
+# ----------------------------------------------------------------------------- serving under load
+
+def serve_prompts(count, seed):
+    """Distinct chat questions of 15-25 words, the same for every server."""
+    words = ("river mountain engine garden letter window planet music number story kitchen market bridge "
+             "winter forest signal doctor island yellow silver").split()
+    rng = np.random.default_rng(seed)
+    return [f"request {i}: " + " ".join(rng.choice(words, rng.integers(15, 26))) for i in range(count)]
+
+
+def start_server(name, command, port, log):
+    """A server process, once its /health answers 200 (or an error with the end of its log)."""
+    import httpx
+
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    log.seek(0)
+    raise GrafitoError(f"{name} did not start: {log.read()[-2000:]}")
+
+
+def load_test(url, model, prompts, clients, max_tokens):
+    """Stream every prompt through `clients` concurrent clients: (tokens/s over the wall time, times to first token)."""
+    import asyncio
+
+    import httpx
+
+    async def run():
+        todo, results = list(prompts), []
+        async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=clients + 2)) as http:
+            async def client():
+                while todo:
+                    prompt, started, first, tokens = todo.pop(0), time.perf_counter(), None, 0
+                    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                        if response.status_code != 200:
+                            raise GrafitoError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]}")
+                        async for line in response.aiter_lines():
+                            data = line.removeprefix("data:").strip()
+                            if not line.startswith("data:") or data == "[DONE]":
+                                continue
+                            event = json.loads(data)
+                            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+                                first = first or time.perf_counter()
+                            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+                    results.append((first - started, tokens))
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return sum(t for _, t in results) / (time.perf_counter() - started), [s for s, _ in results]
+
+    return asyncio.run(run())
+
+
+def serve_rows(config, gpt_config, device, dtype):
+    """serve.py (and transformers serve) under 1, 4, 16 concurrent clients, taking turns."""
+    import tempfile
+
+    import export
+
+    clients = [int(c) for c in config["serve_clients"].split(",")]
+    prompts, tokens = serve_prompts(config["serve_requests"], config["seed"]), config["serve_tokens"]
+    work = Path(tempfile.mkdtemp(prefix="grafito-bench-serve-"))
+    torch.manual_seed(0)
+    folder = work / "model"  # weights in transformers' format, the BPE files and the chat template
+    GPT(gpt_config).save_pretrained(folder)
+    export.write_tokenizer(folder, gpt_config.block_size)
+    port = 18000 + os.getpid() % 1000
+    servers = [("grafito", [sys.executable, "serve.py", f"--init_from={folder}", f"--device={device}",
+                            f"--dtype={dtype}", f"--port={port}", f"--max_batch={max(clients)}",
+                            f"--compile={config['compile']}", "--log_level=warning"], "grafito")]
+    if config["compare"] == "hf":
+        # its KV cache sized to twice what these requests need (prompts under 64 tokens): by default it
+        # claims most of the machine's memory
+        blocks = math.ceil(max(clients) * (64 + tokens) / 32) * 2
+        servers.append(("transformers serve", [
+            sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching",
+            f"--device={device}", f"--dtype={dtype}", f"--port={port + 1}", "--cb-block-size=32",
+            f"--cb-num-blocks={blocks}", "--cb-max-batch-tokens=2048", "--log-level=warning"], str(folder)))
+    rows, processes, logs = [], [], []
+    try:
+        for i, (impl, command, model) in enumerate(servers):  # both up at once: idle, neither takes the CPU
+            logs.append(open(work / f"{impl.replace(' ', '_')}.log", "w+"))
+            processes.append(start_server(impl, command, port + i, logs[-1]))
+            url = f"http://127.0.0.1:{port + i}"
+            load_test(url, model, prompts[:2], 1, 4)  # warm-up: first-request set-up, the batch shapes
+            load_test(url, model, prompts[:max(clients)], max(clients), 4)
+        for n in clients:  # the servers take turns at each load, so the machine's drift hits both alike
+            for i, (impl, _, model) in enumerate(servers):
+                tokens_per_s, firsts = load_test(f"http://127.0.0.1:{port + i}", model, prompts, n, tokens)
+                rows.append({"row": f"serve, {n} clients", "impl": impl,
+                             "batch": f"{len(prompts)} requests x {tokens} new tokens", "tokens_per_s": tokens_per_s,
+                             "ttft_p50_s": float(np.percentile(firsts, 50)),
+                             "ttft_p95_s": float(np.percentile(firsts, 95))})
+                print(f"({rows[-1]['row']}, {impl}: {tokens_per_s:.1f} tokens/s)", file=sys.stderr, flush=True)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for r in rows:
+        alone = next(o for o in rows if o["impl"] == r["impl"] and o["row"] == f"serve, {min(clients)} clients")
+        theirs = next((o for o in rows if o["impl"] == "transformers serve" and o["row"] == r["row"]), None)
+        r["ratio_vs_one_client"] = r["tokens_per_s"] / alone["tokens_per_s"]
+        r["ratio_vs_transformers"] = (r["tokens_per_s"] / theirs["tokens_per_s"]
+                                      if theirs and r["impl"] == "grafito" else None)
+    return rows
+
+
+def print_serve_table(rows):
+    print("| row | impl | requests | tokens/s | vs 1 client | TTFT p50 s | TTFT p95 s | ours/transformers serve |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['ratio_vs_transformers']:.2f}x" if r["ratio_vs_transformers"] else ""
+        print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['ratio_vs_one_client']:.2f}x "
+              f"| {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {ratio} |")
+
+
 def with_ratios(rows):
     """ours/theirs on every row that has both, and LoRA over our full masked step."""
     by_key = {(r["row"], r["impl"]): r for r in rows}
@@ -463,6 +608,8 @@ def main():
     unknown = set(config["rows"].split(",")) - set(ROWS)
     if unknown:
         raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
+    if not all(c.strip().isdigit() and int(c) >= 1 for c in config["serve_clients"].split(",")):
+        raise GrafitoError(f"--serve_clients={config['serve_clients']}: expected client counts such as 1,4,16")
     device, dtype = setup(config["device"], config["dtype"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
@@ -473,8 +620,11 @@ def main():
               f"{dtype}{', compiled' if config['compile'] else ''}, {device} ({machine}), torch {torch.__version__}; "
               f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}")
     rng = np.random.default_rng(config["seed"])
-    rows = []
-    theirs = TransformersWorker(gpt_config, device, dtype, config["compile"]) if config["compare"] == "hf" else None
+    rows, wanted = [], config["rows"].split(",")
+    served = serve_rows(config, gpt_config, device, dtype) if "serve" in wanted else []  # first: nothing else loaded
+    model_rows = {"train", "masked", "lora", "decode"} & set(wanted)
+    theirs = (TransformersWorker(gpt_config, device, dtype, config["compile"])
+              if config["compare"] == "hf" and model_rows else None)
     try:
         if "decode" in config["rows"].split(","):  # first: its memory figures are then its own
             rows += decode_rows(config, gpt_config, device, dtype, theirs)
@@ -486,9 +636,14 @@ def main():
         if theirs is not None:
             theirs.close()
     rows = with_ratios(rows)
-    print_table(rows, header)
+    if rows:
+        print_table(rows, header)
+    if served:
+        print(header if not rows else "")
+        print_serve_table(served)
     print(json.dumps({"config": config, "device": device, "machine": machine, "torch": torch.__version__,
-                      "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows}))
+                      "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows,
+                      "serve_rows": served}))
 
 
 if __name__ == "__main__":
