@@ -3,18 +3,14 @@
     python bench.py                                  # gpt2 (124M) shape, random weights, no download
     python bench.py --compare=hf                     # the same shapes through transformers, interleaved
     python bench.py --model=gpt2-medium --dtype=bfloat16 --compile --device=cuda
-    python bench.py --rows=dpo --batch_size=8 --block_size=512 --compare=trl   # DPO steps, as config/obsidian_000_dpo.py
+    python bench.py --rows=serve --compare=hf        # serve.py under 1, 4, 16 clients, beside transformers serve
+    python bench.py --rows=dpo --compare=trl --batch_size=8 --block_size=512   # DPO steps at obsidian_000_dpo's batch
 
 Rows: a full fine-tuning step on plain LM batches (every token supervised) and on masked
 SFT batches (real prepared data when data/<dataset> exists, else a synthetic mask with the
 given supervised fraction), a LoRA step on the masked batches, and generation at batch 1 and
 batch N: "prefill" is the time to the first new token (the prompt's forward pass and one
-step), "decode" the KV-cache steps after it. --rows=dpo: a DPO step (LoRA: the reference
-is a forward pass with the adapters off; full: stored reference log-probabilities, as
-train.py takes them) against an SFT step on the same rows, batch_size pairs of
-pairs_dataset's train split (two rows each, grouped by length as train.py groups them), or
-synthetic pairs; --compare=trl also times TRL's DPOTrainer steps on transformers' GPT-2 of
-the same shape and batch, and checks that TRL's loss on the batch equals grafito's. Each row: warm-up steps excluded, `repeats` timed runs
+step), "decode" the KV-cache steps after it. Each row: warm-up steps excluded, `repeats` timed runs
 (ours and transformers' alternating), the median reported, GPU timings synchronised.
 Step memory is the process's peak during a row, everything resident included (weights,
 optimizer state, activations): the peak RSS on Linux CPUs (reset to the current RSS
@@ -23,17 +19,31 @@ transformers trains with torch.optim.AdamW's defaults (what a user writes), graf
 its optimizer (optim.py), as train.py does. MFU divides the FLOPs each implementation performs (common.training_flops: transformers
 computes logits at every position, grafito only where the loss is taken) by the peak of
 the device: the datasheet table for GPUs, or on CPUs a bf16/fp32 matmul peak measured here
-first. The last line of output is one JSON object with every number.
+first. The serve rows (--rows=serve) start serve.py in its own process on random weights
+saved with the tokenizer files, and send the same requests through N concurrent streaming
+clients: aggregate generated tokens/s (all requests' tokens over the wall time) and the time
+to first token's p50 and p95; with --compare=hf transformers serve --continuous-batching gets
+the same requests on the same weights, the two servers taking turns. --rows=dpo: a DPO step
+(LoRA: the reference is a forward pass with the adapters off; full: stored reference
+log-probabilities, as train.py takes them) against an SFT step on the same rows, batch_size
+pairs of pairs_dataset's train split (two rows each, grouped by length as train.py groups
+them), or synthetic pairs; --compare=trl also times TRL's DPOTrainer steps on transformers'
+GPT-2 of the same shape and batch, and checks that TRL's loss on the batch equals grafito's.
+The last line of output is one JSON object with every number.
 """
 
+import dataclasses
 import json
+import math
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +54,7 @@ import engine
 import lora
 import tokenizer
 from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops
-from configurator import load_config
+from configurator import SEED, check_options, integer, load_config, number, one_of
 from loss import AnswerLogProbs, dpo_loss
 from model import GPT, PRESETS, GPTConfig
 from optim import make_optimizer
@@ -69,11 +79,24 @@ DEFAULTS = dict(
     prompt_tokens=128,  # prefill length
     decode_tokens=128,  # new tokens per decode run
     decode_batch=8,  # the "batch N" decode row
-    rows="train,masked,lora,decode",  # which rows to run; dpo: DPO steps against SFT steps
-    compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes; 'trl': TRL's DPOTrainer (dpo rows)
+    rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve, dpo
+    configs="ruby_002,obsidian_000,lazuli_001",  # rows=configs: the codename configs' own shapes
+    compare="",  # 'hf': transformers on the same shapes (serve: transformers serve); 'trl': TRL's DPOTrainer (dpo)
+    serve_clients="1,4,16",  # the serve rows: concurrent streaming clients (1 = the requests one at a time)
+    serve_requests=16,  # requests per serve row, shared among its clients
+    serve_tokens=48,  # new tokens each request asks for (greedy)
     device="auto",
     seed=1337,
 )
+ROWS = ("train", "masked", "lora", "decode", "configs", "serve", "dpo")
+RULES = {
+    "model": one_of(*PRESETS), "compare": one_of("", "hf", "trl"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
+    "n_embd": integer(0, 1 << 16), "batch_size": integer(1, 4096), "block_size": integer(1, 1 << 16),
+    "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
+    "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
+    "decode_batch": integer(1, 4096), "seed": SEED, "serve_requests": integer(1, 1 << 16),
+    "serve_tokens": integer(1, 1 << 16),
+}
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -157,14 +180,13 @@ def measured_peak(device, dtype):
 
 # ----------------------------------------------------------------------------- the workloads
 
-def masked_batch(config, rng):
-    """(x, y, source): rows packed from real prepared data when present, else synthetic."""
-    B, T = config["batch_size"], config["block_size"]
+def masked_batch(dataset, B, T, config, rng):
+    """(x, y, source): B rows of T tokens packed from a prepared dataset when present, else synthetic."""
     try:
-        split = data.load_split(config["dataset"], "train")
+        split = data.load_split(dataset, "train")
         batches = data.PackedBatches(split, T, seed=config["seed"])
         x, y = batches.batch(batches.next_rows(B))
-        return x, y, f"{config['dataset']} (real, {float((y >= 0).mean()):.0%} supervised)"
+        return x, y, f"{dataset} (real, {float((y >= 0).mean()):.0%} supervised)"
     except GrafitoError:
         x = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
         y = np.where(rng.random((B, T)) < config["supervised"], rng.integers(0, tokenizer.VOCAB_SIZE, (B, T)), -1)
@@ -182,7 +204,7 @@ class StepTimer:
 
     def step(self, **inputs):
         with autocast(self.device, self.dtype):
-            out = self.forward(**inputs)
+            out = self.forward(**inputs)  # grafito: idx, targets and the supervised positions, as train.py gives them
         self.finish(out[1] if isinstance(out, tuple) else out.loss)
 
     def finish(self, loss):
@@ -193,12 +215,12 @@ class StepTimer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def our_trainer(gpt_config, device, dtype, compile_model, lora_r=0):
+def our_trainer(gpt_config, device, dtype, compile_model, lora_config=None):
     """A GPT set up as train.py sets it up: its optimizer; LoRA with frozen matrices in the autocast dtype."""
     torch.manual_seed(0)
     model = GPT(gpt_config)
-    if lora_r:
-        lora.apply_lora(model, lora.LoRAConfig(r=lora_r))
+    if lora_config is not None:
+        lora.apply_lora(model, lora_config)
         if dtype in ("bfloat16", "float16"):
             lora.cast_frozen_linears(model, DTYPES[dtype])
     model.to(device)
@@ -213,7 +235,8 @@ def hf_model(gpt_config):
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=gpt_config.n_layer, n_head=gpt_config.n_head, n_embd=gpt_config.n_embd,
                                       n_positions=gpt_config.block_size, vocab_size=gpt_config.vocab_size,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                      resid_pdrop=gpt_config.dropout, embd_pdrop=gpt_config.dropout,
+                                      attn_pdrop=gpt_config.dropout))
 
 
 def hf_labels(x, y):
@@ -232,7 +255,7 @@ class TransformersWorker:
             env.pop("THP_MEM_ALLOC_ENABLE", None)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.ask(setup={"gpt_config": asdict(gpt_config), "device": device, "dtype": dtype, "compile": compile_model})
+        self.ask(setup={"gpt_config": dataclasses.asdict(gpt_config), "device": device, "dtype": dtype, "compile": compile_model})
 
     def ask(self, **message):
         self.process.stdin.write(json.dumps(message) + "\n")
@@ -272,10 +295,13 @@ def _worker_handle(message, state, jobs):
         return {"ok": True}
     device, dtype = state["device"], state["dtype"]
     if "train" in message:
-        if "trainer" not in state:  # AdamW with PyTorch's defaults, as a transformers user writes it
-            model = hf_model(state["gpt_config"]).to(device)
+        dropout = message.get("dropout", 0.0)
+        if state.get("trainer_dropout") != dropout:  # AdamW with PyTorch's defaults, as a transformers user writes it
+            state.pop("trainer", None)
+            model = hf_model(dataclasses.replace(state["gpt_config"], dropout=dropout)).to(device)
             state["trainer"] = StepTimer(model, torch.optim.AdamW(model.parameters(), lr=1e-5), device, dtype,
                                          state["compile"])
+            state["trainer_dropout"] = dropout
         x = torch.tensor(message["x"], device=device)
         labels = hf_labels(x, torch.tensor(message["y"], device=device))
         trainer = state["trainer"]
@@ -393,45 +419,85 @@ def grafito_dpo_loss(check, x, y, beta):
     return dpo_loss(policy[:B], policy[B:], reference[:B], reference[B:], beta)[0].mean().item()
 
 
+def training_row(name, note, x, y, ours, gpt_config, config, device, peak, theirs=None, lora_row=False):
+    """Row dicts for one training step timed on batch (x, y): ours, and transformers' when given."""
+    B, T = x.shape
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    positions = torch.from_numpy(np.flatnonzero(y >= 0)).to(device)
+    timers = [("grafito", lambda: timed(lambda: ours.step(idx=xt, targets=yt, supervised=positions), device))]
+    if theirs is not None:
+        theirs.ask(train=name, x=x.tolist(), y=y.tolist(), dropout=gpt_config.dropout)
+        timers.append(("transformers", theirs.timer(name)))
+        theirs.ask(reset_memory=True)
+    reset_peak_memory(device)
+    times = interleaved(timers, config["repeats"], config["warmup"])
+    memory = {"grafito": peak_memory_mb(device)}
+    if theirs is not None:
+        memory["transformers"] = theirs.ask(memory=True)["mb"]
+    supervised = {"grafito": int((y >= 0).sum()), "transformers": B * T}  # transformers: logits everywhere
+    rows = []
+    for who, seconds in times.items():
+        median = statistics.median(seconds)
+        flops = training_flops(gpt_config, B * T, supervised[who], T, lora=lora_row)
+        rows.append({"row": name, "impl": who, "batch": note, "tokens_per_s": B * T / median, "step_ms": median * 1e3,
+                     "mfu": flops / median / peak, "memory_mb": memory[who],
+                     "times_ms": [round(t * 1e3, 1) for t in seconds]})
+    return rows
+
+
 def train_rows(config, gpt_config, device, dtype, peak, rng, theirs):
+    """The default shape: full steps on plain LM and masked SFT batches, and a LoRA step."""
     rows = []
     B, T = config["batch_size"], config["block_size"]
     wanted = config["rows"].split(",")
     x_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
     y_plain = rng.integers(0, tokenizer.VOCAB_SIZE, (B, T))
-    x_masked, y_masked, source = masked_batch(config, rng)
-    n_tokens = B * T
-
-    def row(name, batch_note, x, y, trainer, lora_row=False):
-        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        timers = [("grafito", lambda: timed(lambda: trainer.step(idx=xt, targets=yt), device))]
-        if theirs is not None and not lora_row:
-            theirs.ask(train=name, x=x.tolist(), y=y.tolist())
-            timers.append(("transformers", theirs.timer(name)))
-            theirs.ask(reset_memory=True)
-        reset_peak_memory(device)
-        times = interleaved(timers, config["repeats"], config["warmup"])
-        memory = {"grafito": peak_memory_mb(device)}
-        if theirs is not None and not lora_row:
-            memory["transformers"] = theirs.ask(memory=True)["mb"]
-        supervised = {"grafito": int((y >= 0).sum()), "transformers": n_tokens}  # transformers: logits everywhere
-        for who, seconds in times.items():
-            median = statistics.median(seconds)
-            flops = training_flops(gpt_config, n_tokens, supervised[who], T, lora=lora_row)
-            rows.append({"row": name, "impl": who, "batch": batch_note, "tokens_per_s": n_tokens / median,
-                         "step_ms": median * 1e3, "mfu": flops / median / peak, "memory_mb": memory[who],
-                         "times_ms": [round(t * 1e3, 1) for t in seconds]})
-
+    x_masked, y_masked, source = masked_batch(config["dataset"], B, T, config, rng)
+    timing = dict(gpt_config=gpt_config, config=config, device=device, peak=peak)
     if "train" in wanted or "masked" in wanted:
-        trainer = our_trainer(gpt_config, device, dtype, config["compile"])
+        ours = our_trainer(gpt_config, device, dtype, config["compile"])
         if "train" in wanted:
-            row("train full, plain LM", f"{B}x{T}, all supervised", x_plain, y_plain, trainer)
+            rows += training_row("train full, plain LM", f"{B}x{T}, all supervised", x_plain, y_plain, ours,
+                                 theirs=theirs, **timing)
         if "masked" in wanted:
-            row("train full, masked SFT", f"{B}x{T}, {source}", x_masked, y_masked, trainer)
-        del trainer
+            rows += training_row("train full, masked SFT", f"{B}x{T}, {source}", x_masked, y_masked, ours,
+                                 theirs=theirs, **timing)
+        del ours
     if "lora" in wanted:
-        trainer = our_trainer(gpt_config, device, dtype, config["compile"], lora_r=config["lora_r"])
-        row("train LoRA, masked SFT", f"{B}x{T}, r={config['lora_r']} q,v", x_masked, y_masked, trainer, lora_row=True)
+        ours = our_trainer(gpt_config, device, dtype, config["compile"], lora.LoRAConfig(r=config["lora_r"]))
+        rows += training_row("train LoRA, masked SFT", f"{B}x{T}, r={config['lora_r']} q,v", x_masked, y_masked, ours,
+                             lora_row=True, **timing)
+    return rows
+
+
+def codename_rows(config, gpt_config, device, dtype, peak, rng, theirs):
+    """Training steps at each codename config's own batch x block, dropout and LoRA settings
+    (on the --model shape: a CPU cannot time gpt2-xl), beside transformers' at the same settings;
+    a LoRA config also gets our full step at its shape, for the ratio."""
+    from train import load_train_config  # the config exactly as train.py resolves it
+
+    rows = []
+    for name in filter(None, config["configs"].split(",")):
+        path = Path(__file__).resolve().parent / "config" / f"{name}.py"
+        if not path.is_file():
+            raise GrafitoError(f"--configs: no config/{name}.py")
+        run = load_train_config([str(path)])
+        B, T = run["batch_size"], run["block_size"]
+        shape = dataclasses.replace(gpt_config, dropout=run["dropout"], block_size=max(gpt_config.block_size, T))
+        x, y, source = masked_batch(run["dataset"], B, T, config, rng)
+        timing = dict(gpt_config=shape, config=config, device=device, peak=peak)
+        note = f"{B}x{T}, dropout {run['dropout']}, {source}"
+        if run["lora_r"]:
+            targets = tuple(t.strip() for t in run["lora_targets"].split(","))
+            adapters = lora.LoRAConfig(r=run["lora_r"], alpha=run["lora_alpha"], dropout=run["lora_dropout"], targets=targets)
+            ours = our_trainer(shape, device, dtype, config["compile"], adapters)
+            rows += training_row(f"{name} LoRA", note, x, y, ours, lora_row=True, **timing)
+            del ours
+            rows += training_row(f"{name} as full", note, x, y, our_trainer(shape, device, dtype, config["compile"]),
+                                 **timing)
+        else:
+            rows += training_row(name, note, x, y, our_trainer(shape, device, dtype, config["compile"]), theirs=theirs,
+                                 **timing)
     return rows
 
 
@@ -472,7 +538,8 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
         check = theirs.ask(trl_check=pair_ids(x, y), beta=config["beta"])
         loss_check = {"trl": check["trl_loss"], "grafito": grafito_dpo_loss(check, x, y, config["beta"])}
     for kind in ("LoRA", "full"):
-        trainer = our_trainer(gpt_config, device, dtype, config["compile"], lora_r=config["lora_r"] if kind == "LoRA" else 0)
+        adapters = lora.LoRAConfig(r=config["lora_r"]) if kind == "LoRA" else None
+        trainer = our_trainer(gpt_config, device, dtype, config["compile"], adapters)
         model, policy = trainer.model, AnswerLogProbs(trainer.model)
         policy = torch.compile(policy) if config["compile"] else policy
         with torch.no_grad(), autocast(device, dtype):
@@ -573,15 +640,149 @@ def decode_rows(config, gpt_config, device, dtype, theirs):
     return rows
 
 
+# ----------------------------------------------------------------------------- serving under load
+
+def serve_prompts(count, seed):
+    """Distinct chat questions of 15-25 words, the same for every server."""
+    words = ("river mountain engine garden letter window planet music number story kitchen market bridge "
+             "winter forest signal doctor island yellow silver").split()
+    rng = np.random.default_rng(seed)
+    return [f"request {i}: " + " ".join(rng.choice(words, rng.integers(15, 26))) for i in range(count)]
+
+
+def start_server(name, command, port, log):
+    """A server process, once its /health answers 200 (or an error with the end of its log)."""
+    import httpx
+
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    log.seek(0)
+    raise GrafitoError(f"{name} did not start: {log.read()[-2000:]}")
+
+
+def load_test(url, model, prompts, clients, max_tokens):
+    """Stream every prompt through `clients` concurrent clients: (tokens/s over the wall time, times to first token)."""
+    import asyncio
+
+    import httpx
+
+    async def run():
+        todo, results = list(prompts), []
+        async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=clients + 2)) as http:
+            async def client():
+                while todo:
+                    prompt, started, first, tokens = todo.pop(0), time.perf_counter(), None, 0
+                    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                        if response.status_code != 200:
+                            raise GrafitoError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]}")
+                        async for line in response.aiter_lines():
+                            data = line.removeprefix("data:").strip()
+                            if not line.startswith("data:") or data == "[DONE]":
+                                continue
+                            event = json.loads(data)
+                            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+                                first = first or time.perf_counter()
+                            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+                    results.append((first - started, tokens))
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            return sum(t for _, t in results) / (time.perf_counter() - started), [s for s, _ in results]
+
+    return asyncio.run(run())
+
+
+def serve_rows(config, gpt_config, device, dtype):
+    """serve.py (and transformers serve) under 1, 4, 16 concurrent clients, taking turns."""
+    import tempfile
+
+    import export
+
+    clients = [int(c) for c in config["serve_clients"].split(",")]
+    prompts, tokens = serve_prompts(config["serve_requests"], config["seed"]), config["serve_tokens"]
+    work = Path(tempfile.mkdtemp(prefix="grafito-bench-serve-"))
+    torch.manual_seed(0)
+    folder = work / "model"  # weights in transformers' format, the BPE files and the chat template
+    GPT(gpt_config).save_pretrained(folder)
+    export.write_tokenizer(folder, gpt_config.block_size)
+    port = 18000 + os.getpid() % 1000
+    servers = [("grafito", [sys.executable, "serve.py", f"--init_from={folder}", f"--device={device}",
+                            f"--dtype={dtype}", f"--port={port}", f"--max_batch={max(clients)}",
+                            f"--compile={config['compile']}", "--log_level=warning"], "grafito")]
+    if config["compare"] == "hf":
+        # its KV cache sized to twice what these requests need (prompts under 64 tokens): by default it
+        # claims most of the machine's memory
+        blocks = math.ceil(max(clients) * (64 + tokens) / 32) * 2
+        servers.append(("transformers serve", [
+            sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching",
+            f"--device={device}", f"--dtype={dtype}", f"--port={port + 1}", "--cb-block-size=32",
+            f"--cb-num-blocks={blocks}", "--cb-max-batch-tokens=2048", "--log-level=warning"], str(folder)))
+    rows, processes, logs = [], [], []
+    try:
+        for i, (impl, command, model) in enumerate(servers):  # both up at once: idle, neither takes the CPU
+            logs.append(open(work / f"{impl.replace(' ', '_')}.log", "w+"))
+            processes.append(start_server(impl, command, port + i, logs[-1]))
+            url = f"http://127.0.0.1:{port + i}"
+            load_test(url, model, prompts[:2], 1, 4)  # warm-up: first-request set-up, the batch shapes
+            load_test(url, model, prompts[:max(clients)], max(clients), 4)
+        for n in clients:  # the servers take turns at each load, so the machine's drift hits both alike
+            for i, (impl, _, model) in enumerate(servers):
+                tokens_per_s, firsts = load_test(f"http://127.0.0.1:{port + i}", model, prompts, n, tokens)
+                rows.append({"row": f"serve, {n} clients", "impl": impl,
+                             "batch": f"{len(prompts)} requests x {tokens} new tokens", "tokens_per_s": tokens_per_s,
+                             "ttft_p50_s": float(np.percentile(firsts, 50)),
+                             "ttft_p95_s": float(np.percentile(firsts, 95))})
+                print(f"({rows[-1]['row']}, {impl}: {tokens_per_s:.1f} tokens/s)", file=sys.stderr, flush=True)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for r in rows:
+        alone = next(o for o in rows if o["impl"] == r["impl"] and o["row"] == f"serve, {min(clients)} clients")
+        theirs = next((o for o in rows if o["impl"] == "transformers serve" and o["row"] == r["row"]), None)
+        r["ratio_vs_one_client"] = r["tokens_per_s"] / alone["tokens_per_s"]
+        r["ratio_vs_transformers"] = (r["tokens_per_s"] / theirs["tokens_per_s"]
+                                      if theirs and r["impl"] == "grafito" else None)
+    return rows
+
+
+def print_serve_table(rows):
+    print("| row | impl | requests | tokens/s | vs 1 client | TTFT p50 s | TTFT p95 s | ours/transformers serve |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['ratio_vs_transformers']:.2f}x" if r["ratio_vs_transformers"] else ""
+        print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['ratio_vs_one_client']:.2f}x "
+              f"| {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {ratio} |")
+
+
 def with_ratios(rows):
     """ours/theirs on every row that has both, and LoRA over our full masked step."""
     by_key = {(r["row"], r["impl"]): r for r in rows}
     for r in rows:
         other = by_key.get((r["row"], "transformers"))
         r["ratio_vs_transformers"] = r["tokens_per_s"] / other["tokens_per_s"] if other and r["impl"] == "grafito" else None
-    lora_row, full_row = by_key.get(("train LoRA, masked SFT", "grafito")), by_key.get(("train full, masked SFT", "grafito"))
-    if lora_row and full_row:
-        lora_row["ratio_vs_full"] = lora_row["tokens_per_s"] / full_row["tokens_per_s"]
+    pairs = [("train LoRA, masked SFT", "train full, masked SFT")]
+    pairs += [(r["row"], r["row"].replace(" LoRA", " as full")) for r in rows if r["row"].endswith(" LoRA")]
+    for lora_name, full_name in pairs:
+        lora_row, full_row = by_key.get((lora_name, "grafito")), by_key.get((full_name, "grafito"))
+        if lora_row and full_row:
+            lora_row["ratio_vs_full"] = lora_row["tokens_per_s"] / full_row["tokens_per_s"]
     return rows
 
 
@@ -601,18 +802,12 @@ def print_table(rows, header):
 
 def main():
     config = load_config(DEFAULTS)
-    if config["model"] not in PRESETS:
-        raise GrafitoError(f"--model must be one of {', '.join(PRESETS)}")
-    if config["compare"] not in ("", "hf", "trl"):
-        raise GrafitoError("--compare takes 'hf' (transformers), 'trl' (TRL's DPOTrainer, dpo rows) or nothing")
-    for key in ("batch_size", "block_size", "repeats", "prompt_tokens", "decode_batch"):
-        if config[key] < 1:
-            raise GrafitoError(f"--{key} must be at least 1")
-    if config["decode_tokens"] < 2:  # decode speed is over the tokens after the first, which prefill gives
-        raise GrafitoError("--decode_tokens must be at least 2")
-    unknown = set(config["rows"].split(",")) - {"train", "masked", "lora", "decode", "dpo"}
+    check_options(config, RULES)
+    unknown = set(config["rows"].split(",")) - set(ROWS)
     if unknown:
-        raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from train, masked, lora, decode, dpo")
+        raise GrafitoError(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
+    if not all(c.strip().isdigit() and int(c) >= 1 for c in config["serve_clients"].split(",")):
+        raise GrafitoError(f"--serve_clients={config['serve_clients']}: expected client counts such as 1,4,16")
     device, dtype = setup(config["device"], config["dtype"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
@@ -623,14 +818,19 @@ def main():
               f"{dtype}{', compiled' if config['compile'] else ''}, {device} ({machine}), torch {torch.__version__}; "
               f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}")
     rng = np.random.default_rng(config["seed"])
-    rows, loss_check, wanted = [], None, set(config["rows"].split(","))
-    theirs = TransformersWorker(gpt_config, device, dtype, config["compile"]) if config["compare"] else None
+    rows, loss_check, wanted = [], None, config["rows"].split(",")
+    served = serve_rows(config, gpt_config, device, dtype) if "serve" in wanted else []  # first: nothing else loaded
+    model_rows = {"train", "masked", "lora", "decode", "dpo"} & set(wanted)
+    theirs = (TransformersWorker(gpt_config, device, dtype, config["compile"])
+              if config["compare"] and model_rows else None)
     hf, trl = (theirs, None) if config["compare"] == "hf" else (None, theirs)
     try:
         if "decode" in wanted:  # first: its memory figures are then its own
             rows += decode_rows(config, gpt_config, device, dtype, hf)
-        if {"train", "masked", "lora"} & wanted:
+        if {"train", "masked", "lora"} & set(wanted):
             rows += train_rows(config, gpt_config, device, dtype, peak, rng, hf)
+        if "configs" in wanted:
+            rows += codename_rows(config, gpt_config, device, dtype, peak, rng, hf)
         if "dpo" in wanted:
             dpo, loss_check = dpo_rows(config, gpt_config, device, dtype, rng, trl)
             rows += dpo
@@ -638,13 +838,17 @@ def main():
         if theirs is not None:
             theirs.close()
     rows = with_ratios(rows)
-    print_table(rows, header)
+    if rows:
+        print_table(rows, header)
     if loss_check:
         print(f"DPO loss on the batch, float32, the same policy and reference weights: TRL {loss_check['trl']:.6f}, "
               f"grafito {loss_check['grafito']:.6f}")
+    if served:
+        print(header if not rows else "")
+        print_serve_table(served)
     print(json.dumps({"config": config, "device": device, "machine": machine, "torch": torch.__version__,
                       "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows,
-                      "trl_loss_check": loss_check}))
+                      "serve_rows": served, "trl_loss_check": loss_check}))
 
 
 if __name__ == "__main__":

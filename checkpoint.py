@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import lora
-from common import GrafitoError, atomic_dir, current_version
+from common import GrafitoError, atomic_dir, current_version, remove_stale_temporaries
 from model import GPT, PRESETS, weight_files
 
 TRAIN_STATE = "train_state.pt"
@@ -126,20 +126,21 @@ def weights_folder(source):
     raise unavailable or GrafitoError(f"hub repo {source.repo_id!r} holds none of {', '.join(WEIGHT_FILES)}")
 
 
-def load_model(source, merge=True, _chain=(), **overrides):
+def load_model(source, merge=True, adapters_above=(), **overrides):
     """A GPT from any source. An adapter is applied to its base (itself any source) and, with
     merge=True, folded into it (lora.fold_lora): a plain GPT for inference and export.
-    overrides go to GPT.from_pretrained (block_size, dropout, bias)."""
+    overrides go to GPT.from_pretrained (block_size, dropout, bias); adapters_above: the
+    adapter folders whose bases are being loaded (a chain that loops is an error)."""
     source = source if isinstance(source, Source) else resolve(source)
     folder = weights_folder(source)
     if not (folder / lora.ADAPTER_CONFIG).is_file():
         return GPT.from_pretrained(folder, **overrides)
     meta = lora.read_adapter_config(folder)
     here = str(folder.resolve())
-    if here in _chain:
-        raise GrafitoError(f"{folder}: adapter chain loops back to itself ({' -> '.join(_chain + (here,))})")
+    if here in adapters_above:
+        raise GrafitoError(f"{folder}: adapter chain loops back to itself ({' -> '.join(adapters_above + (here,))})")
     base_source = resolve(meta["base_model"])
-    model = load_model(base_source, _chain=_chain + (here,), **overrides)
+    model = load_model(base_source, adapters_above=adapters_above + (here,), **overrides)
     expected = meta.get("base_fingerprint")
     if expected and base_source.kind != "hub" and weights_fingerprint(weights_folder(base_source)) != expected:
         raise GrafitoError(f"{folder}: its base {meta['base_model']} has changed since the adapter was trained "
@@ -245,6 +246,12 @@ def clear_run(out_dir):
     """Delete an earlier run's files (overwrite), once the new run is known to start."""
     for path in existing_run(out_dir):
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def remove_stale_saves(out_dir):
+    """Temporary checkpoint folders that killed saves left behind (their writers are gone)."""
+    for name in (LATEST, BEST, MERGED):
+        remove_stale_temporaries(Path(out_dir) / name)
 
 
 def load_train_state(out_dir):

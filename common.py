@@ -269,6 +269,36 @@ def peak_flops(device, dtype):
     return None
 
 
+def device_memory(device):
+    """Bytes of memory on the device (all of a GPU's; a CPU's physical memory), or None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed, device, what, advice):
+    """Refuse, before allocating, work that cannot fit in the device's memory at all."""
+    total = device_memory(device)
+    if total is not None and needed > total:
+        raise GrafitoError(f"{what} needs about {needed / 2 ** 30:,.1f} GiB, more than the {total / 2 ** 30:,.1f} GiB "
+                           f"of memory on {device}; {advice}")
+
+
+def training_memory(config, batch_size, block_size, lora=False):
+    """A lower bound on a training step's bytes: float32 weights (with LoRA: frozen), their
+    gradients and AdamW state, and 16-bit activations (Korthikanti et al.: 34 bytes per token and
+    channel per layer, plus the attention scores)."""
+    params = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_width) \
+        + (config.padded_vocab_size + config.block_size) * config.n_embd
+    state = 4 * params if lora else 16 * params
+    tokens = batch_size * block_size
+    activations = config.n_layer * (34 * tokens * config.n_embd + 5 * batch_size * config.n_head * block_size ** 2)
+    return state + activations
+
+
 def training_flops(config, n_tokens, n_supervised, seq_len, lora=False):
     """Matmul FLOPs of a forward+backward over n_tokens, logits at n_supervised positions.
 

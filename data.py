@@ -277,15 +277,18 @@ class PackedBatches:
                 tokens[r, at:at + n] = self.split.tokens[start:start + n]
                 supervised[r, at:at + n] = self.split.mask[start:start + n]
                 at += n
-        x = tokens[:, :-1]
-        y = np.where(supervised[:, 1:], tokens[:, 1:], -1)
-        return x, y
+        return inputs_and_targets(tokens, supervised)
 
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state):
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def inputs_and_targets(tokens, supervised):
+    """(x, y) from rows of tokens: x all but the last token, y the next token where it is supervised, else -1."""
+    return tokens[:, :-1], np.where(supervised[:, 1:], tokens[:, 1:], -1)
 
 
 def eval_batches(split, block_size, batch_size, max_batches=0):
@@ -446,15 +449,9 @@ class PairBatches:
         for r, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
             tokens[r, :n] = self.split.rows.tokens[start:start + n]
             supervised[r, :n] = self.split.rows.mask[start:start + n]
-        x = tokens[:, :-1]
-        y = np.where(supervised[:, 1:], tokens[:, 1:], -1)
-        return x, y
+        return inputs_and_targets(tokens, supervised)
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+    state_dict, load_state_dict = PackedBatches.state_dict, PackedBatches.load_state_dict  # the same (epoch, cursor)
 
 
 def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple=64):

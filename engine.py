@@ -3,14 +3,18 @@ serve.py all use.
 
 Every row of a batch is a slot of the KV cache holding its own sequence from position 0,
 so rows of different lengths need no padding masks, and a row can be (re)filled while the
-others go on, which is what continuous batching in serve.py does. A token produces logits
-only through a decode step: a prompt's tokens but the last are prefilled (one causal
-forward), the last one is the first decode step's input. naive_generate() is the
-reference the tests hold this loop equal to.
+others go on, which is what continuous batching (Batcher, at the end, for serve.py) does.
+A token produces logits only through a decode step: a prompt's tokens but the last are
+prefilled (one causal forward), the last one is the first decode step's input.
+naive_generate() is the reference the tests hold this loop equal to.
 """
 
+import collections
+import copy
 import math
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import tokenizer
-from common import GrafitoError
+from common import GrafitoError, check_memory
 from configurator import check_options, integer, number
 
 
@@ -41,6 +45,14 @@ class KVCache:
         self.rows = None  # the slots a prefill fills; None during a decode step
         self.window = max_len  # keys a decode step attends over (the longest slot's, or all)
 
+    def first(self, n):
+        """Slots 0..n-1 as a cache of n rows sharing this one's tensors and lengths (a decode
+        step over the busy slots only; the rows after them must be empty)."""
+        view = copy.copy(self)
+        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+        view.positions, view.batch_size = self.positions[:n], n
+        return view
+
     def layout(self, T):
         """(positions, attention mask) for the T tokens of the forward about to run."""
         if self.rows is not None:
@@ -55,9 +67,10 @@ class KVCache:
             self.keys[layer][self.rows, :, :k.shape[2]] = k
             self.values[layer][self.rows, :, :v.shape[2]] = v
             return k, v
-        index = self.positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        # indexed writes, not scatter_: on a CPU scatter_'s time grows with the whole cache
+        slots = torch.arange(k.shape[0], device=self.device)
+        self.keys[layer][slots, :, self.positions] = k[:, :, 0]
+        self.values[layer][slots, :, self.positions] = v[:, :, 0]
         return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
 
 
@@ -139,6 +152,9 @@ class Engine:
         """A cache for batch_size rows of up to `tokens` tokens (at most the context)."""
         if self.compiled:  # few distinct shapes, few compilations
             tokens = math.ceil(tokens / 256) * 256
+        config = self.model.config
+        needed = 2 * config.n_layer * batch_size * min(tokens, config.block_size) * config.n_embd * self.dtype.itemsize
+        check_memory(needed, str(self.device), f"a KV cache for {batch_size} rows", "generate fewer rows at once")
         cache = KVCache(self.model.config, batch_size, min(tokens, self.model.config.block_size), self.device,
                         self.dtype)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs may then update them in place
@@ -292,3 +308,204 @@ def answers(engine, prompts, max_new_tokens, sampling, generator=None, on_text=N
             if i == 0 and on_text and text:
                 on_text(text)
     return [s.text for s in streams], steps, time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+class QueueFull(Exception):
+    """The Batcher's waiting line is full: the caller should come back later."""
+
+
+class Job:
+    """One request the Batcher answers: a prompt (token ids), its own sampling settings, stop
+    strings and seed, and deliver(text, finish_reason), which the engine thread calls with each
+    new piece of the answer. finish_reason stays None until the last call: 'stop' (end-of-text,
+    a template marker or a stop string), 'length' (max_new_tokens reached), or 'error' (text is
+    then the message). raw=True continues plain text (only end-of-text stops it)."""
+
+    def __init__(self, prompt, max_new_tokens, sampling, deliver, stop=(), seed=None, raw=False):
+        if not prompt:
+            raise ValueError("a job needs at least one prompt token")
+        self.prompt, self.max_new_tokens, self.sampling = list(prompt), max_new_tokens, sampling
+        self.deliver, self.stop, self.seed = deliver, [s for s in stop if s], seed
+        self.stream = tokenizer.AnswerStream(raw=raw)
+        self.text = ""  # the answer so far, cut at a stop string once one appears
+        self.sent = 0  # characters of text already delivered
+        self.generated = 0  # tokens sampled, the one that ended the answer included
+        self.finish_reason = None
+        self.cancelled = False
+        # set by the engine thread when the job takes a slot
+        self.history, self.seen, self.generator = None, None, None
+
+    def take(self, token):
+        """Record one generated token and deliver the text it completes; True when the job is done."""
+        self.generated += 1
+        self.text += self.stream.add(token)
+        if self.stream.done:
+            self.finish_reason = "stop"
+        elif self.generated == self.max_new_tokens:
+            self.text += self.stream.finish()
+            self.finish_reason = "length"
+        # a stop string may straddle earlier pieces: search from just before the undelivered text
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.finish_reason = self.text[:min(cuts)], "stop"
+        end = len(self.text)
+        if self.finish_reason is None:  # hold back a tail that may be the start of a stop string
+            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        if piece or self.finish_reason:
+            self.send(piece, self.finish_reason)
+        return self.finish_reason is not None
+
+    def send(self, text, finish_reason):
+        try:
+            self.deliver(text, finish_reason)
+        except Exception:  # whoever listened is gone (its event loop closed): stop working for it
+            self.cancelled = True
+
+
+class Batcher:
+    """Continuous batching: one engine thread owns the model and answers many Jobs at once.
+
+    Every busy slot is a row of one KV cache (rows 0..n-1: a freed row is filled by the last
+    busy one, so a decode step runs over exactly the busy rows). Each step decodes one token
+    for every busy slot; a new job is prefilled into a free row and joins at the next step;
+    a finished or cancelled job leaves at once. Each slot keeps its own sampling settings,
+    stop strings, torch.Generator (its seed) and positions, so a job's tokens do not depend on
+    the others: in float32, greedy answers equal Engine.generate's for the prompt alone.
+    At most max_batch slots; up to max_queue more jobs wait, beyond that submit() refuses.
+    """
+
+    def __init__(self, engine, max_batch=16, max_queue=64):
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.block_size = engine.model.config.block_size
+        self.cache = engine.new_cache(max_batch, self.block_size)
+        self.slots = []  # the busy jobs, slot i in cache row i (the engine thread's alone)
+        self.waiting = collections.deque()
+        self.peak_busy = 0  # the most slots ever busy at once
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="grafito-engine", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def close(self, timeout=30):
+        """Stop the engine thread; jobs still running or waiting end with an error."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        for job in self.slots + list(self.waiting):
+            job.send("the server is shutting down", "error")
+        self.slots, self.waiting = [], collections.deque()
+
+    def submit(self, job):
+        with self._wake:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.slots)} requests are being answered and {len(self.waiting)} are "
+                                f"waiting, the most this server queues; try again shortly")
+            self.waiting.append(job)
+            self._wake.notify()
+
+    def cancel(self, job):
+        """The job's client went away: it leaves the queue, or its slot at the next step."""
+        with self._wake:
+            job.cancelled = True
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    @property
+    def busy(self):
+        return len(self.slots)
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self.slots and not self.waiting and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.slots)))]
+            try:
+                self.step(new)
+            except Exception as err:  # the model failed (NaN logits, out of memory): every job ends with it
+                if not isinstance(err, GrafitoError):
+                    traceback.print_exc()
+                message = str(err) if isinstance(err, GrafitoError) else f"{type(err).__name__}: {err}"
+                for job in dict.fromkeys(self.slots + new):
+                    job.send(message, "error")
+                self.slots = []
+                self.cache.lengths = [0] * self.max_batch
+                self.cache.positions.zero_()
+
+    @torch.no_grad()
+    def step(self, new=()):
+        """One step of every busy slot, after admitting `new` jobs into free rows."""
+        cache = self.cache
+        # 1. jobs whose client went away leave at once
+        for row in reversed(range(len(self.slots))):
+            if self.slots[row].cancelled:
+                self._leave(row)
+        new = [job for job in new if not job.cancelled]
+        # 2. new jobs take the next rows: their own history, penalty marks and generator; all but
+        #    the prompt's last token prefilled (that one is the first decode step's input)
+        for job in new:
+            job.history = job.prompt[-(self.block_size - 1):]
+            if job.sampling.repetition_penalty != 1.0:
+                job.seen = torch.zeros(1, self.engine.model.config.vocab_size, dtype=torch.bool,
+                                       device=self.engine.device)
+                job.seen[0, job.history] = True
+            job.generator = torch.Generator(device=self.engine.device)
+            job.generator.manual_seed(job.seed) if job.seed is not None else job.generator.seed()
+        if new:
+            rows = list(range(len(self.slots), len(self.slots) + len(new)))
+            self.slots += new
+            self.engine.prefill(cache, rows, [job.history[:-1] for job in new])
+            self.peak_busy = max(self.peak_busy, len(self.slots))
+        n = len(self.slots)
+        if not n:
+            return
+        # 3. a slot whose context is full restarts from its recent tokens, alone (as Engine.generate)
+        for row, job in enumerate(self.slots):
+            if cache.lengths[row] == cache.max_len:
+                keep = max(self.block_size // 2, self.block_size - (job.max_new_tokens - job.generated))
+                self.engine.prefill(cache, [row], [job.history[-keep:-1]])
+        # 4. one decode step over the busy rows (a compiled step over a power of two of them: few graphs)
+        rows = n if not self.engine.compiled else min(self.max_batch, 1 << (n - 1).bit_length())
+        tokens = [job.history[-1] for job in self.slots] + [0] * (rows - n)
+        active = None if rows == n else [True] * n + [False] * (rows - n)
+        logits = self.engine.decode(cache.first(rows), tokens, active)[:n]
+        if logits.shape[-1] > tokenizer.VOCAB_SIZE:  # rows the tokenizer cannot decode
+            logits[:, tokenizer.VOCAB_SIZE:] = float("-inf")
+        # 5. each slot samples with its own settings and generator
+        picks = [int(sample(logits[row:row + 1], job.sampling, job.seen, job.generator))
+                 for row, job in enumerate(self.slots)]
+        # 6. record each token, deliver the text, and free the rows of finished jobs
+        for row in reversed(range(n)):
+            job, token = self.slots[row], picks[row]
+            job.history.append(token)
+            del job.history[:-self.block_size]
+            if job.seen is not None:
+                job.seen[0, token] = True
+            if job.take(token) or job.cancelled:
+                self._leave(row)
+
+    def _leave(self, row):
+        """Free a row: the last busy slot moves into it, so busy rows stay 0..n-1."""
+        cache, last = self.cache, len(self.slots) - 1
+        if row != last:
+            length = cache.lengths[last]
+            for layer in cache.keys + cache.values:
+                layer[row, :, :length] = layer[last, :, :length]
+            cache.positions[row] = cache.positions[last]
+            cache.lengths[row] = length
+            self.slots[row] = self.slots[last]
+        self.slots.pop()
+        cache.lengths[last] = 0
+        cache.positions[last] = 0

@@ -109,7 +109,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        dropout = self.dropout if self.training else 0.0
+        # CPUs skip attention-probability dropout: no CPU kernel fuses it, so it would build and draw B*H*T*T
+        # probabilities per layer; residual and embedding dropout still apply (docs/performance.md)
+        dropout = self.dropout if self.training and q.device.type != "cpu" else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))

@@ -33,7 +33,8 @@ import torch
 import checkpoint
 import data
 import lora
-from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops, trim_cpu_memory
+from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, setup, training_flops,
+                    training_memory, trim_cpu_memory)
 from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
 from loss import DPO_STATS, AnswerLogProbs, dpo_loss, dpo_stats, masked_val_loss, pair_log_probs
 from model import GPT, GPTConfig
@@ -120,8 +121,7 @@ def check_config(config):
     if config["min_lr"] > config["learning_rate"]:
         raise invalid("min_lr", config["min_lr"], f"at most learning_rate ({config['learning_rate']})")
     if config["init_from"] == "scratch":
-        GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
-                  n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+        scratch_config(config)  # checks the model's sizes
     if config["lora_r"] and config["init_from"] == "scratch":
         raise invalid("lora_r", config["lora_r"], "0 with init_from=scratch (LoRA adapts a pretrained model)")
     if config["objective"] == "dpo" and config["init_from"] == "scratch":
@@ -195,8 +195,7 @@ def build_model(config, init_source, resume_state):
         no_bias = {"bias": False} if resume_state["base_model"] == "scratch" and not config["bias"] else {}
         model = checkpoint.load_model(init_source, merge=False, dropout=config["dropout"], **no_bias)
     elif config["init_from"] == "scratch":
-        model = GPT(GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
-                              n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"]))
+        model = GPT(scratch_config(config))
     else:  # a GPT-2 name, a hub id, a folder or an earlier run (its adapters folded in)
         model = checkpoint.load_model(init_source, dropout=config["dropout"])
         if config["lora_r"]:
@@ -204,6 +203,11 @@ def build_model(config, init_source, resume_state):
     if config["block_size"] > model.config.block_size:
         raise invalid("block_size", config["block_size"], f"at most the model's context ({model.config.block_size})")
     return model
+
+
+def scratch_config(config):
+    return GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
+                     n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
 
 
 def rng_state():
@@ -277,7 +281,14 @@ def train(config):
     max_iters = math.ceil(config["epochs"] * per_epoch / per_step) if config["epochs"] > 0 else config["max_iters"]
 
     # ------------------------------------------------------------------ set-up: model and optimizer
+    advice = "choose a smaller model, batch_size or block_size"
+    if config["init_from"] == "scratch":
+        check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]), device,
+                     "this model", advice)
     model = build_model(config, init_source, resume_state)
+    rows_per_batch = config["batch_size"] * (2 if dpo else 1)  # a pair is two rows
+    check_memory(training_memory(model.config, rows_per_batch, config["block_size"], lora=config["lora_r"] > 0),
+                 device, "a training step", advice)
     for split in (train_split, val_split):
         data.check_token_ids(split.rows if dpo else split, model.config.vocab_size)
     is_lora = bool(lora.lora_layers(model))
@@ -324,6 +335,7 @@ def train(config):
         lock = checkpoint.RunLock(out_dir)  # a second run into out_dir stops here, before it changes anything
         if not resume:
             checkpoint.clear_run(out_dir)
+        checkpoint.remove_stale_saves(out_dir)
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         announce(config, raw_model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
                  len(val_batches))
@@ -450,9 +462,10 @@ def train(config):
                 sync = model.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext()
                 supervised = np.flatnonzero(y >= 0)
                 with sync:
+                    positions = to_device(supervised, device)
+                    torch._dynamo.maybe_mark_dynamic(positions, 0)  # a new length every batch: one graph for all
                     with autocast(device, dtype):
-                        objective, stats = micro_step(chunk, to_device(x, device), to_device(y, device),
-                                                      to_device(supervised, device))
+                        objective, stats = micro_step(chunk, to_device(x, device), to_device(y, device), positions)
                     scaler.scale(objective * scale).backward()
                 window_stats += stats
                 window_tokens, window_supervised = window_tokens + x.size, window_supervised + len(supervised)

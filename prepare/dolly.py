@@ -19,6 +19,7 @@ sees (--context drop reproduces the original; such rows are then dropped and cou
 from pipeline import Record, Report, build_dataset, check_args, fetch_hub_dataset, parser, read_json_lines, sha256_of
 
 from common import GrafitoError, run_cli
+from configurator import check_options, integer
 
 REPO_ID = "databricks/databricks-dolly-15k"
 FILENAME = "databricks-dolly-15k.jsonl"
@@ -55,8 +56,7 @@ def main():
                    help="context field: append to the instruction, leave out, or skip rows having one (default %(default)s)")
     args = p.parse_args()
     check_args(args)
-    if args.max_response_chars < 0:
-        raise GrafitoError(f"--max_response_chars must be 0 (no limit) or positive, got {args.max_response_chars}")
+    check_options(vars(args), {"max_response_chars": integer(0)})
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:

@@ -12,9 +12,11 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 import urllib.request
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 import tokenizer  # noqa: E402
 from common import GrafitoError  # noqa: E402
+from configurator import SEED, check_options, integer, number  # noqa: E402
 
 DOWNLOAD_CACHE = Path.home() / ".cache" / "grafito"
 FIRST_LINES = 5  # line numbers kept per skip/drop reason in the report
@@ -74,8 +77,8 @@ class Report:
 
 def parser(description, name, block_size):
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--input", type=Path, help="a local file in the source's format, instead of downloading")
-    p.add_argument("--out_dir", type=Path, default=data.DATA_ROOT / name, help=f"default: data/{name}")
+    p.add_argument("--input", type=user_path, help="a local file in the source's format, instead of downloading")
+    p.add_argument("--out_dir", type=user_path, default=data.DATA_ROOT / name, help=f"default: data/{name}")
     p.add_argument("--block_size", type=int, default=block_size,
                    help="longest conversation in tokens, end-of-text included (default %(default)s)")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="truncate",
@@ -86,14 +89,30 @@ def parser(description, name, block_size):
     return p
 
 
+def user_path(text):
+    return Path(text).expanduser()
+
+
 def check_args(args):
-    if args.block_size < 8:
-        raise GrafitoError(f"--block_size must be at least 8, got {args.block_size}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise GrafitoError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    check_options(vars(args), {"block_size": integer(8, 1 << 20), "val_fraction": number(0.0, 1.0, high_open=True),
+                               "seed": SEED})
     if args.input is not None and not args.input.is_file():
         raise GrafitoError(f"--input {args.input}: no such file")
-    data.check_replaceable(args.out_dir)  # before a download and minutes of cleaning, not after
+    # before a download and minutes of cleaning, not after
+    data.check_replaceable(args.out_dir)
+    check_writable_parent(args.out_dir)
+
+
+def check_writable_parent(folder):
+    """The dataset is written beside folder and renamed into place: its parent must take new files."""
+    parent = Path(folder).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise GrafitoError(f"--out_dir {folder}: cannot write in {parent} ({err.strerror or err}); choose another "
+                           f"--out_dir") from None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -161,16 +180,16 @@ def read_json_lines(path, report, required_keys):
                 except UnicodeDecodeError:
                     report.skip("invalid_utf8", line_no)
                     continue
-                except json.JSONDecodeError as err:
-                    report.skip("bad_json", line_no, str(err))
+                except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep to read
+                    report.skip("bad_json", line_no, f"{type(err).__name__}: {err}"[:200])
                     continue
                 if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in required_keys):
                     report.skip("missing_key", line_no, f"needs string fields {', '.join(required_keys)}")
                     continue
                 records.append((line_no, obj))
-    except (EOFError, gzip.BadGzipFile, OSError) as err:
-        raise GrafitoError(f"{path}: unreadable or truncated after line {line_no} ({type(err).__name__}: {err}); "
-                           f"download it again") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+        raise GrafitoError(f"{path}: unreadable, corrupt or truncated after line {line_no} ({type(err).__name__}: "
+                           f"{err}); download it again") from None
     if report.read == 0:
         raise GrafitoError(f"{path}: no records (empty file)")
     if not records:
@@ -389,12 +408,17 @@ def make_summary(report, splits, meta, seconds):
     }
 
 
-def print_summary(s, out_dir):
+def print_reasons(s):
+    """The report's counts: records read, then every skip, repair and drop with its first lines."""
     print(f"read {s['records_read']:,} records from {s['source']}")
     for title, key in (("skipped (malformed)", "skipped_malformed"), ("repaired", "repaired"), ("dropped", "dropped")):
         for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
             lines = ", ".join(map(str, s["first_lines"].get(reason, [])))
-            print(f"  {title:20s} {reason:38s} {n:7,}   first lines: {lines}")
+            print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
+
+
+def print_summary(s, out_dir):
+    print_reasons(s)
     sp = s["splits"]
     print(f"kept {s['conversations']:,} conversations ({s['turns']:,} turns), {s['tokens']:,} tokens, "
           f"{s['supervised_fraction']:.1%} supervised; length p50/p90/p99/max "
@@ -563,11 +587,7 @@ def make_pairs_summary(report, splits, meta, seconds):
 
 
 def print_pairs_summary(s, out_dir):
-    print(f"read {s['records_read']:,} records from {s['source']}")
-    for title, key in (("skipped (malformed)", "skipped_malformed"), ("repaired", "repaired"), ("dropped", "dropped")):
-        for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
-            lines = ", ".join(map(str, s["first_lines"].get(reason, [])))
-            print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
+    print_reasons(s)
     sp = s["splits"]
     print(f"kept {s['pairs']:,} pairs ({s['turns']:,} turns), {s['tokens']:,} tokens in their {2 * s['pairs']:,} rows, "
           f"{s['supervised_fraction']:.1%} supervised")

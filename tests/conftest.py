@@ -28,10 +28,10 @@ def hf_checkpoint(tmp_path):
 
     hf_logging.set_verbosity_error()
 
-    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0, name="hf"):
+    def make(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0, name="hf", **settings):
         torch.manual_seed(seed)
         config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+                            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **settings)
         model = GPT2LMHeadModel(config).eval()
         with torch.no_grad():  # random biases and LayerNorm affines too, so every tensor is checked
             for param in model.parameters():
@@ -66,6 +66,19 @@ def prepare_head(folder, n_train, n_val):
 def tiny_dataset(tmp_path_factory):
     """100 train and 20 val conversations of grafito-25k."""
     return prepare_head(tmp_path_factory.mktemp("data") / "tiny", 100, 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny GPT-2-format folder (width 32, context 96) with the real vocabulary, for generation tests."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96)).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -195,7 +195,7 @@ def test_a_prepare_run_that_keeps_nothing_leaves_the_old_dataset(tmp_path):
     assert result.returncode == 2 and "no conversation is left" in result.stderr and "response longer than max 2" in result.stderr
     assert (out / "train.bin").read_bytes() == before
     result = subprocess.run(script + ["--max_response_chars", "-1"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--max_response_chars must be" in result.stderr
+    assert result.returncode == 2 and "max_response_chars = -1 is invalid" in result.stderr
 
 
 def test_dolly_category_filter_and_unknown_category(tmp_path):
@@ -424,3 +424,37 @@ def test_packed_rows_hold_whole_conversations_and_shifted_masks(tiny_dataset):
     cut, cut_tokens = data.PackedBatches(split, 48).overlong()  # reported by train.py: what the row end cuts off
     long = [n for n in split.lengths if n > 49]
     assert cut == len(long) > 0 and cut_tokens == sum(n - 49 for n in long)
+
+
+def test_corrupt_compressed_input_is_one_error(tmp_path):
+    lines = "".join(json.dumps({"chosen": f"\n\nHuman: q{i}\n\nAssistant: a{i}"}) + "\n" for i in range(2000))
+    corrupt = bytearray(gzip.compress(lines.encode()))  # a header without a file name: deflate data from byte 10
+    corrupt[12:20] = b"\xff" * 8  # damaged deflate data: zlib.error, not a short file
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(bytes(corrupt))
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "hh_rlhf.py"), "--input", str(tmp_path / "corrupt.jsonl.gz"),
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_json_line_nested_too_deep_is_a_counted_skip(tmp_path):
+    path = write_jsonl(tmp_path / "deep.jsonl", [{"chosen": "x"}, "[" * 100000 + "]" * 100000, {"chosen": "y"}])
+    report = Report("deep")
+    assert len(pipeline.read_json_lines(path, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
+
+
+def test_prepare_refuses_an_out_dir_it_cannot_write_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "in.txt").write_text("### Instruction: q\n\n### Answer: a\n")
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "grafito25k.py"), "--input", str(tmp_path / "in.txt"),
+                             "--out_dir", str(tmp_path / "file" / "ds")], capture_output=True, text=True)
+    assert result.returncode == 2 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prepare_expands_a_tilde_in_paths(tmp_path):
+    (tmp_path / "in.txt").write_text("### Instruction: q\n\n### Answer: a\n\n\n### Instruction: r\n\n### Answer: b\n")
+    result = subprocess.run([sys.executable, str(ROOT / "prepare" / "grafito25k.py"), "--input", "~/in.txt",
+                             "--out_dir", "~/ds", "--val_fraction", "0"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ds" / "meta.json").is_file() and not (tmp_path / "~").exists()
+

@@ -40,8 +40,9 @@ def test_rows_of_different_lengths_decode_as_each_row_alone():
         assert rows_of(batched, row) == rows_of(alone, 0)
 
 
-def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_checkpoint):
-    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113)
+@pytest.mark.parametrize("variant", [{}, {"activation_function": "gelu", "n_inner": 96}])  # GPT-2; Cerebras-GPT-like
+def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_checkpoint, variant):
+    folder, hf = hf_checkpoint(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=113, **variant)
     model = GPT.from_pretrained(folder).eval()
     prompts = torch.randint(0, 113, (2, 9))
     steps = list(Engine(model).generate(prompts.tolist(), 40, GREEDY))
@@ -64,6 +65,11 @@ def test_a_row_past_the_context_restarts_from_its_recent_tokens_without_changing
 def test_generation_memory_follows_the_context_not_max_new_tokens():
     steps = Engine(tiny_gpt(block_size=16)).generate([[1, 2, 3]], 10 ** 12, GREEDY)
     assert len([next(steps) for _ in range(40)]) == 40  # no buffer of 10^12 tokens was allocated
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating():
+    with pytest.raises(GrafitoError, match="a KV cache for 100000000 rows needs about"):
+        Engine(tiny_gpt()).new_cache(10 ** 8, 64)
 
 
 def test_stop_ids_end_a_row_and_it_yields_none_afterwards():

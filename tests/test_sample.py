@@ -13,15 +13,7 @@ import sample
 import tokenizer
 from common import GrafitoError
 from conftest import ROOT
-from model import GPT, GPTConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96)).save_pretrained(folder)
-    return folder
+from model import GPT
 
 
 def run_script(*args, stdin=None):

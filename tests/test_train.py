@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import lora
 import loss
 import train
 from common import GrafitoError
 from configurator import load_config, read_config_file
 from conftest import ROOT, prepare_head
-from model import GPT
+from model import GPT, GPTConfig
 
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
         "--device=cpu", "--dtype=float32", "--plot=false", "--log_interval=1", "--warmup_iters=2"]
@@ -284,6 +283,29 @@ def test_a_run_may_not_start_from_weights_inside_its_own_out_dir(tmp_path, tiny_
         run(tmp_path, tiny_dataset, "--max_iters=1", f"--init_from={tmp_path / 'out'}", *LORA[1:], "--overwrite")
 
 
+def test_a_gpt2_family_variant_trains_resumes_and_saves_its_settings(tmp_path, tiny_dataset):
+    """Cerebras-GPT-like: exact GELU, 2048 positions (trained here at block 128), a 3 x n_embd MLP."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_inner=192, activation="gelu", block_size=2048)).save_pretrained(
+        tmp_path / "variant")
+    args = [f"--init_from={tmp_path / 'variant'}", "--lora_r=4", "--lora_targets=q,v,mlp_fc,mlp_proj",
+            "--learning_rate=5e-3", "--lr_decay_iters=6", "--eval_interval=3", "--lora_merge=true"]
+    run(tmp_path, tiny_dataset, "--max_iters=6", *args, out="straight")
+    run(tmp_path, tiny_dataset, "--max_iters=3", *args, out="resumed")
+    run(tmp_path, tiny_dataset, "--max_iters=6", *args[1:], "--init_from=resume", out="resumed")
+    a, b = logged(tmp_path / "straight", "train_loss"), logged(tmp_path / "resumed", "train_loss")
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) < 1e-6 for s in a)
+    merged = json.loads((tmp_path / "straight" / checkpoint.MERGED / "config.json").read_text())
+    assert (merged["activation_function"], merged["n_inner"], merged["n_positions"]) == ("gelu", 192, 2048)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "straight" / checkpoint.MERGED).eval()
+    ours = checkpoint.load_model(tmp_path / "straight" / checkpoint.MERGED).eval()
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
+
+
 # ----------------------------------------------------------------------------- failures and options
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset, monkeypatch):
@@ -349,6 +371,16 @@ def test_epochs_and_max_iters_the_later_one_wins(tmp_path):
 def test_block_size_larger_than_the_model_is_refused(tmp_path, tiny_dataset, tiny_pretrained):
     with pytest.raises(GrafitoError, match="block_size = 256 is invalid: must be at most the model's context"):
         run(tmp_path, tiny_dataset, f"--init_from={tiny_pretrained}", "--block_size=256", "--max_iters=1")
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_allocating(tmp_path, tiny_dataset):
+    with pytest.raises(GrafitoError, match=r"this model needs about [\d,.]+ GiB, more than the"):
+        run(tmp_path, tiny_dataset, "--n_layer=2000", "--n_embd=8192", "--n_head=64", "--max_iters=1")
+
+
+def test_a_batch_too_large_for_this_machine_is_refused_before_allocating(tmp_path, tiny_dataset):
+    with pytest.raises(GrafitoError, match="needs about .* GiB"):
+        run(tmp_path, tiny_dataset, "--batch_size=60000", "--max_iters=1")
 
 
 def test_cli_errors_are_one_line_without_a_traceback():

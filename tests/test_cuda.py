@@ -1,0 +1,140 @@
+"""The GPU paths, on a CUDA machine (skipped elsewhere): flash attention in training, bf16 and
+fp16 steps, a compiled step that does not recompile, KV-cache decoding and CUDA graphs, NCCL.
+tools/gpu_check.sh runs this file and the GPU benchmarks in one go."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine
+import train
+from conftest import ROOT
+from model import GPT, GPTConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_gpt(**config):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 256, **config})).cuda()
+
+
+def masked_batch(B=4, T=256, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50257, (B, T), generator=generator)
+    y = torch.randint(0, 50257, (B, T), generator=generator)
+    y[torch.rand(B, T, generator=generator) < 0.3 + 0.05 * seed] = -1
+    return x.cuda(), y.cuda()
+
+
+def test_training_runs_on_the_flash_attention_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_gpt(dropout=0.1)
+    x, y = masked_batch()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(x, y)  # raises if no flash kernel accepts these inputs
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_steps_lower_the_loss(dtype):
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    x, y = masked_batch()
+    losses, scales = [], []
+    for _ in range(10):
+        with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+            _, loss = model(x, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        scales.append(scaler.get_scale() if scaler.is_enabled() else 1.0)
+    assert losses[-1] < 0.8 * losses[0] and scales == sorted(scales)
+
+
+def test_a_compiled_training_step_compiles_once_for_every_supervised_count():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_gpt()
+    compiled = torch.compile(model)
+    for step in range(6):
+        x, y = masked_batch(seed=step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(x, y)
+        loss.backward()
+        if step == 0:
+            torch._dynamo.config.error_on_recompile = True
+    torch._dynamo.config.error_on_recompile = False
+
+
+def test_kv_cache_decoding_equals_a_full_forward():
+    model = tiny_gpt().eval()
+    idx = torch.randint(0, 50257, (2, 64), device="cuda")
+    with torch.no_grad():
+        full, _ = model(idx)
+    model_engine = engine.Engine(model)
+    cache = model_engine.new_cache(2, 64)
+    model_engine.prefill(cache, [0, 1], idx[:, :9].tolist())
+    steps = [model_engine.decode(cache, idx[:, t].tolist()) for t in range(9, 64)]
+    assert (torch.stack(steps, dim=1) - full[:, 9:]).abs().max().item() < 1e-3
+
+
+def test_compiled_decoding_with_cuda_graphs_gives_the_eager_tokens():
+    model = tiny_gpt().eval()
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (7, 20)]
+    greedy = engine.Sampling(temperature=0)
+    eager = list(engine.Engine(model).generate(prompts, 24, greedy))
+    assert list(engine.Engine(model, compile=True).generate(prompts, 24, greedy)) == eager
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path):
+    """Conversations of random tokens with supervised answers (no tokenizer files needed)."""
+    import data
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(120):
+        prompt, answer = torch.randint(0, 50000, (20,), generator=generator), torch.randint(0, 50000, (12,), generator=generator)
+        rows.append((prompt.tolist() + answer.tolist() + [50256], [0] * 20 + [1] * 13))
+    data.write_dataset(tmp_path / "synthetic", {"train": rows[:100], "val": rows[100:]}, {"dataset": "synthetic"})
+    return tmp_path / "synthetic"
+
+
+def test_train_py_runs_bf16_and_fp16_compiled_on_the_gpu(tmp_path, synthetic_dataset):
+    tiny_dataset = synthetic_dataset
+    for dtype in ("bfloat16", "float16"):
+        config = train.load_train_config(["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64",
+                                          "--block_size=128", "--batch_size=4", f"--dataset={tiny_dataset}",
+                                          f"--out_dir={tmp_path / dtype}", "--device=cuda", f"--dtype={dtype}",
+                                          "--max_iters=8", "--eval_interval=8", "--log_interval=1", "--plot=false",
+                                          "--compile=true", "--learning_rate=3e-3"])
+        train.check_config(config)
+        train.train(config)
+        rows = [json.loads(line) for line in open(tmp_path / dtype / "log.jsonl")]
+        losses = {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+        assert losses[8] < losses[1] and all(r["mfu"] is not None for r in rows if "mfu" in r)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_with_nccl_equal_one(tmp_path, synthetic_dataset):
+    tiny_dataset = synthetic_dataset
+    args = [str(ROOT / "train.py"), "--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64",
+            "--block_size=128", "--batch_size=2", "--gradient_accumulation_steps=2", f"--dataset={tiny_dataset}",
+            "--device=cuda", "--dtype=float32", "--max_iters=4", "--eval_interval=4", "--log_interval=1", "--plot=false"]
+    one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          f"--out_dir={tmp_path / 'two'}"], capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    logged = lambda out: {r["step"]: r["train_loss"] for r in map(json.loads, open(out / "log.jsonl")) if "train_loss" in r}
+    a, b = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert all(abs(a[s] - b[s]) < 1e-3 for s in a)
