@@ -3,8 +3,8 @@
     python bench.py                                  # gpt2 (124M) shape, random weights, no download
     python bench.py --compare=hf                     # the same shapes through transformers, interleaved
     python bench.py --model=gpt2-medium --dtype=bfloat16 --compile --device=cuda
-
     python bench.py --rows=serve --compare=hf        # serve.py under 1, 4, 16 clients, beside transformers serve
+    python bench.py --rows=dpo --compare=trl --batch_size=8 --block_size=512   # DPO steps at obsidian_000_dpo's batch
 
 Rows: a full fine-tuning step on plain LM batches (every token supervised) and on masked
 SFT batches (real prepared data when data/<dataset> exists, else a synthetic mask with the
@@ -23,8 +23,13 @@ first. The serve rows (--rows=serve) start serve.py in its own process on random
 saved with the tokenizer files, and send the same requests through N concurrent streaming
 clients: aggregate generated tokens/s (all requests' tokens over the wall time) and the time
 to first token's p50 and p95; with --compare=hf transformers serve --continuous-batching gets
-the same requests on the same weights, the two servers taking turns. The last line of output is one JSON object
-with every number.
+the same requests on the same weights, the two servers taking turns. --rows=dpo: a DPO step
+(LoRA: the reference is a forward pass with the adapters off; full: stored reference
+log-probabilities, as train.py takes them) against an SFT step on the same rows, batch_size
+pairs of pairs_dataset's train split (two rows each, grouped by length as train.py groups
+them), or synthetic pairs; --compare=trl also times TRL's DPOTrainer steps on transformers'
+GPT-2 of the same shape and batch, and checks that TRL's loss on the batch equals grafito's.
+The last line of output is one JSON object with every number.
 """
 
 import dataclasses
@@ -50,8 +55,10 @@ import lora
 import tokenizer
 from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops
 from configurator import SEED, check_options, integer, load_config, number, one_of
+from loss import AnswerLogProbs, dpo_loss
 from model import GPT, PRESETS, GPTConfig
 from optim import make_optimizer
+from train import PAIR_LENGTH_GROUP
 
 DEFAULTS = dict(
     model="gpt2",  # a GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights)
@@ -64,24 +71,26 @@ DEFAULTS = dict(
     compile=False,
     supervised=0.4,  # supervised share of the synthetic masked batches
     dataset="grafito25k",  # masked batches from this prepared dataset when it exists
+    pairs_dataset="hh_rlhf_pairs",  # dpo rows: pair batches from this prepared pairs dataset when it exists
+    beta=0.1,  # dpo rows
     lora_r=16,
     repeats=5,
     warmup=2,
     prompt_tokens=128,  # prefill length
     decode_tokens=128,  # new tokens per decode run
     decode_batch=8,  # the "batch N" decode row
-    rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve
+    rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve, dpo
     configs="ruby_002,obsidian_000,lazuli_001",  # rows=configs: the codename configs' own shapes
-    compare="",  # 'hf': also time transformers.GPT2LMHeadModel on the same shapes (serve: transformers serve)
+    compare="",  # 'hf': transformers on the same shapes (serve: transformers serve); 'trl': TRL's DPOTrainer (dpo)
     serve_clients="1,4,16",  # the serve rows: concurrent streaming clients (1 = the requests one at a time)
     serve_requests=16,  # requests per serve row, shared among its clients
     serve_tokens=48,  # new tokens each request asks for (greedy)
     device="auto",
     seed=1337,
 )
-ROWS = ("train", "masked", "lora", "decode", "configs", "serve")
+ROWS = ("train", "masked", "lora", "decode", "configs", "serve", "dpo")
 RULES = {
-    "model": one_of(*PRESETS), "compare": one_of("", "hf"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
+    "model": one_of(*PRESETS), "compare": one_of("", "hf", "trl"), "n_layer": integer(0, 4096), "n_head": integer(0, 4096),
     "n_embd": integer(0, 1 << 16), "batch_size": integer(1, 4096), "block_size": integer(1, 1 << 16),
     "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
     "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
@@ -196,7 +205,10 @@ class StepTimer:
     def step(self, **inputs):
         with autocast(self.device, self.dtype):
             out = self.forward(**inputs)  # grafito: idx, targets and the supervised positions, as train.py gives them
-        loss = out[1] if isinstance(out, tuple) else out.loss
+        self.finish(out[1] if isinstance(out, tuple) else out.loss)
+
+    def finish(self, loss):
+        """The backward pass and the optimizer step."""
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -311,6 +323,19 @@ def _worker_handle(message, state, jobs):
 
         jobs[message["generate"]] = generate
         return {"ok": True}
+    if "trl_check" in message:
+        return trl_loss_check(state, message["trl_check"], message["beta"])
+    if "trl" in message:
+        trainer, model, inputs = trl_trainer(state, message["pairs"], message["beta"], message["trl"],
+                                             message["lora_r"])
+
+        def trl_step():
+            trainer.training_step(model, inputs)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        jobs[f"trl {message['trl']}"] = trl_step
+        return {"ok": True}
     if "run" in message:
         job = jobs[message["run"]]
         return {"seconds": job() if message["run"].startswith("generate") else timed(job, device)}
@@ -320,6 +345,78 @@ def _worker_handle(message, state, jobs):
     if "memory" in message:
         return {"mb": peak_memory_mb(device)}
     raise ValueError(f"unknown request {message}")
+
+
+def trl_trainer(state, pairs, beta, kind, lora_r, reference=None, policy=None, dtype=None):
+    """(trainer, its prepared model, the batch of all pairs): TRL's DPOTrainer on transformers'
+    GPT-2 as a TRL user sets it up (LoRA through peft on c_attn; full fine-tuning with
+    precomputed reference log-probabilities, as train.py does), prepared as Trainer.train
+    prepares it, without its loop. The pairs come tokenized, so no tokenizer is needed but
+    for the pad id."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+    from datasets import Dataset
+
+    class PreTokenized(DPOTrainer):  # the pairs are ids already
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    device, dtype = state["device"], dtype or state["dtype"]
+    eot = "<|endoftext|>"
+    pad = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({eot: tokenizer.EOT}, eot)), eos_token=eot)
+    policy = policy if policy is not None else hf_model(state["gpt_config"])
+    peft_config = None
+    if kind == "LoRA":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.0, target_modules=["c_attn"],
+                                 fan_in_fan_out=True, task_type="CAUSAL_LM")
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="grafito-trl-"), per_device_train_batch_size=len(pairs),
+                     learning_rate=1e-5, beta=beta, bf16=dtype == "bfloat16", use_cpu=device == "cpu", report_to="none",
+                     precompute_ref_log_probs=kind == "full" and reference is None, max_length=None, seed=0,
+                     gradient_checkpointing=False)  # TRL's default is on; grafito recomputes nothing
+    trainer = PreTokenized(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
+                           processing_class=pad, peft_config=peft_config)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its first step
+    trainer.create_optimizer()
+    model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    return trainer, model, inputs
+
+
+def trl_loss_check(state, pairs, beta):
+    """TRL's DPO loss on the pairs, float32, a policy and a reference that differ a little; both
+    saved so that grafito can compute its loss with the same weights (grafito_dpo_loss)."""
+    import tempfile
+
+    reference = hf_model(state["gpt_config"])
+    policy = hf_model(state["gpt_config"])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    folder = tempfile.mkdtemp(prefix="grafito-trl-check-")
+    policy.save_pretrained(f"{folder}/policy")
+    reference.save_pretrained(f"{folder}/reference")
+    trainer, model, inputs = trl_trainer(state, pairs, beta, "full", 0, reference=reference, policy=policy,
+                                         dtype="float32")
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, trainer._prepare_inputs(inputs))
+    return {"trl_loss": loss.item(), "policy": f"{folder}/policy", "reference": f"{folder}/reference"}
+
+
+def grafito_dpo_loss(check, x, y, beta):
+    """grafito's DPO loss on the batch with the weights trl_loss_check saved, float32."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        policy, reference = (AnswerLogProbs(GPT.from_pretrained(check[name]).eval())(xt, yt)
+                             for name in ("policy", "reference"))
+    B = len(x) // 2
+    return dpo_loss(policy[:B], policy[B:], reference[:B], reference[B:], beta)[0].mean().item()
 
 
 def training_row(name, note, x, y, ours, gpt_config, config, device, peak, theirs=None, lora_row=False):
@@ -402,6 +499,105 @@ def codename_rows(config, gpt_config, device, dtype, peak, rng, theirs):
             rows += training_row(name, note, x, y, our_trainer(shape, device, dtype, config["compile"]), theirs=theirs,
                                  **timing)
     return rows
+
+
+def pair_batch(config, rng):
+    """(x, y, source): batch_size pairs, chosen rows then rejected rows, from pairs_dataset's
+    train split grouped by length as train.py groups them (a batch from the middle of a group,
+    not its longest), else synthetic pairs of about hh-rlhf's shape (28% supervised)."""
+    B, T = config["batch_size"], config["block_size"]
+    try:
+        split = data.load_pairs(config["pairs_dataset"], "train")
+        batches = data.PairBatches(split, T, seed=config["seed"], length_group=PAIR_LENGTH_GROUP)
+        batches.next_pairs(PAIR_LENGTH_GROUP // 2 // B * B)
+        x, y = batches.batch(batches.next_pairs(B))
+        source = f"{config['pairs_dataset']} (real, {float((x != tokenizer.EOT).mean()):.0%} real tokens"
+    except GrafitoError:  # absent, or holding pairs longer than block_size
+        tokens, supervised = np.full((2 * B, T + 1), tokenizer.EOT), np.zeros((2 * B, T + 1), dtype=bool)
+        for i in range(B):
+            prompt = rng.integers(0, tokenizer.VOCAB_SIZE, rng.integers(T // 4, T // 2))
+            for row in (i, B + i):
+                answer = rng.integers(0, tokenizer.VOCAB_SIZE, rng.integers(T // 16, T // 4))
+                end = len(prompt) + len(answer) + 1
+                tokens[row, :end] = np.concatenate([prompt, answer, [tokenizer.EOT]])
+                supervised[row, len(prompt):end] = True
+        x, y = tokens[:, :-1], np.where(supervised[:, 1:], tokens[:, 1:], -1)
+        source = "synthetic (random tokens"
+    return x, y, f"{B} pairs = {2 * B}x{x.shape[1]}, {source}, {float((y >= 0).mean()):.0%} supervised)"
+
+
+def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
+    """A DPO step against an SFT step on the same rows, LoRA and full; TRL's DPOTrainer beside them."""
+    rows = []
+    x, y, batch_note = pair_batch(config, rng)
+    B, n_tokens = config["batch_size"], x.size
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    supervised = torch.from_numpy(np.flatnonzero(y >= 0)).to(device)
+    loss_check = None
+    if theirs is not None:
+        check = theirs.ask(trl_check=pair_ids(x, y), beta=config["beta"])
+        loss_check = {"trl": check["trl_loss"], "grafito": grafito_dpo_loss(check, x, y, config["beta"])}
+    for kind in ("LoRA", "full"):
+        adapters = lora.LoRAConfig(r=config["lora_r"]) if kind == "LoRA" else None
+        trainer = our_trainer(gpt_config, device, dtype, config["compile"], adapters)
+        model, policy = trainer.model, AnswerLogProbs(trainer.model)
+        policy = torch.compile(policy) if config["compile"] else policy
+        with torch.no_grad(), autocast(device, dtype):
+            stored = policy(xt, yt, supervised)  # full fine-tuning reads its reference; making it is not timed
+
+        def dpo_step():
+            with autocast(device, dtype):
+                log_probs = policy(xt, yt, supervised)
+                if kind == "LoRA":  # as train.py: adapters off, eval mode, no gradient
+                    with torch.no_grad(), lora.adapters_off(model):
+                        model.eval()
+                        reference = policy(xt, yt, supervised)
+                        model.train()
+                else:
+                    reference = stored
+                losses, _, _ = dpo_loss(log_probs[:B], log_probs[B:], reference[:B], reference[B:], config["beta"])
+            trainer.finish(losses.sum() / B)
+
+        def sft_step():
+            with autocast(device, dtype):
+                _, loss_sum = model(xt, yt, reduction="sum", supervised=supervised)
+            trainer.finish(loss_sum / len(supervised))
+
+        timers = [("grafito DPO", lambda: timed(dpo_step, device)), ("grafito SFT", lambda: timed(sft_step, device))]
+        if theirs is not None:
+            theirs.ask(trl=kind, pairs=pair_ids(x, y), beta=config["beta"], lora_r=config["lora_r"])
+            timers.append(("trl DPO", theirs.timer(f"trl {kind}")))
+        reset_peak_memory(device)
+        times = interleaved(timers, config["repeats"], config["warmup"])
+        memory = peak_memory_mb(device)
+        median = {name: statistics.median(seconds) for name, seconds in times.items()}
+        for name, seconds in times.items():
+            rows.append({"row": f"train {kind}, {'SFT on the same rows' if name.endswith('SFT') else 'DPO'}",
+                         "impl": name.split()[0], "batch": batch_note, "tokens_per_s": n_tokens / median[name],
+                         "step_ms": median[name] * 1e3, "mfu": None,
+                         "memory_mb": memory if name.startswith("grafito") else None,
+                         "times_ms": [round(t * 1e3, 1) for t in seconds]})
+            if name == "grafito DPO":
+                rows[-1]["dpo_cost_vs_sft"] = median[name] / median["grafito SFT"]
+            if name == "trl DPO":
+                rows[-1]["time_vs_grafito"] = median[name] / median["grafito DPO"]
+        del trainer, model, policy
+    return rows, loss_check
+
+
+def pair_ids(x, y):
+    """The batch's pairs as TRL takes them: prompt, chosen answer and rejected answer ids."""
+    B = len(x) // 2
+
+    def prompt_and_answer(row):
+        first = int(np.argmax(y[row] >= 0))  # y[t] is the token at t + 1
+        return x[row, :first + 1].tolist(), y[row][y[row] >= 0].tolist()
+
+    pairs = []
+    for i in range(B):
+        (prompt, chosen), (_, rejected) = prompt_and_answer(i), prompt_and_answer(B + i)
+        pairs.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return pairs
 
 
 def decode_rows(config, gpt_config, device, dtype, theirs):
@@ -596,7 +792,9 @@ def print_table(rows, header):
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r.get("ratio_vs_transformers")
-        ratio = f"{ratio:.2f}x" if ratio else (f"{r['ratio_vs_full']:.2f}x our full step" if r.get("ratio_vs_full") else "")
+        ratio = (f"{ratio:.2f}x" if ratio else f"{r['ratio_vs_full']:.2f}x our full step" if r.get("ratio_vs_full")
+                 else f"step time {r['dpo_cost_vs_sft']:.2f}x SFT's" if r.get("dpo_cost_vs_sft")
+                 else f"step time {r['time_vs_grafito']:.2f}x grafito's" if r.get("time_vs_grafito") else "")
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
         memory = f"{r['memory_mb']:,.0f}" if r["memory_mb"] is not None else ""
         print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['step_ms']:,.1f} | {mfu} | {ratio} | {memory} |")
@@ -620,30 +818,37 @@ def main():
               f"{dtype}{', compiled' if config['compile'] else ''}, {device} ({machine}), torch {torch.__version__}; "
               f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}")
     rng = np.random.default_rng(config["seed"])
-    rows, wanted = [], config["rows"].split(",")
+    rows, loss_check, wanted = [], None, config["rows"].split(",")
     served = serve_rows(config, gpt_config, device, dtype) if "serve" in wanted else []  # first: nothing else loaded
-    model_rows = {"train", "masked", "lora", "decode"} & set(wanted)
+    model_rows = {"train", "masked", "lora", "decode", "dpo"} & set(wanted)
     theirs = (TransformersWorker(gpt_config, device, dtype, config["compile"])
-              if config["compare"] == "hf" and model_rows else None)
+              if config["compare"] and model_rows else None)
+    hf, trl = (theirs, None) if config["compare"] == "hf" else (None, theirs)
     try:
-        if "decode" in config["rows"].split(","):  # first: its memory figures are then its own
-            rows += decode_rows(config, gpt_config, device, dtype, theirs)
-        if {"train", "masked", "lora"} & set(config["rows"].split(",")):
-            rows += train_rows(config, gpt_config, device, dtype, peak, rng, theirs)
-        if "configs" in config["rows"].split(","):
-            rows += codename_rows(config, gpt_config, device, dtype, peak, rng, theirs)
+        if "decode" in wanted:  # first: its memory figures are then its own
+            rows += decode_rows(config, gpt_config, device, dtype, hf)
+        if {"train", "masked", "lora"} & set(wanted):
+            rows += train_rows(config, gpt_config, device, dtype, peak, rng, hf)
+        if "configs" in wanted:
+            rows += codename_rows(config, gpt_config, device, dtype, peak, rng, hf)
+        if "dpo" in wanted:
+            dpo, loss_check = dpo_rows(config, gpt_config, device, dtype, rng, trl)
+            rows += dpo
     finally:
         if theirs is not None:
             theirs.close()
     rows = with_ratios(rows)
     if rows:
         print_table(rows, header)
+    if loss_check:
+        print(f"DPO loss on the batch, float32, the same policy and reference weights: TRL {loss_check['trl']:.6f}, "
+              f"grafito {loss_check['grafito']:.6f}")
     if served:
         print(header if not rows else "")
         print_serve_table(served)
     print(json.dumps({"config": config, "device": device, "machine": machine, "torch": torch.__version__,
                       "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows,
-                      "serve_rows": served}))
+                      "serve_rows": served, "trl_loss_check": loss_check}))
 
 
 if __name__ == "__main__":

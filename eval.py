@@ -8,8 +8,12 @@ answered greedily; a markdown table with one row per query and one column per mo
 cut to 33 characters with '..' as in the README, '(repeats the query)' for an answer that
 only repeats it. Beside it: masked validation loss and perplexity on every prepared dataset
 with a val split (data/*/, or --datasets), and the share of held-out short-answer questions from grafito-25k's val split
-whose greedy answer contains the reference answer. The table goes to --out, everything to
-the .json beside it.
+whose greedy answer contains the reference answer. On every preference-pairs dataset
+(data/*/ of kind pairs, or --pairs_datasets), the preference accuracy: the share of val pairs
+whose chosen answer the model finds more likely than the rejected one, by the answers' summed
+log-probabilities and by their log-probabilities per token (a tie counts half), so that an
+SFT model and its DPO successor compare in one table. The table goes to --out, everything
+to the .json beside it.
 """
 
 import json
@@ -21,13 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import checkpoint
 import data
 import engine
 import tokenizer
 from common import DTYPES, GrafitoError, read_text, run_cli, setup
 from configurator import check_options, integer, load_config
-from loss import masked_val_loss
+from loss import masked_val_loss, pair_log_probs
 
 # The README shows the last query only as "write a code in python to sum 2.."; its end is ours.
 README_QUERIES = [
@@ -44,7 +50,8 @@ DEFAULTS = dict(
     queries="",  # a text file with one query per line instead of the README's six
     out="eval/zero_shot.md",  # the table; the JSON with all numbers goes beside it (.json)
     max_new_tokens=48,
-    datasets="",  # comma-separated prepared datasets for val loss; empty: every folder in data/
+    datasets="",  # comma-separated prepared datasets for val loss; empty: every SFT dataset in data/
+    pairs_datasets="",  # comma-separated preference-pairs datasets for preference accuracy; empty: every one in data/
     eval_iters=0,  # val batches per dataset, 0 for all
     accuracy_samples=200,  # short-answer questions from accuracy_dataset's val split, 0 to skip
     accuracy_dataset="grafito25k",
@@ -129,34 +136,72 @@ def short_answer_questions(dataset, n):
     return questions
 
 
-def prepared_datasets(names):
-    """The datasets to measure val loss on; those without a val split are skipped, with a note."""
+def prepared_datasets(names, kind="sft"):
+    """The datasets of a kind ('sft': val loss, 'pairs': preference accuracy) to measure: those
+    named, or every one of that kind in data/; those without a val split are skipped, with a note."""
+    option = "--pairs_datasets" if kind == "pairs" else "--datasets"
     if names:
         names = [n.strip() for n in names.split(",") if n.strip()]
+        for name in names:
+            found = data.dataset_kind(data.load_meta(name))
+            if found != kind:
+                other = "--datasets (val loss)" if found == "sft" else "--pairs_datasets (preference accuracy)"
+                raise GrafitoError(f"{option}: {name} is {'an SFT' if found == 'sft' else 'a ' + found} dataset; "
+                                   f"give it in {other}")
     else:
         # x.old is x during (or after an interrupted) rewrite; hidden folders are half-written
         names = sorted({p.name.removesuffix(".old") for p in data.DATA_ROOT.glob("*")
                         if not p.name.startswith(".") and (p / "meta.json").is_file()})
+        names = [name for name in names if data.dataset_kind(data.load_meta(name)) == kind]
     kept = []
     for name in names:
         if data.load_meta(name)["splits"].get("val", {}).get("conversations", 0):
             kept.append(name)
         else:
-            print(f"(no val loss on {name}: it was prepared without a val split)", file=sys.stderr)
+            print(f"(no {'preference accuracy' if kind == 'pairs' else 'val loss'} on {name}: it was prepared "
+                  f"without a val split)", file=sys.stderr)
     return kept
 
 
-def evaluate_model(label, source, config, queries, questions, datasets):
+def preference_accuracy(model, name, config, device, dtype):
+    """How often the model prefers the chosen answer of a pairs dataset's val pairs, by the answers'
+    summed and per-token log-probabilities; pairs longer than the model's context are left out
+    (cut, a row would lose its answer) and counted. None when no pair fits."""
+    split = data.load_pairs(name, "val")
+    longest = split.row_lengths.max(axis=1)
+    fits = np.flatnonzero(longest <= model.config.block_size + 1)  # a row's last token is only a target
+    if config["eval_iters"]:
+        fits = fits[:config["eval_iters"] * config["batch_size"]]
+    if not len(fits):
+        print(f"(no preference accuracy on {name}: its val pairs are longer than the model's context)", file=sys.stderr)
+        return None
+    batcher = data.PairBatches(split, int(longest.max()) - 1, shuffle=False, pad_multiple=1)  # no padding past the context
+    size = config["batch_size"]
+    batches = [(pairs, *batcher.batch(pairs)) for pairs in np.split(fits, range(size, len(fits), size))]
+    log_probs, lengths = pair_log_probs(model, batches, device, dtype)
+    per_token = log_probs / lengths
+
+    def share(scores):
+        return ((scores[:, 0] > scores[:, 1]).float() + 0.5 * (scores[:, 0] == scores[:, 1]).float()).mean().item()
+
+    return {"pairs": len(fits), "longer_than_context": int((longest > model.config.block_size + 1).sum()),
+            "accuracy": share(log_probs), "accuracy_per_token": share(per_token),
+            "margin": (log_probs[:, 0] - log_probs[:, 1]).mean().item()}
+
+
+def evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets=()):
     device, dtype = setup(config["device"], config["dtype"])
     started = time.perf_counter()
     model = checkpoint.load_model(source).eval().to(device)
-    result = {"label": label, "source": str(source), "dtype": dtype, "val": {}}
+    result = {"label": label, "source": str(source), "dtype": dtype, "val": {}, "preference": {}}
     for name in datasets:  # float32 weights under autocast, as train.py evaluates: the same numbers
         block = min(model.config.block_size, data.load_meta(name)["block_size"])
         batches = data.eval_batches(data.load_split(name, "val"), block, config["batch_size"], config["eval_iters"])
         loss = masked_val_loss(model, batches, device, dtype)
         result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
                                "tokens": int(sum((y >= 0).sum() for _, y in batches))}
+    for name in pairs_datasets:
+        result["preference"][name] = preference_accuracy(model, name, config, device, dtype)
     model_engine = engine.Engine(model.to(DTYPES[dtype]))  # generation reads weights in the chosen dtype
     result["answers"] = greedy_answers(model_engine, queries, config["max_new_tokens"], config["batch_size"])
     if questions:
@@ -168,11 +213,14 @@ def evaluate_model(label, source, config, queries, questions, datasets):
     return result
 
 
-def metrics_table(results, datasets):
-    header = ["model"] + [f"{d} val loss (ppl)" for d in datasets] + ["short-answer accuracy"]
+def metrics_table(results, datasets, pairs_datasets=()):
+    header = (["model"] + [f"{d} val loss (ppl)" for d in datasets]
+              + [f"{d} preference accuracy (summed / per token)" for d in pairs_datasets] + ["short-answer accuracy"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["label"]] + [f"{r['val'][d]['loss']:.3f} ({r['val'][d]['perplexity']:.1f})" for d in datasets]
+        cells += [f"{r['preference'][d]['accuracy']:.1%} / {r['preference'][d]['accuracy_per_token']:.1%}"
+                  if r["preference"].get(d) else "-" for d in pairs_datasets]
         acc = r.get("short_answer_accuracy")
         cells.append(f"{acc['accuracy']:.1%} ({acc['correct']}/{acc['samples']})" if acc else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -215,6 +263,7 @@ def main():
     else:
         queries = README_QUERIES
     datasets = prepared_datasets(config["datasets"])
+    pairs_datasets = prepared_datasets(config["pairs_datasets"], kind="pairs")
     questions = []
     if config["accuracy_samples"]:
         try:
@@ -224,10 +273,10 @@ def main():
     results = []
     for label, source in models:
         print(f"evaluating {label} ({source}) ...", file=sys.stderr)
-        results.append(evaluate_model(label, source, config, queries, questions, datasets))
+        results.append(evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets))
     labels = [r["label"] for r in results]
     table = markdown_table(queries, labels, {r["label"]: r["answers"] for r in results})
-    metrics = metrics_table(results, datasets)
+    metrics = metrics_table(results, datasets, pairs_datasets)
     out.write_text(table + "\n" + metrics)
     out.with_suffix(".json").write_text(json.dumps({"queries": queries, "config": config, "results": results}, indent=2) + "\n")
     print(table)

@@ -10,6 +10,7 @@ dtype the frozen base uses.
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,10 +77,11 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
+        self.active = True  # False: the frozen layer alone (adapters_off)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.active:
             return y
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = self.lora_dropout(x).float()
@@ -151,6 +153,22 @@ def cast_frozen_linears(model, dtype):
 
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapters_off(model):
+    """The model without its adapters, for the duration: the base it adapts, computed by the
+    same frozen matrices (DPO's reference model, without a second copy in memory)."""
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers):
+        raise GrafitoError("adapters merged into their base cannot be switched off; unmerge them first")
+    for layer in layers:
+        layer.active = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.active = True
 
 
 def merge_lora(model):

@@ -9,14 +9,21 @@ The loss is taken only on supervised tokens (answers and their end-of-text; loss
 Batches are rows of whole conversations packed to block_size (data.py). The run folder
 and its rules are checkpoint.py's. Options and defaults are DEFAULTS below
 (python train.py --help lists them).
+
+objective="dpo" trains on preference pairs instead (data.load_pairs): Direct Preference
+Optimization against a reference model, the starting model itself. A LoRA run's reference
+is the same model with its adapters switched off; full fine-tuning computes the reference
+log-probabilities once, before the first step, into out_dir/reference_logps.pt. The loop,
+checkpoints, resume, DDP and logging are the same; the batches and the step's loss differ.
 """
 
+import hashlib
 import inspect
 import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +36,7 @@ import lora
 from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, setup, training_flops,
                     training_memory, trim_cpu_memory)
 from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
-from loss import masked_val_loss
+from loss import DPO_STATS, AnswerLogProbs, dpo_loss, dpo_stats, masked_val_loss, pair_log_probs
 from model import GPT, GPTConfig
 from optim import learning_rate, make_optimizer
 
@@ -46,11 +53,15 @@ DEFAULTS = dict(
     # data
     dataset="grafito25k",  # folder under data/ or a path to a prepared folder
     block_size=1024,
-    batch_size=8,  # rows per micro-batch, per process
+    batch_size=8,  # rows per micro-batch, per process (objective=dpo: pairs, two rows each)
     gradient_accumulation_steps=1,  # micro-batches per step over all processes (nanoGPT's meaning)
     tokens_per_step=0,  # > 0: choose gradient_accumulation_steps to reach this many tokens per step
     max_iters=1000,
-    epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows (the later of the two wins)
+    epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows or pairs (the later wins)
+    # objective: sft (cross-entropy of the answers) | dpo (preference pairs against the starting model)
+    objective="sft",
+    beta=0.1,  # dpo: how far from the reference the policy may go; a reward is beta * (log pi - log pi_ref)
+    label_smoothing=0.0,  # dpo: > 0 is conservative DPO, the share of pairs taken to be mislabelled
     # model, for init_from=scratch
     n_layer=12,
     n_head=12,
@@ -91,7 +102,11 @@ RULES = {
     "beta1": number(0.0, 1.0, high_open=True), "beta2": number(0.0, 1.0, high_open=True),
     "grad_clip": (lambda v: v >= 0, "0 (no clipping) or positive"), "lr_schedule": one_of("cosine", "constant"),
     "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
+    "objective": one_of("sft", "dpo"), "beta": (lambda v: v > 0, "positive"),
+    "label_smoothing": number(0.0, 0.5, high_open=True),
 }
+PAIR_LENGTH_GROUP = 64  # dpo: pairs of similar length share a batch (41% -> 69% real tokens on hh-rlhf pairs)
+REFERENCE_FILE = "reference_logps.pt"  # full-fine-tuning DPO: the starting model's answer log-probabilities
 
 
 def load_train_config(argv=None):
@@ -109,6 +124,8 @@ def check_config(config):
         scratch_config(config)  # checks the model's sizes
     if config["lora_r"] and config["init_from"] == "scratch":
         raise invalid("lora_r", config["lora_r"], "0 with init_from=scratch (LoRA adapts a pretrained model)")
+    if config["objective"] == "dpo" and config["init_from"] == "scratch":
+        raise invalid("init_from", "scratch", "a model to tune with objective=dpo (it is also the reference)")
     if config["lora_r"]:
         lora_settings(config)  # raises on unknown targets
 
@@ -121,7 +138,8 @@ def lora_settings(config):
 def accumulation_steps(config, world):
     """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
     if config["tokens_per_step"]:
-        steps = math.ceil(config["tokens_per_step"] / (config["batch_size"] * config["block_size"]))
+        rows = config["batch_size"] * (2 if config.get("objective") == "dpo" else 1)  # a pair is two rows
+        steps = math.ceil(config["tokens_per_step"] / (rows * config["block_size"]))
     else:
         steps = config["gradient_accumulation_steps"]
     return math.ceil(steps / world) * world
@@ -222,12 +240,14 @@ def train(config):
     master = rank == 0
     out_dir = Path(config["out_dir"]).expanduser()
     resume = config["init_from"] == "resume"
+    dpo = config["objective"] == "dpo"
 
     # ------------------------------------------------------------------ set-up: the run folder, checked (nothing deleted yet)
     checkpoint.check_writable(out_dir)
     if resume:
         resume_state = checkpoint.load_train_state(out_dir)
         checkpoint.check_resume(resume_state, config)
+        check_resume_objective(resume_state, config)
         init_source = checkpoint.resolve(checkpoint.latest(out_dir))
         base_name, base_fingerprint = resume_state["base_model"], resume_state["base_fingerprint"]
     else:
@@ -238,20 +258,27 @@ def train(config):
         base_fingerprint = None
 
     # ------------------------------------------------------------------ set-up: data
-    train_split = data.load_split(config["dataset"], "train")
-    val_split = data.load_split(config["dataset"], "val")
-    sampler = data.PackedBatches(train_split, config["block_size"], seed=config["seed"])
-    rows_per_epoch = len(sampler.rows_of_epoch(0))
+    if dpo:  # whole pairs, never packed: a row's log-probabilities must depend on it alone
+        train_split, val_split = data.load_pairs(config["dataset"], "train"), data.load_pairs(config["dataset"], "val")
+        sampler = data.PairBatches(train_split, config["block_size"], seed=config["seed"],
+                                   length_group=PAIR_LENGTH_GROUP)
+        per_epoch = train_split.num_pairs
+        val_batches = (data.pair_eval_batches(val_split, config["block_size"], config["batch_size"],
+                                              config["eval_iters"]) if val_split.num_pairs else [])
+    else:
+        train_split, val_split = data.load_split(config["dataset"], "train"), data.load_split(config["dataset"], "val")
+        sampler = data.PackedBatches(train_split, config["block_size"], seed=config["seed"])
+        per_epoch = len(sampler.rows_of_epoch(0))
+        val_batches = (data.eval_batches(val_split, config["block_size"], config["batch_size"], config["eval_iters"])
+                       if val_split.num_conversations else [])
+    next_items = sampler.next_pairs if dpo else sampler.next_rows
     accum = accumulation_steps(config, world)
     if resume_state is not None and resume_state["accumulation"] != accum:
         raise GrafitoError(f"cannot resume: the run took {resume_state['accumulation']} micro-batches per step over "
                            f"{resume_state['world']} process(es); with {world} it would take {accum} (rounded to a "
                            f"multiple of the process count). Resume with {resume_state['world']} process(es)")
-    rows_per_step = config["batch_size"] * accum
-    max_iters = (math.ceil(config["epochs"] * rows_per_epoch / rows_per_step) if config["epochs"] > 0
-                 else config["max_iters"])
-    val_batches = (data.eval_batches(val_split, config["block_size"], config["batch_size"], config["eval_iters"])
-                   if val_split.num_conversations else [])
+    per_step = config["batch_size"] * accum  # rows (sft) or pairs (dpo)
+    max_iters = math.ceil(config["epochs"] * per_epoch / per_step) if config["epochs"] > 0 else config["max_iters"]
 
     # ------------------------------------------------------------------ set-up: model and optimizer
     advice = "choose a smaller model, batch_size or block_size"
@@ -259,10 +286,11 @@ def train(config):
         check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]), device,
                      "this model", advice)
     model = build_model(config, init_source, resume_state)
-    check_memory(training_memory(model.config, config["batch_size"], config["block_size"], lora=config["lora_r"] > 0),
+    rows_per_batch = config["batch_size"] * (2 if dpo else 1)  # a pair is two rows
+    check_memory(training_memory(model.config, rows_per_batch, config["block_size"], lora=config["lora_r"] > 0),
                  device, "a training step", advice)
-    data.check_token_ids(train_split, model.config.vocab_size)
-    data.check_token_ids(val_split, model.config.vocab_size)
+    for split in (train_split, val_split):
+        data.check_token_ids(split.rows if dpo else split, model.config.vocab_size)
     is_lora = bool(lora.lora_layers(model))
     if is_lora and not resume:
         base_fingerprint = checkpoint.base_fingerprint(init_source)
@@ -281,8 +309,11 @@ def train(config):
         if rank < len(resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
             set_rng_state(resume_state["rng"][rank])
     raw_model = model
+    if dpo:  # its forward gives each row's answer log-probability
+        model = AnswerLogProbs(model)
     if config["compile"]:
         model = torch.compile(model)
+    unsynced = model  # the reference's forward passes take no gradient: never through DDP
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -293,6 +324,11 @@ def train(config):
 
     # ------------------------------------------------------------------ set-up: start the run (old files go only now)
     lock = None
+    reference_fingerprint = None  # full-fine-tuning DPO: what its stored reference log-probabilities were made from
+    if dpo and not is_lora:
+        made_from = (resume_state.get("reference_fingerprint") or {} if resume else
+                     {"model": base_name, "weights": checkpoint.base_fingerprint(init_source), "dtype": dtype})
+        reference_fingerprint = {**made_from, "dataset": dataset_fingerprint(config["dataset"])}
 
     def start():
         nonlocal lock
@@ -301,12 +337,55 @@ def train(config):
             checkpoint.clear_run(out_dir)
         checkpoint.remove_stale_saves(out_dir)
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        announce(config, raw_model, device, dtype, world, train_split, sampler, rows_per_epoch, rows_per_step,
-                 accum, max_iters, len(val_batches))
+        announce(config, raw_model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
+                 len(val_batches))
+        if reference_fingerprint is not None:  # val batched as evaluations batch it: step 0's rewards are exactly 0
+            store_reference(out_dir, reference_fingerprint, resume, lambda: {
+                "train": every_pair_log_probs(raw_model, train_split, config, device, dtype),
+                "val": pair_log_probs(raw_model, data.pair_eval_batches(val_split, config["block_size"],
+                                                                        config["batch_size"]), device, dtype)[0]})
         return 0
 
     on_first_rank(start, rank, world, device)
     try:
+        # ------------------------------------------------------------------ set-up: the step's loss
+        if dpo and is_lora:  # the reference: this model with its adapters off, in eval mode (no dropout)
+            def reference_rows(pairs, x, y, supervised):
+                with torch.no_grad(), lora.adapters_off(raw_model), eval_mode(raw_model):
+                    return unsynced(x, y, supervised)
+
+            if master and val_batches:
+                with lora.adapters_off(raw_model):
+                    val_reference = pair_log_probs(raw_model, val_batches, device, dtype)[0]
+        elif dpo:  # the reference: the starting model's log-probabilities, computed before the first step
+            stored = torch.load(out_dir / REFERENCE_FILE, map_location="cpu", weights_only=True)
+            train_reference, val_reference = stored["train"].to(device), stored["val"]
+
+            def reference_rows(pairs, x, y, supervised):
+                chosen_rejected = train_reference[torch.from_numpy(np.asarray(pairs)).to(device)]
+                return torch.cat([chosen_rejected[:, 0], chosen_rejected[:, 1]])
+
+        def micro_step(items, x, y, supervised):
+            """(the micro-batch's summed loss to minimise, the sums to log)"""
+            if not dpo:
+                _, loss_sum = model(x, y, reduction="sum", supervised=supervised)
+                return loss_sum, loss_sum.detach().float()[None]
+            log_probs, reference, n = model(x, y, supervised), reference_rows(items, x, y, supervised), len(items)
+            losses, chosen, rejected = dpo_loss(log_probs[:n], log_probs[n:], reference[:n], reference[n:],
+                                                config["beta"], config["label_smoothing"])
+            return losses.sum(), dpo_stats(losses, chosen, rejected)
+
+        def validate():
+            """Validation metrics by name (without the val_ prefix); 'loss' decides best/."""
+            if not dpo:
+                val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
+                return {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}
+            policy = pair_log_probs(raw_model, val_batches, device, dtype)[0]
+            reference = val_reference[:len(policy)]
+            losses, chosen, rejected = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
+                                                config["beta"], config["label_smoothing"])
+            return dict(zip(DPO_STATS, (dpo_stats(losses, chosen, rejected) / len(losses)).tolist()))
+
         log = checkpoint.open_log(out_dir, step) if master else None
         peak = peak_flops(device, dtype)
 
@@ -315,7 +394,8 @@ def train(config):
             nonlocal best_val, evals_without_gain
             improved = step > 0
             if val_batches:
-                val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
+                metrics = validate()
+                val_loss = metrics["loss"]
                 if not math.isfinite(val_loss):
                     raise GrafitoError(f"validation loss became {val_loss} at step {step}; stopped without saving")
                 improved = step > 0 and val_loss < best_val  # step 0 is the starting model: a reference
@@ -323,16 +403,23 @@ def train(config):
                     best_val, evals_without_gain = val_loss, 0
                 elif step > 0:
                     evals_without_gain += 1
-                bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}"
-                          + (f", train loss {train_loss:.4f}" if train_loss is not None else "") + (" (best)" if improved else ""))
-                log.write(json.dumps({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                if dpo:
+                    said = (f"val DPO loss {val_loss:.4f}, reward accuracy {metrics['reward_accuracy']:.1%}, margin "
+                            f"{metrics['reward_margin']:.3f} (chosen {metrics['chosen_reward']:+.3f}, rejected "
+                            f"{metrics['rejected_reward']:+.3f})")
+                else:
+                    said = f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}"
+                bar.write(f"step {step}: {said}" + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
+                          + (" (best)" if improved else ""))
+                log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()},
                                       "time": time.time()}) + "\n")
                 log.flush()
             if step > 0:
                 state = {"format": checkpoint.STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states,
                          "best_val": best_val, "evals_without_gain": evals_without_gain, "config": config,
-                         "base_model": base_name, "base_fingerprint": base_fingerprint, "accumulation": accum, "world": world}
+                         "base_model": base_name, "base_fingerprint": base_fingerprint, "accumulation": accum, "world": world,
+                         "reference_fingerprint": reference_fingerprint}
                 if improved:
                     checkpoint.save_checkpoint(out_dir, checkpoint.BEST, raw_model, base_name, base_fingerprint)
                 checkpoint.save_checkpoint(out_dir, checkpoint.LATEST, raw_model, base_name, base_fingerprint, state)
@@ -346,7 +433,9 @@ def train(config):
         from tqdm import tqdm
 
         bar = tqdm(total=max_iters, initial=step, disable=not master, unit="step", dynamic_ncols=True)
-        window_loss, window_supervised, window_steps, window_start = torch.zeros((), device=device), 0, 0, time.perf_counter()
+        stat_names = DPO_STATS if dpo else ("loss",)
+        window_stats, window_count, window_steps = torch.zeros(len(stat_names), device=device), 0, 0  # since last log
+        window_tokens, window_supervised, window_start = 0, 0, time.perf_counter()  # this process's
         rng_states = None
         if step == 0:
             on_first_rank(lambda: evaluate_and_save(None), rank, world, device)
@@ -356,25 +445,30 @@ def train(config):
             lr = learning_rate(step, config, max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one optimizer step over this process's share of the step's rows
-            rows = sampler.next_rows(rows_per_step)
-            per_rank = len(rows) // world
-            mine = rows[rank * per_rank:(rank + 1) * per_rank]
-            batches = [sampler.batch(mine[i:i + config["batch_size"]]) for i in range(0, len(mine), config["batch_size"])]
-            supervised = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in batches)), device=device)
-            if world > 1:
-                torch.distributed.all_reduce(supervised)
-            scale = world / supervised.clamp(min=1)  # every supervised token weighs the same, wherever it landed
-            for i, (x, y) in enumerate(batches):
+            # one optimizer step over this process's share of the step's rows (sft) or pairs (dpo)
+            items = next_items(per_step)
+            per_rank = len(items) // world
+            mine = items[rank * per_rank:(rank + 1) * per_rank]
+            batches = [(chunk, *sampler.batch(chunk)) for chunk in
+                       (mine[i:i + config["batch_size"]] for i in range(0, len(mine), config["batch_size"]))]
+            if dpo:
+                count = torch.tensor(float(per_step), device=device)
+            else:
+                count = torch.tensor(float(sum(int((y >= 0).sum()) for _, _, y in batches)), device=device)
+                if world > 1:
+                    torch.distributed.all_reduce(count)
+            scale = world / count.clamp(min=1)  # every supervised token (pair) weighs the same, wherever it landed
+            for i, (chunk, x, y) in enumerate(batches):
                 sync = model.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext()
+                supervised = np.flatnonzero(y >= 0)
                 with sync:
-                    positions = to_device(np.flatnonzero(y >= 0), device)
+                    positions = to_device(supervised, device)
                     torch._dynamo.maybe_mark_dynamic(positions, 0)  # a new length every batch: one graph for all
                     with autocast(device, dtype):
-                        _, loss_sum = model(to_device(x, device), to_device(y, device), reduction="sum",
-                                            supervised=positions)
-                    scaler.scale(loss_sum * scale).backward()
-                window_loss += loss_sum.detach()
+                        objective, stats = micro_step(chunk, to_device(x, device), to_device(y, device), positions)
+                    scaler.scale(objective * scale).backward()
+                window_stats += stats
+                window_tokens, window_supervised = window_tokens + x.size, window_supervised + len(supervised)
             if config["grad_clip"]:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config["grad_clip"])
@@ -382,34 +476,43 @@ def train(config):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_supervised += supervised
+            window_count += count
             window_steps += 1
             bar.update(1)
             # log
             at_eval = step % config["eval_interval"] == 0 or step == max_iters
             if step % config["log_interval"] == 0 or at_eval:
                 trim_cpu_memory()
-                total = window_loss.clone()
+                counts = torch.tensor([window_tokens, window_supervised], dtype=window_stats.dtype, device=device)
+                total = torch.cat([window_stats, counts])
                 if world > 1:
                     torch.distributed.all_reduce(total)
-                supervised_count = float(window_supervised)
-                train_loss = total.item() / max(supervised_count, 1)
+                total = total.tolist()
+                means = {f"train_{name}": value / max(float(window_count), 1) for name, value in zip(stat_names, total)}
+                train_loss = means["train_loss"]
                 if not math.isfinite(train_loss):
                     raise GrafitoError(f"training loss became {train_loss} by step {step}; stopped, and the last good "
                                        f"checkpoint in {out_dir / checkpoint.LATEST} is untouched. Try a lower "
                                        f"learning_rate, grad_clip, or bfloat16 instead of float16")
                 elapsed = time.perf_counter() - window_start
                 if master:
-                    tokens = window_steps * rows_per_step * config["block_size"]  # all processes
-                    flops = training_flops(raw_model.config, tokens, supervised_count, config["block_size"], lora=is_lora)
+                    tokens, supervised_count = total[-2], total[-1]  # all processes
+                    rows = window_steps * per_step * (2 if dpo else 1)
+                    flops = training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=is_lora)
+                    if dpo and is_lora:  # and the reference's forward pass: half of a frozen model's forward + backward
+                        flops += training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=True) / 2
                     mfu = flops / world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
-                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
+                    shown = {"loss": f"{train_loss:.4f}"}
+                    if dpo:
+                        shown["acc"] = f"{means['train_reward_accuracy']:.0%}"
+                    bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
                                     mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
-                    log.write(json.dumps({"step": step, "train_loss": train_loss, "lr": lr,
-                                          "tokens_per_s": tokens / elapsed, "mfu": mfu, "time": time.time()}) + "\n")
+                    log.write(json.dumps({"step": step, **means, "lr": lr, "tokens_per_s": tokens / elapsed,
+                                          "mfu": mfu, "time": time.time()}) + "\n")
                     log.flush()
-                window_loss.zero_()
-                window_supervised, window_steps, window_start = 0, 0, time.perf_counter()
+                window_stats.zero_()
+                window_count, window_steps, window_tokens, window_supervised = 0, 0, 0, 0
+                window_start = time.perf_counter()
             # evaluate and save
             if at_eval:
                 rng_states = gather_rng_states(world)
@@ -420,19 +523,90 @@ def train(config):
         # ------------------------------------------------------------------ finish
         if master:
             log.close()
-            best = (f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f})"
-                    if val_batches else "no val split")
+            best = "no val split"
+            if val_batches:
+                best = (f"best val DPO loss {best_val:.4f}" if dpo else
+                        f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f})")
             print(f"done: {step} steps, {best}; weights in {out_dir / checkpoint.BEST}")
             if is_lora and config["lora_merge"]:  # into a fresh float32 base, not the training copy
                 merged = checkpoint.load_model(out_dir / checkpoint.BEST)
                 checkpoint.save_checkpoint(out_dir, checkpoint.MERGED, merged)
                 print(f"merged adapter into the base: {out_dir / checkpoint.MERGED}")
             if config["plot"]:
-                plot_losses(out_dir)
+                plot_losses(out_dir, "DPO loss" if dpo else "cross-entropy")
     finally:
         if lock is not None:
             lock.release()
     return raw_model
+
+
+def check_resume_objective(state, config):
+    """An SFT run cannot continue as DPO, nor the other way (states from before DPO are SFT)."""
+    saved = state["config"].get("objective", "sft")
+    if saved != config["objective"]:
+        raise GrafitoError(f"cannot resume with different objective ({saved!r} -> {config['objective']!r}); start a "
+                           f"new run from its weights with init_from={config['out_dir']}")
+
+
+@contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def dataset_fingerprint(dataset):
+    """sha256 of a prepared dataset's token, mask and offset files, both splits."""
+    folder = data.resolve_dataset(dataset)
+    digest = hashlib.sha256()
+    for split in data.SPLITS:
+        for path in data.split_files(folder, split):
+            if path.is_file():
+                digest.update(path.name.encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def every_pair_log_probs(model, split, config, device, dtype):
+    """(num_pairs, 2) float32: every pair's answer log-probabilities, pair i in row i, computed
+    in batches of batch_size pairs taken longest first (little padding)."""
+    if not split.num_pairs:
+        return torch.zeros(0, 2)
+    batcher, size = data.PairBatches(split, config["block_size"], shuffle=False), config["batch_size"]
+    order = np.argsort(-split.row_lengths.max(axis=1), kind="stable")
+    batches = [(pairs, *batcher.batch(pairs)) for pairs in np.split(order, range(size, len(order), size))]
+    by_pair = torch.empty(split.num_pairs, 2)
+    by_pair[torch.from_numpy(order)] = pair_log_probs(model, batches, device, dtype)[0]
+    return by_pair
+
+
+def store_reference(out_dir, fingerprint, resume, compute):
+    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
+    describes: kept when it does (a resume, or a new run on the same model and data), computed
+    by compute() and written otherwise; a resume never recomputes (its reference is gone)."""
+    path = out_dir / REFERENCE_FILE
+    stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    found = stored.get("fingerprint", {}) if isinstance(stored, dict) else {}
+    if found == fingerprint:
+        print(f"reference: the starting model's log-probabilities in {path}")
+        return
+    if resume:
+        differs = sorted(k for k in set(found) | set(fingerprint) if found.get(k) != fingerprint.get(k))
+        raise GrafitoError(f"cannot resume: {path} " + ("is missing" if stored is None else
+                           f"was made from another {' and '.join(differs)} than this run's") + " (the dataset changed "
+                           f"since the run started, or the file was replaced); start a new run")
+    started = time.perf_counter()
+    values = compute()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"fingerprint": fingerprint, **values}, tmp)
+    os.replace(tmp, path)
+    print(f"reference: the starting model's log-probabilities of {len(values['train']):,} train and "
+          f"{len(values['val']):,} val pairs, {time.perf_counter() - started:.1f}s -> {path}")
 
 
 def gather_rng_states(world):
@@ -444,8 +618,8 @@ def gather_rng_states(world):
     return states
 
 
-def announce(config, model, device, dtype, world, train_split, sampler, rows_per_epoch, rows_per_step, accum,
-             max_iters, n_val_batches):
+def announce(config, model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
+             n_val_batches):
     print("config:\n" + format_config(config))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
@@ -454,19 +628,28 @@ def announce(config, model, device, dtype, world, train_split, sampler, rows_per
     if wanted is not None and wanted != accum:
         print(f"note: {wanted} micro-batches per step rounded up to {accum}, a multiple of the {world} processes "
               f"(every process runs the same number)")
-    print(f"data: {train_split.num_conversations:,} train conversations in {rows_per_epoch:,} rows of "
-          f"{config['block_size']} tokens ({sampler.packing_efficiency():.1%} filled), {n_val_batches} val batches"
-          + ("" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"))
+    no_val = "" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"
+    if config["objective"] == "dpo":
+        reference = ("this model with its adapters off" if lora.lora_layers(model)
+                     else f"the starting model's log-probabilities ({REFERENCE_FILE})")
+        print(f"data: {train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
+              f"{int(train_split.row_lengths.max()):,} tokens), {n_val_batches} val batches{no_val}")
+        print(f"objective: DPO, beta {config['beta']}, label smoothing {config['label_smoothing']}; reference: {reference}")
+        print(f"steps: {max_iters:,} of {per_step} pairs (gradient accumulation {accum}) = "
+              f"{max_iters * per_step / per_epoch:.2f} epochs")
+        return
+    print(f"data: {train_split.num_conversations:,} train conversations in {per_epoch:,} rows of "
+          f"{config['block_size']} tokens ({sampler.packing_efficiency():.1%} filled), {n_val_batches} val batches{no_val}")
     cut, cut_tokens = sampler.overlong()
     if cut:
         print(f"note: {cut:,} train conversations are longer than a row ({config['block_size'] + 1} tokens) and lose "
               f"their last {cut_tokens:,} tokens ({cut_tokens / len(train_split.tokens):.1%} of the split); "
               f"prepare with --block_size={config['block_size']} to drop them or cut them at a turn boundary instead")
-    print(f"steps: {max_iters:,} of {rows_per_step} rows ({rows_per_step * config['block_size']:,} tokens, gradient "
-          f"accumulation {accum}) = {max_iters * rows_per_step / rows_per_epoch:.2f} epochs")
+    print(f"steps: {max_iters:,} of {per_step} rows ({per_step * config['block_size']:,} tokens, gradient "
+          f"accumulation {accum}) = {max_iters * per_step / per_epoch:.2f} epochs")
 
 
-def plot_losses(out_dir):
+def plot_losses(out_dir, measure):
     try:
         import matplotlib
 
@@ -484,7 +667,7 @@ def plot_losses(out_dir):
     if val_points:
         ax.plot(*zip(*val_points), marker="o", label="val (masked)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel(measure)
     ax.legend()
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "loss.png", dpi=120)
