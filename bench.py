@@ -50,15 +50,16 @@ import torch
 
 import common
 import data
+import dpo
 import engine
 import lora
 import tokenizer
 from common import DTYPES, GrafitoError, autocast, peak_flops, run_cli, setup, training_flops
 from configurator import SEED, check_options, integer, load_config, number, one_of
-from loss import AnswerLogProbs, dpo_loss
+from loss import AnswerLogProbs
 from model import GPT, PRESETS, GPTConfig
 from optim import make_optimizer
-from train import PAIR_LENGTH_GROUP
+
 
 DEFAULTS = dict(
     model="gpt2",  # a GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights)
@@ -415,8 +416,7 @@ def grafito_dpo_loss(check, x, y, beta):
     with torch.no_grad():
         policy, reference = (AnswerLogProbs(GPT.from_pretrained(check[name]).eval())(xt, yt)
                              for name in ("policy", "reference"))
-    B = len(x) // 2
-    return dpo_loss(policy[:B], policy[B:], reference[:B], reference[B:], beta)[0].mean().item()
+    return (dpo.step_loss(policy, reference, beta, 0.0)[0] / (len(x) // 2)).item()
 
 
 def training_row(name, note, x, y, ours, gpt_config, config, device, peak, theirs=None, lora_row=False):
@@ -508,8 +508,8 @@ def pair_batch(config, rng):
     B, T = config["batch_size"], config["block_size"]
     try:
         split = data.load_pairs(config["pairs_dataset"], "train")
-        batches = data.PairBatches(split, T, seed=config["seed"], length_group=PAIR_LENGTH_GROUP)
-        batches.next_pairs(PAIR_LENGTH_GROUP // 2 // B * B)
+        batches = data.PairBatches(split, T, seed=config["seed"], length_group=dpo.PAIR_LENGTH_GROUP)
+        batches.next_pairs(dpo.PAIR_LENGTH_GROUP // 2 // B * B)
         x, y = batches.batch(batches.next_pairs(B))
         source = f"{config['pairs_dataset']} (real, {float((x != tokenizer.EOT).mean()):.0%} real tokens"
     except GrafitoError:  # absent, or holding pairs longer than block_size
@@ -542,21 +542,18 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
         trainer = our_trainer(gpt_config, device, dtype, config["compile"], adapters)
         model, policy = trainer.model, AnswerLogProbs(trainer.model)
         policy = torch.compile(policy) if config["compile"] else policy
-        with torch.no_grad(), autocast(device, dtype):
-            stored = policy(xt, yt, supervised)  # full fine-tuning reads its reference; making it is not timed
+        stored = None
+        if kind == "full":  # full fine-tuning reads its reference; making it is not timed
+            with torch.no_grad(), autocast(device, dtype):
+                by_row = policy(xt, yt, supervised)
+            stored = {"train": torch.stack([by_row[:B], by_row[B:]], dim=1), "val": None}
+        reference, pairs = dpo.Reference(model, policy, device, stored), np.arange(B)
 
         def dpo_step():
             with autocast(device, dtype):
-                log_probs = policy(xt, yt, supervised)
-                if kind == "LoRA":  # as train.py: adapters off, eval mode, no gradient
-                    with torch.no_grad(), lora.adapters_off(model):
-                        model.eval()
-                        reference = policy(xt, yt, supervised)
-                        model.train()
-                else:
-                    reference = stored
-                losses, _, _ = dpo_loss(log_probs[:B], log_probs[B:], reference[:B], reference[B:], config["beta"])
-            trainer.finish(losses.sum() / B)
+                loss_sum, _ = dpo.step_loss(policy(xt, yt, supervised), reference.rows(pairs, xt, yt, supervised),
+                                            config["beta"], 0.0)
+            trainer.finish(loss_sum / B)
 
         def sft_step():
             with autocast(device, dtype):
@@ -581,7 +578,7 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
                 rows[-1]["dpo_cost_vs_sft"] = median[name] / median["grafito SFT"]
             if name == "trl DPO":
                 rows[-1]["time_vs_grafito"] = median[name] / median["grafito DPO"]
-        del trainer, model, policy
+        trainer = model = policy = reference = None  # free this kind's model before the next
     return rows, loss_check
 
 

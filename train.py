@@ -17,14 +17,10 @@ log-probabilities once, before the first step, into out_dir/reference_logps.pt. 
 checkpoints, resume, DDP and logging are the same; the batches and the step's loss differ.
 """
 
-import hashlib
-import inspect
 import json
 import math
-import os
 import time
-from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +28,13 @@ import torch
 
 import checkpoint
 import data
+import dpo
 import lora
-from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, setup, training_flops,
+from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, training_flops,
                     training_memory, trim_cpu_memory)
 from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
-from loss import DPO_STATS, AnswerLogProbs, dpo_loss, dpo_stats, masked_val_loss, pair_log_probs
+from distributed import close_distributed, gather_rng_states, on_first_rank, set_rng_state, setup_distributed, wrap_ddp
+from loss import DPO_STATS, AnswerLogProbs, masked_val_loss
 from model import GPT, GPTConfig
 from optim import learning_rate, make_optimizer
 
@@ -105,8 +103,6 @@ RULES = {
     "objective": one_of("sft", "dpo"), "beta": (lambda v: v > 0, "positive"),
     "label_smoothing": number(0.0, 0.5, high_open=True),
 }
-PAIR_LENGTH_GROUP = 64  # dpo: pairs of similar length share a batch (41% -> 69% real tokens on hh-rlhf pairs)
-REFERENCE_FILE = "reference_logps.pt"  # full-fine-tuning DPO: the starting model's answer log-probabilities
 
 
 def load_train_config(argv=None):
@@ -147,48 +143,6 @@ def accumulation_steps(config, world):
 
 # ----------------------------------------------------------------------------- set-up pieces
 
-def setup_distributed(config):
-    """(rank, local_rank, world, device, dtype) under torchrun, else (0, 0, 1, device, dtype)."""
-    if "RANK" not in os.environ:
-        return (0, 0, 1) + setup(config["device"], config["dtype"], seed=config["seed"])
-    import torch.distributed as dist
-
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = config["device"]
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    backend = config["backend"] if config["backend"] != "auto" else ("nccl" if on_gpu else "gloo")
-    if backend == "nccl" and not on_gpu:
-        raise GrafitoError("backend=nccl runs on CUDA GPUs only; use backend=gloo (or auto) with device=cpu")
-    # rank 0 evaluates and saves while the others wait in a collective: a large save must not time them out
-    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
-    if on_gpu:
-        device = f"cuda:{local_rank}"
-    else:  # share the cores between the processes on this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    # each rank draws its own dropout masks
-    return (rank, local_rank, world) + setup(device, config["dtype"], seed=config["seed"] + rank)
-
-
-def on_first_rank(work, rank, world, device):
-    """Run work() on rank 0 and tell every rank its result (a small int) or that it failed,
-    so the others stop with a message instead of dying in their next collective."""
-    outcome, error = 0, None
-    if rank == 0:
-        try:
-            outcome = int(work() or 0)
-        except BaseException as err:
-            outcome, error = -1, err
-    if world > 1:
-        shared = torch.tensor(outcome, device=device)
-        torch.distributed.broadcast(shared, src=0)
-        outcome = int(shared.item())
-    if error is not None:
-        raise error
-    if outcome == -1:
-        raise GrafitoError(f"rank {rank}: stopping, rank 0 failed (see its message)")
-    return outcome
-
-
 def build_model(config, init_source, resume_state):
     """The model to train, LoRA applied when lora_r > 0 (or restored on resume)."""
     if resume_state is not None:  # a scratch run without biases was saved with zero biases: rebuilt without
@@ -210,19 +164,6 @@ def scratch_config(config):
                      n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's own device
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def to_device(array, device):
     """A host batch on the device; pinned and asynchronous on CUDA."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -240,14 +181,13 @@ def train(config):
     master = rank == 0
     out_dir = Path(config["out_dir"]).expanduser()
     resume = config["init_from"] == "resume"
-    dpo = config["objective"] == "dpo"
+    is_dpo = config["objective"] == "dpo"
 
     # ------------------------------------------------------------------ set-up: the run folder, checked (nothing deleted yet)
     checkpoint.check_writable(out_dir)
     if resume:
         resume_state = checkpoint.load_train_state(out_dir)
         checkpoint.check_resume(resume_state, config)
-        check_resume_objective(resume_state, config)
         init_source = checkpoint.resolve(checkpoint.latest(out_dir))
         base_name, base_fingerprint = resume_state["base_model"], resume_state["base_fingerprint"]
     else:
@@ -258,10 +198,10 @@ def train(config):
         base_fingerprint = None
 
     # ------------------------------------------------------------------ set-up: data
-    if dpo:  # whole pairs, never packed: a row's log-probabilities must depend on it alone
+    if is_dpo:  # whole pairs, never packed: a row's log-probabilities must depend on it alone
         train_split, val_split = data.load_pairs(config["dataset"], "train"), data.load_pairs(config["dataset"], "val")
         sampler = data.PairBatches(train_split, config["block_size"], seed=config["seed"],
-                                   length_group=PAIR_LENGTH_GROUP)
+                                   length_group=dpo.PAIR_LENGTH_GROUP)
         per_epoch = train_split.num_pairs
         val_batches = (data.pair_eval_batches(val_split, config["block_size"], config["batch_size"],
                                               config["eval_iters"]) if val_split.num_pairs else [])
@@ -271,7 +211,7 @@ def train(config):
         per_epoch = len(sampler.rows_of_epoch(0))
         val_batches = (data.eval_batches(val_split, config["block_size"], config["batch_size"], config["eval_iters"])
                        if val_split.num_conversations else [])
-    next_items = sampler.next_pairs if dpo else sampler.next_rows
+    next_items = sampler.next_pairs if is_dpo else sampler.next_rows
     accum = accumulation_steps(config, world)
     if resume_state is not None and resume_state["accumulation"] != accum:
         raise GrafitoError(f"cannot resume: the run took {resume_state['accumulation']} micro-batches per step over "
@@ -286,11 +226,11 @@ def train(config):
         check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]), device,
                      "this model", advice)
     model = build_model(config, init_source, resume_state)
-    rows_per_batch = config["batch_size"] * (2 if dpo else 1)  # a pair is two rows
+    rows_per_batch = config["batch_size"] * (2 if is_dpo else 1)  # a pair is two rows
     check_memory(training_memory(model.config, rows_per_batch, config["block_size"], lora=config["lora_r"] > 0),
                  device, "a training step", advice)
     for split in (train_split, val_split):
-        data.check_token_ids(split.rows if dpo else split, model.config.vocab_size)
+        data.check_token_ids(split.rows if is_dpo else split, model.config.vocab_size)
     is_lora = bool(lora.lora_layers(model))
     if is_lora and not resume:
         base_fingerprint = checkpoint.base_fingerprint(init_source)
@@ -309,26 +249,19 @@ def train(config):
         if rank < len(resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
             set_rng_state(resume_state["rng"][rank])
     raw_model = model
-    if dpo:  # its forward gives each row's answer log-probability
+    if is_dpo:  # its forward gives each row's answer log-probability
         model = AnswerLogProbs(model)
     if config["compile"]:
         model = torch.compile(model)
     unsynced = model  # the reference's forward passes take no gradient: never through DDP
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # training changes no buffer: nothing to send before every forward (the option's name changed in torch 2.13)
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                          else {"broadcast_buffers": False})
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, **no_buffer_sync)
+        model = wrap_ddp(model, device, local_rank)
 
     # ------------------------------------------------------------------ set-up: start the run (old files go only now)
     lock = None
     reference_fingerprint = None  # full-fine-tuning DPO: what its stored reference log-probabilities were made from
-    if dpo and not is_lora:
-        made_from = (resume_state.get("reference_fingerprint") or {} if resume else
-                     {"model": base_name, "weights": checkpoint.base_fingerprint(init_source), "dtype": dtype})
-        reference_fingerprint = {**made_from, "dataset": dataset_fingerprint(config["dataset"])}
+    if is_dpo and not is_lora:
+        reference_fingerprint = dpo.reference_fingerprint(resume_state, base_name, init_source, dtype, config["dataset"])
 
     def start():
         nonlocal lock
@@ -339,52 +272,32 @@ def train(config):
         (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         announce(config, raw_model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
                  len(val_batches))
-        if reference_fingerprint is not None:  # val batched as evaluations batch it: step 0's rewards are exactly 0
-            store_reference(out_dir, reference_fingerprint, resume, lambda: {
-                "train": every_pair_log_probs(raw_model, train_split, config, device, dtype),
-                "val": pair_log_probs(raw_model, data.pair_eval_batches(val_split, config["block_size"],
-                                                                        config["batch_size"]), device, dtype)[0]})
+        if reference_fingerprint is not None:
+            dpo.store_reference(out_dir, reference_fingerprint, resume, raw_model, train_split, val_split,
+                                config["block_size"], config["batch_size"], device, dtype)
         return 0
 
     on_first_rank(start, rank, world, device)
     try:
         # ------------------------------------------------------------------ set-up: the step's loss
-        if dpo and is_lora:  # the reference: this model with its adapters off, in eval mode (no dropout)
-            def reference_rows(pairs, x, y, supervised):
-                with torch.no_grad(), lora.adapters_off(raw_model), eval_mode(raw_model):
-                    return unsynced(x, y, supervised)
-
-            if master and val_batches:
-                with lora.adapters_off(raw_model):
-                    val_reference = pair_log_probs(raw_model, val_batches, device, dtype)[0]
-        elif dpo:  # the reference: the starting model's log-probabilities, computed before the first step
-            stored = torch.load(out_dir / REFERENCE_FILE, map_location="cpu", weights_only=True)
-            train_reference, val_reference = stored["train"].to(device), stored["val"]
-
-            def reference_rows(pairs, x, y, supervised):
-                chosen_rejected = train_reference[torch.from_numpy(np.asarray(pairs)).to(device)]
-                return torch.cat([chosen_rejected[:, 0], chosen_rejected[:, 1]])
+        if is_dpo:  # LoRA: this model with its adapters off; full: the stored log-probabilities
+            reference = dpo.Reference(raw_model, unsynced, device, None if is_lora else dpo.load_reference(out_dir))
 
         def micro_step(items, x, y, supervised):
             """(the micro-batch's summed loss to minimise, the sums to log)"""
-            if not dpo:
-                _, loss_sum = model(x, y, reduction="sum", supervised=supervised)
-                return loss_sum, loss_sum.detach().float()[None]
-            log_probs, reference, n = model(x, y, supervised), reference_rows(items, x, y, supervised), len(items)
-            losses, chosen, rejected = dpo_loss(log_probs[:n], log_probs[n:], reference[:n], reference[n:],
-                                                config["beta"], config["label_smoothing"])
-            return losses.sum(), dpo_stats(losses, chosen, rejected)
+            if is_dpo:
+                return dpo.step_loss(model(x, y, supervised), reference.rows(items, x, y, supervised), config["beta"],
+                                     config["label_smoothing"])
+            _, loss_sum = model(x, y, reduction="sum", supervised=supervised)
+            return loss_sum, loss_sum.detach().float()[None]
 
         def validate():
             """Validation metrics by name (without the val_ prefix); 'loss' decides best/."""
-            if not dpo:
-                val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
-                return {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}
-            policy = pair_log_probs(raw_model, val_batches, device, dtype)[0]
-            reference = val_reference[:len(policy)]
-            losses, chosen, rejected = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
-                                                config["beta"], config["label_smoothing"])
-            return dict(zip(DPO_STATS, (dpo_stats(losses, chosen, rejected) / len(losses)).tolist()))
+            if is_dpo:
+                return dpo.validate(raw_model, val_batches, reference.val(val_batches, dtype), config["beta"], config["label_smoothing"],
+                                    device, dtype)
+            val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
+            return {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}
 
         log = checkpoint.open_log(out_dir, step) if master else None
         peak = peak_flops(device, dtype)
@@ -403,12 +316,7 @@ def train(config):
                     best_val, evals_without_gain = val_loss, 0
                 elif step > 0:
                     evals_without_gain += 1
-                if dpo:
-                    said = (f"val DPO loss {val_loss:.4f}, reward accuracy {metrics['reward_accuracy']:.1%}, margin "
-                            f"{metrics['reward_margin']:.3f} (chosen {metrics['chosen_reward']:+.3f}, rejected "
-                            f"{metrics['rejected_reward']:+.3f})")
-                else:
-                    said = f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}"
+                said = dpo.describe(metrics) if is_dpo else f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}"
                 bar.write(f"step {step}: {said}" + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
                           + (" (best)" if improved else ""))
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()},
@@ -433,7 +341,7 @@ def train(config):
         from tqdm import tqdm
 
         bar = tqdm(total=max_iters, initial=step, disable=not master, unit="step", dynamic_ncols=True)
-        stat_names = DPO_STATS if dpo else ("loss",)
+        stat_names = DPO_STATS if is_dpo else ("loss",)
         window_stats, window_count, window_steps = torch.zeros(len(stat_names), device=device), 0, 0  # since last log
         window_tokens, window_supervised, window_start = 0, 0, time.perf_counter()  # this process's
         rng_states = None
@@ -451,7 +359,7 @@ def train(config):
             mine = items[rank * per_rank:(rank + 1) * per_rank]
             batches = [(chunk, *sampler.batch(chunk)) for chunk in
                        (mine[i:i + config["batch_size"]] for i in range(0, len(mine), config["batch_size"]))]
-            if dpo:
+            if is_dpo:
                 count = torch.tensor(float(per_step), device=device)
             else:
                 count = torch.tensor(float(sum(int((y >= 0).sum()) for _, _, y in batches)), device=device)
@@ -497,13 +405,13 @@ def train(config):
                 elapsed = time.perf_counter() - window_start
                 if master:
                     tokens, supervised_count = total[-2], total[-1]  # all processes
-                    rows = window_steps * per_step * (2 if dpo else 1)
+                    rows = window_steps * per_step * (2 if is_dpo else 1)
                     flops = training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=is_lora)
-                    if dpo and is_lora:  # and the reference's forward pass: half of a frozen model's forward + backward
+                    if is_dpo and is_lora:  # and the reference's forward pass: half of a frozen model's forward + backward
                         flops += training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=True) / 2
                     mfu = flops / world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
                     shown = {"loss": f"{train_loss:.4f}"}
-                    if dpo:
+                    if is_dpo:
                         shown["acc"] = f"{means['train_reward_accuracy']:.0%}"
                     bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
                                     mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
@@ -525,7 +433,7 @@ def train(config):
             log.close()
             best = "no val split"
             if val_batches:
-                best = (f"best val DPO loss {best_val:.4f}" if dpo else
+                best = (f"best val DPO loss {best_val:.4f}" if is_dpo else
                         f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f})")
             print(f"done: {step} steps, {best}; weights in {out_dir / checkpoint.BEST}")
             if is_lora and config["lora_merge"]:  # into a fresh float32 base, not the training copy
@@ -533,89 +441,11 @@ def train(config):
                 checkpoint.save_checkpoint(out_dir, checkpoint.MERGED, merged)
                 print(f"merged adapter into the base: {out_dir / checkpoint.MERGED}")
             if config["plot"]:
-                plot_losses(out_dir, "DPO loss" if dpo else "cross-entropy")
+                plot_losses(out_dir, "DPO loss" if is_dpo else "cross-entropy")
     finally:
         if lock is not None:
             lock.release()
     return raw_model
-
-
-def check_resume_objective(state, config):
-    """An SFT run cannot continue as DPO, nor the other way (states from before DPO are SFT)."""
-    saved = state["config"].get("objective", "sft")
-    if saved != config["objective"]:
-        raise GrafitoError(f"cannot resume with different objective ({saved!r} -> {config['objective']!r}); start a "
-                           f"new run from its weights with init_from={config['out_dir']}")
-
-
-@contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def dataset_fingerprint(dataset):
-    """sha256 of a prepared dataset's token, mask and offset files, both splits."""
-    folder = data.resolve_dataset(dataset)
-    digest = hashlib.sha256()
-    for split in data.SPLITS:
-        for path in data.split_files(folder, split):
-            if path.is_file():
-                digest.update(path.name.encode())
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        digest.update(chunk)
-    return digest.hexdigest()[:32]
-
-
-def every_pair_log_probs(model, split, config, device, dtype):
-    """(num_pairs, 2) float32: every pair's answer log-probabilities, pair i in row i, computed
-    in batches of batch_size pairs taken longest first (little padding)."""
-    if not split.num_pairs:
-        return torch.zeros(0, 2)
-    batcher, size = data.PairBatches(split, config["block_size"], shuffle=False), config["batch_size"]
-    order = np.argsort(-split.row_lengths.max(axis=1), kind="stable")
-    batches = [(pairs, *batcher.batch(pairs)) for pairs in np.split(order, range(size, len(order), size))]
-    by_pair = torch.empty(split.num_pairs, 2)
-    by_pair[torch.from_numpy(order)] = pair_log_probs(model, batches, device, dtype)[0]
-    return by_pair
-
-
-def store_reference(out_dir, fingerprint, resume, compute):
-    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
-    describes: kept when it does (a resume, or a new run on the same model and data), computed
-    by compute() and written otherwise; a resume never recomputes (its reference is gone)."""
-    path = out_dir / REFERENCE_FILE
-    stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    found = stored.get("fingerprint", {}) if isinstance(stored, dict) else {}
-    if found == fingerprint:
-        print(f"reference: the starting model's log-probabilities in {path}")
-        return
-    if resume:
-        differs = sorted(k for k in set(found) | set(fingerprint) if found.get(k) != fingerprint.get(k))
-        raise GrafitoError(f"cannot resume: {path} " + ("is missing" if stored is None else
-                           f"was made from another {' and '.join(differs)} than this run's") + " (the dataset changed "
-                           f"since the run started, or the file was replaced); start a new run")
-    started = time.perf_counter()
-    values = compute()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"fingerprint": fingerprint, **values}, tmp)
-    os.replace(tmp, path)
-    print(f"reference: the starting model's log-probabilities of {len(values['train']):,} train and "
-          f"{len(values['val']):,} val pairs, {time.perf_counter() - started:.1f}s -> {path}")
-
-
-def gather_rng_states(world):
-    """Every rank's RNG states, in rank order (saved so that each rank resumes its own stream)."""
-    if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
 
 
 def announce(config, model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
@@ -631,7 +461,7 @@ def announce(config, model, device, dtype, world, train_split, sampler, per_epoc
     no_val = "" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"
     if config["objective"] == "dpo":
         reference = ("this model with its adapters off" if lora.lora_layers(model)
-                     else f"the starting model's log-probabilities ({REFERENCE_FILE})")
+                     else f"the starting model's log-probabilities ({dpo.REFERENCE_FILE})")
         print(f"data: {train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
               f"{int(train_split.row_lengths.max()):,} tokens), {n_val_batches} val batches{no_val}")
         print(f"objective: DPO, beta {config['beta']}, label smoothing {config['label_smoothing']}; reference: {reference}")
@@ -680,8 +510,7 @@ def main(argv=None):
     try:
         train(config)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

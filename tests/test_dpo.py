@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import dpo
 import eval as grafito_eval
 import lora
 import loss
@@ -244,7 +245,7 @@ def test_logged_val_metrics_are_the_policy_against_a_frozen_copy_of_the_start(tm
 
 def test_stored_reference_log_probs_equal_the_starting_model_on_the_fly(tmp_path, sums, base):
     run(tmp_path, sums, base, "--max_iters=1", "--eval_interval=1")
-    stored = torch.load(tmp_path / "out" / train.REFERENCE_FILE, weights_only=True)
+    stored = torch.load(tmp_path / "out" / dpo.REFERENCE_FILE, weights_only=True)
     reference = GPT.from_pretrained(base).eval()
     for split_name in data.SPLITS:
         split = data.load_pairs(sums, split_name)
@@ -258,7 +259,7 @@ def test_stored_reference_log_probs_equal_the_starting_model_on_the_fly(tmp_path
 
 def test_a_new_run_reuses_stored_reference_log_probs_only_when_they_fit(tmp_path, sums, base, capsys):
     run(tmp_path, sums, base, "--max_iters=1", "--eval_interval=1")
-    path = tmp_path / "out" / train.REFERENCE_FILE
+    path = tmp_path / "out" / dpo.REFERENCE_FILE
     first = path.read_bytes()
     run(tmp_path, sums, base, "--max_iters=1", "--eval_interval=1", "--overwrite", "--learning_rate=1e-3")
     assert "log-probabilities in" in capsys.readouterr().out and path.read_bytes() == first
@@ -304,7 +305,7 @@ def test_resume_refuses_a_changed_dataset_or_a_missing_reference(tmp_path, sums,
     with pytest.raises(GrafitoError, match="reference_logps.pt was made from another dataset"):
         run(tmp_path, dataset, base, "--max_iters=4", "--init_from=resume")
     write_sums(dataset)
-    (tmp_path / "out" / train.REFERENCE_FILE).unlink()
+    (tmp_path / "out" / dpo.REFERENCE_FILE).unlink()
     with pytest.raises(GrafitoError, match="reference_logps.pt is missing"):
         run(tmp_path, dataset, base, "--max_iters=4", "--init_from=resume")
 
