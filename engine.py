@@ -11,6 +11,7 @@ naive_generate() is the reference the tests hold this loop equal to.
 
 import collections
 import copy
+import functools
 import math
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tokenizer
 from common import GrafitoError, check_memory
@@ -75,9 +77,9 @@ class KVCache:
 
 
 class MatVecLinear(nn.Linear):
-    """nn.Linear whose single-row half-precision products on a CPU go through torch.mv:
-    oneDNN's GEMM streams the weights more slowly for one row than the matrix-vector kernel
-    (see bench.py --rows=decode). Batch-1 decoding only; everything else is nn.Linear."""
+    """nn.Linear whose single-row half-precision products on a CPU go through torch.mv: on
+    some CPUs oneDNN's GEMM streams the weights more slowly for one row than the matrix-vector
+    kernel, on others faster (matvec_is_faster decides). Batch-1 decoding only."""
 
     def forward(self, x):
         if x.numel() == x.shape[-1] and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -139,7 +141,8 @@ class Engine:
         self.model = model.eval()
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
+        if (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+                and matvec_is_faster(model.config.mlp_width, model.config.n_embd, self.dtype)):  # an MLP input layer
             _use_matvec(model)
         self.compiled = compile
         self._step = self._decode_step
@@ -249,6 +252,23 @@ class Engine:
             yield out
             if not any(active):
                 return
+
+
+@functools.cache
+def matvec_is_faster(rows, cols, dtype):
+    """Whether torch.mv beats nn.Linear for one row times a (rows, cols) weight on this CPU,
+    timed once per shape in this process (milliseconds): which one wins depends on the CPU."""
+    weight, x = torch.randn(rows, cols, dtype=dtype), torch.randn(1, cols, dtype=dtype)
+    candidates = {"mv": lambda: torch.mv(weight, x[0]), "linear": lambda: F.linear(x, weight)}
+    best = dict.fromkeys(candidates, math.inf)
+    with torch.no_grad():
+        for _ in range(3):  # alternating rounds, the best of each: a busy moment hurts both alike
+            for name, product in candidates.items():
+                start = time.perf_counter()
+                for _ in range(8):
+                    product()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["mv"] < 0.9 * best["linear"]  # a clear win only
 
 
 def _use_matvec(model):

@@ -150,7 +150,12 @@ def test_one_row_matrix_vector_path_equals_the_linear_layer():
         assert torch.allclose(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_bf16_cpu_engine_uses_matrix_vector_layers_and_keeps_the_tied_weight():
+def test_bf16_cpu_engine_uses_matrix_vector_layers_where_faster_and_keeps_the_tied_weight(monkeypatch):
+    monkeypatch.setattr(engine, "matvec_is_faster", lambda rows, cols, dtype: False)
+    plain = tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)
+    Engine(plain)
+    assert not any(isinstance(m, engine.MatVecLinear) for m in plain.modules())
+    monkeypatch.setattr(engine, "matvec_is_faster", lambda rows, cols, dtype: True)
     model = tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)
     model_engine = Engine(model)
     assert isinstance(model.lm_head, engine.MatVecLinear) and model.lm_head.weight is model.transformer.wte.weight
