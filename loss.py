@@ -30,17 +30,23 @@ def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=Non
     return linear_cross_entropy(rows, weight, flat_targets.index_select(0, supervised), vocab_size)
 
 
+def _output_layer_settings(h, weight):
+    """(matmul dtype, gradient matmul dtype, whether to make gradients) for a fused output layer:
+    the autocast dtype when autocast is on, but gradients in float32 under float16, whose range
+    they would leave before the grad scaler can help; gradients only when autograd will ask."""
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+    return dtype, grad_dtype, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+
+
 def linear_cross_entropy(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
     """Equal to F.cross_entropy(F.linear(h, weight)[:, :vocab_size], targets, reduction='sum'),
     gradients included. Matmuls run in the autocast dtype when autocast is on (in float32
     when that is float16, whose range the gradient matmuls would leave before the grad
     scaler can help); softmax and loss in float32. Gradients are made in the forward pass
     only when autograd will ask for them."""
-    device_type = h.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    grad_dtype = torch.float32 if dtype == torch.float16 else dtype
-    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads)
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows, *_output_layer_settings(h, weight))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -94,17 +100,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def masked_val_loss(model, batches, device, dtype):
     """Mean cross-entropy over every supervised token of (x, y) numpy batches, in eval mode
     under the dtype's autocast: what train.py logs and eval.py reports."""
-    from common import autocast
+    from common import autocast, eval_mode
 
-    was_training = model.training
-    model.eval()
     total, count = torch.zeros((), device=device), 0
-    for x, y in batches:
-        with autocast(device, dtype):
-            _, loss_sum = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="sum")
-        total += loss_sum.float()
-        count += int((y >= 0).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            with autocast(device, dtype):
+                _, loss_sum = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="sum")
+            total += loss_sum.float()
+            count += int((y >= 0).sum())
     return total.item() / max(count, 1)
 
 
@@ -139,11 +143,7 @@ def linear_log_probs(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
     supervised positions only, instead of keeping (rows x vocab) probabilities. A LoRA run's
     output layer is frozen and pays nothing extra.
     """
-    device_type = h.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    grad_dtype = torch.float32 if dtype == torch.float16 else dtype
-    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearLogProbs.apply(h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads)
+    return _LinearLogProbs.apply(h, weight, targets, vocab_size, chunk_rows, *_output_layer_settings(h, weight))
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -242,15 +242,13 @@ def pair_log_probs(model, batches, device, dtype):
     count of each pair's chosen and rejected answer, in the batches' order, in eval mode under the
     dtype's autocast. batches: (pairs, x, y) as data.pair_eval_batches gives them. What DPO's
     reference and evaluation read, and eval.py's preference accuracy."""
-    from common import autocast
+    from common import autocast, eval_mode
 
-    was_training = model.training
-    model.eval()
     log_probs, lengths = [torch.zeros(0, 2)], [torch.zeros(0, 2, dtype=torch.int64)]
-    for _, x, y in batches:
-        with autocast(device, dtype):
-            row_log_probs = AnswerLogProbs(model)(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-        log_probs.append(row_log_probs.float().cpu().view(2, -1).t())  # rows: the chosen ones, then the rejected
-        lengths.append(torch.from_numpy((y >= 0).sum(1)).view(2, -1).t())
-    model.train(was_training)
+    with eval_mode(model):
+        for _, x, y in batches:
+            with autocast(device, dtype):
+                row_log_probs = AnswerLogProbs(model)(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            log_probs.append(row_log_probs.float().cpu().view(2, -1).t())  # rows: the chosen ones, then the rejected
+            lengths.append(torch.from_numpy((y >= 0).sum(1)).view(2, -1).t())
     return torch.cat(log_probs), torch.cat(lengths)

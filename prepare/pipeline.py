@@ -360,6 +360,27 @@ def tokenize(records, block_size, overlong, report):
     return out
 
 
+def dataset_meta(name, source, args, extra_meta):
+    """meta.json's description of a prepared dataset (SFT or pairs): where it came from and how it was made."""
+    return {
+        "dataset": name, "tokenizer": "gpt2 (tiktoken)", "vocab_size": tokenizer.VOCAB_SIZE,
+        "eot_token": tokenizer.EOT, "template": tokenizer.TEMPLATE, "source": source,
+        "block_size": args.block_size, "overlong": args.overlong, "val_fraction": args.val_fraction,
+        "seed": args.seed, **(extra_meta or {}),
+    }
+
+
+def check_train_split(splits, report, args, item):
+    """Never replace a dataset with nothing: stop, saying where the records went."""
+    if splits["train"]:
+        return
+    lost = {**report.skipped, **report.dropped}
+    reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
+    raise GrafitoError(f"{report.source}: no {item} is left for the train split ({report.read:,} records read; "
+                       f"{reasons or ('all went to val' if report.read else 'the input holds none')}); nothing "
+                       f"written, {args.out_dir} is unchanged")
+
+
 def build_dataset(args, name, records, report, source, detokenize=False, check_context=False, extra_meta=None):
     """Clean, tokenise, split and write; print the report and save it beside the data."""
     started = time.perf_counter()
@@ -368,17 +389,8 @@ def build_dataset(args, name, records, report, source, detokenize=False, check_c
     splits = {"train": [], "val": []}
     for record, ids, mask in tokenized:
         splits["val" if in_val(record.turns, args.val_fraction, args.seed) else "train"].append((record, ids, mask))
-    meta = {
-        "dataset": name, "tokenizer": "gpt2 (tiktoken)", "vocab_size": tokenizer.VOCAB_SIZE,
-        "eot_token": tokenizer.EOT, "template": tokenizer.TEMPLATE, "source": source,
-        "block_size": args.block_size, "overlong": args.overlong, "val_fraction": args.val_fraction,
-        "seed": args.seed, **(extra_meta or {}),
-    }
-    if not splits["train"]:  # never replace a dataset with nothing
-        lost = {**report.skipped, **report.dropped}
-        reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
-        raise GrafitoError(f"{report.source}: no conversation is left for the train split ({report.read:,} records "
-                           f"read; {reasons or ('all went to val' if report.read else 'the input holds none')}); nothing written, {args.out_dir} is unchanged")
+    meta = dataset_meta(name, source, args, extra_meta)
+    check_train_split(splits, report, args, "conversation")
     written = data.write_dataset(args.out_dir, {s: [(ids, mask) for _, ids, mask in rows] for s, rows in splits.items()}, meta)
     summary = make_summary(report, splits, written, time.perf_counter() - started)
     (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -539,17 +551,8 @@ def build_pairs(args, name, pairs, report, source, extra_meta=None):
     splits = {"train": [], "val": []}
     for row in tokenize_pairs(kept, args.block_size, args.overlong, report):
         splits["val" if val[row[0].line] else "train"].append(row)
-    meta = {
-        "dataset": name, "tokenizer": "gpt2 (tiktoken)", "vocab_size": tokenizer.VOCAB_SIZE,
-        "eot_token": tokenizer.EOT, "template": tokenizer.TEMPLATE, "source": source,
-        "block_size": args.block_size, "overlong": args.overlong, "val_fraction": args.val_fraction,
-        "seed": args.seed, **(extra_meta or {}),
-    }
-    if not splits["train"]:  # never replace a dataset with nothing
-        lost = {**report.skipped, **report.dropped}
-        reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
-        raise GrafitoError(f"{report.source}: no pair is left for the train split ({report.read:,} records read; "
-                           f"{reasons or 'all went to val'}); nothing written, {args.out_dir} is unchanged")
+    meta = dataset_meta(name, source, args, extra_meta)
+    check_train_split(splits, report, args, "pair")
     written = data.write_pairs(args.out_dir, {s: [row[1:] for row in rows] for s, rows in splits.items()}, meta)
     summary = make_pairs_summary(report, splits, written, time.perf_counter() - started)
     (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -68,27 +68,24 @@ def tiny_dataset(tmp_path_factory):
     return prepare_head(tmp_path_factory.mktemp("data") / "tiny", 100, 20)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny GPT-2-format folder (width 32, context 96) with the real vocabulary, for generation tests."""
+def random_gpt_folder(folder, **shape):
+    """A GPT-2-format folder holding a seeded random GPT of this shape with the real vocabulary."""
     import torch
 
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96)).save_pretrained(folder)
+    GPT(GPTConfig(n_layer=2, n_head=2, **shape)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny GPT-2-format folder (width 32, context 96) with the real vocabulary, for generation tests."""
+    return random_gpt_folder(tmp_path_factory.mktemp("model") / "tiny", n_embd=32, block_size=96)
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
     """A small GPT-2-format weights folder with the real vocabulary (a stand-in for gpt2)."""
-    import torch
-
-    from model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "base"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).save_pretrained(folder)
-    return folder
+    return random_gpt_folder(tmp_path_factory.mktemp("model") / "base", n_embd=64, block_size=128)
