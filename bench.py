@@ -416,7 +416,8 @@ def grafito_dpo_loss(check, x, y, beta):
     with torch.no_grad():
         policy, reference = (AnswerLogProbs(GPT.from_pretrained(check[name]).eval())(xt, yt)
                              for name in ("policy", "reference"))
-    return (dpo.step_loss(policy, reference, beta, 0.0)[0] / (len(x) // 2)).item()
+    loss_sum, _ = dpo.step_loss(policy, reference, beta, 0.0)
+    return loss_sum.item() / (len(x) // 2)  # the mean over the pairs, as TRL reports it
 
 
 def training_row(name, note, x, y, ours, gpt_config, config, device, peak, theirs=None, lora_row=False):
@@ -546,8 +547,8 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
         if kind == "full":  # full fine-tuning reads its reference; making it is not timed
             with torch.no_grad(), autocast(device, dtype):
                 by_row = policy(xt, yt, supervised)
-            stored = {"train": torch.stack([by_row[:B], by_row[B:]], dim=1), "val": None}
-        reference, pairs = dpo.Reference(model, policy, device, stored), np.arange(B)
+            stored = {"train": torch.stack([by_row[:B], by_row[B:]], dim=1)}
+        reference, pairs = dpo.Reference(model, policy, device, dtype, stored), np.arange(B)
 
         def dpo_step():
             with autocast(device, dtype):

@@ -272,9 +272,9 @@ def load_train_state(out_dir):
 def check_resume(state, config):
     """Refuse a resume whose settings would not continue the same run."""
     saved = state["config"]
-    objective = saved.get("objective", "sft")  # states from before DPO are SFT
-    if objective != config.get("objective", "sft"):  # an SFT run cannot continue as DPO, nor the other way
-        raise GrafitoError(f"cannot resume with different objective ({objective!r} -> {config['objective']!r}); start a "
+    saved_objective, objective = saved.get("objective", "sft"), config.get("objective", "sft")  # older states: SFT
+    if saved_objective != objective:  # an SFT run cannot continue as DPO, nor the other way
+        raise GrafitoError(f"cannot resume with different objective ({saved_objective!r} -> {objective!r}); start a "
                            f"new run from its weights with init_from={config['out_dir']}")
     changed = [k for k in RESUME_FIXED if saved.get(k) != config[k]]
     if changed:

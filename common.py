@@ -221,6 +221,17 @@ def resolve_dtype(dtype, device):
     return dtype
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """model in eval mode (no dropout) for a while, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def autocast(device, dtype):
     """Mixed precision for the forward pass: autocast in bf16/fp16, nothing in fp32."""
     if dtype == "float32":

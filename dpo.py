@@ -10,7 +10,6 @@ resume checks. The loss itself is loss.dpo_loss; docs/preference_tuning.md expla
 import hashlib
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,11 @@ import torch
 import checkpoint
 import data
 import lora
-from common import GrafitoError
+from common import GrafitoError, eval_mode
 from loss import DPO_STATS, dpo_loss, dpo_stats, pair_log_probs
 
 REFERENCE_FILE = "reference_logps.pt"
-PAIR_LENGTH_GROUP = 64  # pairs of similar length share a batch: less padding
+PAIR_LENGTH_GROUP = 64  # pairs of similar length share a batch: less padding (docs/preference_tuning.md)
 
 
 def reference_fingerprint(resume_state, base_name, init_source, dtype, dataset):
@@ -86,16 +85,6 @@ def every_pair_log_probs(model, split, block_size, batch_size, device, dtype):
     return by_pair
 
 
-@contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def load_reference(out_dir):
     """Full fine-tuning's stored reference: {"train": (pairs, 2), "val": (pairs, 2)}, columns chosen and rejected."""
     stored = torch.load(Path(out_dir) / REFERENCE_FILE, map_location="cpu", weights_only=True)
@@ -110,22 +99,28 @@ class Reference:
     not DDP-wrapped callable returning each row's answer log-probability. Full fine-tuning:
     stored, load_reference's values."""
 
-    def __init__(self, model, forward, device, stored=None):
-        self.model, self.forward, self.device = model, forward, device
+    def __init__(self, model, forward, device, dtype, stored=None):
+        if stored is None and not lora.lora_layers(model):
+            raise GrafitoError("a DPO reference needs LoRA adapters to switch off, or stored log-probabilities")
+        self.model, self.forward, self.device, self.dtype, self.stored = model, forward, device, dtype, stored
         self.train = stored["train"].to(device) if stored is not None else None
-        self.val_log_probs = stored["val"] if stored is not None else None
+        self.val_log_probs = stored.get("val") if stored is not None else None
 
     def rows(self, pairs, x, y, supervised):
-        if self.train is not None:
+        if self.stored is not None:
             chosen_rejected = self.train[torch.from_numpy(np.asarray(pairs)).to(self.device)]
             return torch.cat([chosen_rejected[:, 0], chosen_rejected[:, 1]])
         with torch.no_grad(), lora.adapters_off(self.model), eval_mode(self.model):  # eval mode: no dropout
             return self.forward(x, y, supervised)
 
-    def val(self, val_batches, dtype):
-        if self.val_log_probs is None:  # LoRA: made at the first evaluation, then kept
+    def val(self, val_batches):
+        """The val pairs' values; a LoRA reference computes them at the first call (val_batches
+        are the same at every evaluation) and keeps them."""
+        if self.stored is not None and self.val_log_probs is None:
+            raise GrafitoError("the stored reference holds no val log-probabilities")
+        if self.val_log_probs is None:
             with lora.adapters_off(self.model):
-                self.val_log_probs = pair_log_probs(self.model, val_batches, self.device, dtype)[0]
+                self.val_log_probs = pair_log_probs(self.model, val_batches, self.device, self.dtype)[0]
         return self.val_log_probs
 
 

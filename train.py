@@ -281,7 +281,8 @@ def train(config):
     try:
         # ------------------------------------------------------------------ set-up: the step's loss
         if is_dpo:  # LoRA: this model with its adapters off; full: the stored log-probabilities
-            reference = dpo.Reference(raw_model, unsynced, device, None if is_lora else dpo.load_reference(out_dir))
+            stored = None if is_lora else dpo.load_reference(out_dir)
+            reference = dpo.Reference(raw_model, unsynced, device, dtype, stored)
 
         def micro_step(items, x, y, supervised):
             """(the micro-batch's summed loss to minimise, the sums to log)"""
@@ -294,8 +295,8 @@ def train(config):
         def validate():
             """Validation metrics by name (without the val_ prefix); 'loss' decides best/."""
             if is_dpo:
-                return dpo.validate(raw_model, val_batches, reference.val(val_batches, dtype), config["beta"], config["label_smoothing"],
-                                    device, dtype)
+                return dpo.validate(raw_model, val_batches, reference.val(val_batches), config["beta"],
+                                    config["label_smoothing"], device, dtype)
             val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
             return {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}
 
@@ -316,7 +317,8 @@ def train(config):
                     best_val, evals_without_gain = val_loss, 0
                 elif step > 0:
                     evals_without_gain += 1
-                said = dpo.describe(metrics) if is_dpo else f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}"
+                said = (dpo.describe(metrics) if is_dpo else
+                        f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}")
                 bar.write(f"step {step}: {said}" + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
                           + (" (best)" if improved else ""))
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()},

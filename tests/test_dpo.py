@@ -2,7 +2,6 @@
 model (LoRA's adapters switched off, full fine-tuning's stored log-probabilities), learning a preference,
 resume, DDP, options; eval.py's preference accuracy; bench.py's dpo rows."""
 
-import copy
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import tokenizer
 import train
 from common import GrafitoError
 from configurator import load_config
-from conftest import ROOT
+from conftest import ROOT, random_gpt_folder
 from model import GPT, GPTConfig
 
 EOT = tokenizer.EOT
@@ -63,10 +62,7 @@ def sums(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small random GPT-2 with the real vocabulary, the model DPO starts from."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "base"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).save_pretrained(folder)
-    return folder
+    return random_gpt_folder(tmp_path_factory.mktemp("model") / "base", n_embd=32, block_size=64)
 
 
 def run(tmp_path, dataset, base, *overrides, out="out"):
@@ -214,6 +210,30 @@ def test_adapters_off_is_the_frozen_base(base):
     lora.merge_lora(model)
     with pytest.raises(GrafitoError, match="merged"), lora.adapters_off(model):
         pass
+
+
+def test_the_lora_reference_is_the_base_in_eval_mode_without_gradient_and_leaves_the_model_as_it_was(base):
+    base_model = GPT.from_pretrained(base).eval()
+    model = lora.apply_lora(GPT.from_pretrained(base, dropout=0.5), lora.LoRAConfig(r=4)).train()
+    nudged(model)
+    reference = dpo.Reference(model, loss.AnswerLogProbs(model), "cpu", "float32")
+    x = torch.randint(0, 50257, (2, 12))
+    y = torch.full((2, 12), -1)
+    y[:, 8:] = x[:, 8:]  # the last four positions are the answer
+    supervised = torch.from_numpy(np.flatnonzero(y.numpy() >= 0))
+    rows = reference.rows(None, x, y, supervised)
+    assert not rows.requires_grad  # no graph through the reference: no dropout draws either (eval mode)
+    assert torch.allclose(rows, loss.AnswerLogProbs(base_model)(x, y), atol=1e-6)
+    assert model.training and not torch.allclose(loss.AnswerLogProbs(model.eval())(x, y), rows)  # adapters back on
+
+
+def test_a_stored_reference_gives_each_pair_its_own_values_chosen_rows_first(base):
+    model = GPT.from_pretrained(base)
+    stored = {"train": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), "val": torch.zeros(1, 2)}
+    reference = dpo.Reference(model, None, "cpu", "float32", stored)
+    assert reference.rows([2, 0], None, None, None).tolist() == [5.0, 1.0, 6.0, 2.0]
+    with pytest.raises(GrafitoError, match="LoRA adapters to switch off"):
+        dpo.Reference(model, None, "cpu", "float32")
 
 
 def plain_val_metrics(policy, reference, dataset, beta):
