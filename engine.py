@@ -141,7 +141,7 @@ class Engine:
         self.model = model.eval()
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        if (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+        if (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16) and not compile
                 and matvec_is_faster(model.config.mlp_width, model.config.n_embd, self.dtype)):  # an MLP input layer
             _use_matvec(model)
         self.compiled = compile
@@ -257,8 +257,9 @@ class Engine:
 @functools.cache
 def matvec_is_faster(rows, cols, dtype):
     """Whether torch.mv beats nn.Linear for one row times a (rows, cols) weight on this CPU,
-    timed once per shape in this process (milliseconds): which one wins depends on the CPU."""
-    weight, x = torch.randn(rows, cols, dtype=dtype), torch.randn(1, cols, dtype=dtype)
+    timed once per shape in this process, in a few milliseconds: which one wins depends on the
+    CPU. (The two round differently in the last bits, so bf16 answers can differ by machine.)"""
+    weight, x = torch.full((rows, cols), 0.01, dtype=dtype), torch.full((1, cols), 0.5, dtype=dtype)  # no RNG draws
     candidates = {"mv": lambda: torch.mv(weight, x[0]), "linear": lambda: F.linear(x, weight)}
     best = dict.fromkeys(candidates, math.inf)
     with torch.no_grad():
