@@ -818,7 +818,7 @@ def main():
     rng = np.random.default_rng(config["seed"])
     rows, loss_check, wanted = [], None, config["rows"].split(",")
     served = serve_rows(config, gpt_config, device, dtype) if "serve" in wanted else []  # first: nothing else loaded
-    model_rows = {"train", "masked", "lora", "decode", "dpo"} & set(wanted)
+    model_rows = {"train", "masked", "lora", "decode", "configs", "dpo"} & set(wanted)
     theirs = (TransformersWorker(gpt_config, device, dtype, config["compile"])
               if config["compare"] and model_rows else None)
     hf, trl = (theirs, None) if config["compare"] == "hf" else (None, theirs)
