@@ -543,14 +543,15 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
         trainer = our_trainer(gpt_config, device, dtype, config["compile"], adapters)
         model, policy = trainer.model, AnswerLogProbs(trainer.model)
         policy = torch.compile(policy) if config["compile"] else policy
-        stored = None
-        if kind == "full":  # full fine-tuning reads its reference; making it is not timed
-            with torch.no_grad(), autocast(device, dtype):
-                by_row = policy(xt, yt, supervised)
-            stored = {"train": torch.stack([by_row[:B], by_row[B:]], dim=1)}
-        reference, pairs = dpo.Reference(model, policy, device, dtype, stored), np.arange(B)
+        with torch.no_grad(), autocast(device, dtype):  # a stored reference is read; making it is not timed
+            by_row = policy(xt, yt, supervised)
+        stored = dpo.Reference(model, policy, device, dtype, {"train": torch.stack([by_row[:B], by_row[B:]], dim=1)})
+        references = {"DPO": dpo.Reference(model, policy, device, dtype) if kind == "LoRA" else stored}
+        if kind == "LoRA":
+            references["DPO, stored reference"] = stored
+        pairs = np.arange(B)
 
-        def dpo_step():
+        def dpo_step(reference):
             with autocast(device, dtype):
                 loss_sum, _ = dpo.step_loss(policy(xt, yt, supervised), reference.rows(pairs, xt, yt, supervised),
                                             config["beta"], 0.0)
@@ -561,7 +562,8 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
                 _, loss_sum = model(xt, yt, reduction="sum", supervised=supervised)
             trainer.finish(loss_sum / len(supervised))
 
-        timers = [("grafito DPO", lambda: timed(dpo_step, device)), ("grafito SFT", lambda: timed(sft_step, device))]
+        timers = [(f"grafito {label}", lambda reference=reference: timed(lambda: dpo_step(reference), device))
+                  for label, reference in references.items()] + [("grafito SFT", lambda: timed(sft_step, device))]
         if theirs is not None:
             theirs.ask(trl=kind, pairs=pair_ids(x, y), beta=config["beta"], lora_r=config["lora_r"])
             timers.append(("trl DPO", theirs.timer(f"trl {kind}")))
@@ -570,16 +572,17 @@ def dpo_rows(config, gpt_config, device, dtype, rng, theirs):
         memory = peak_memory_mb(device)
         median = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name, seconds in times.items():
-            rows.append({"row": f"train {kind}, {'SFT on the same rows' if name.endswith('SFT') else 'DPO'}",
+            label = name.split(" ", 1)[1]
+            rows.append({"row": f"train {kind}, {'SFT on the same rows' if label == 'SFT' else label}",
                          "impl": name.split()[0], "batch": batch_note, "tokens_per_s": n_tokens / median[name],
                          "step_ms": median[name] * 1e3, "mfu": None,
                          "memory_mb": memory if name.startswith("grafito") else None,
                          "times_ms": [round(t * 1e3, 1) for t in seconds]})
-            if name == "grafito DPO":
+            if name.startswith("grafito DPO"):
                 rows[-1]["dpo_cost_vs_sft"] = median[name] / median["grafito SFT"]
             if name == "trl DPO":
                 rows[-1]["time_vs_grafito"] = median[name] / median["grafito DPO"]
-        trainer = model = policy = reference = None  # free this kind's model before the next
+        trainer = model = policy = stored = references = None  # free this kind's model before the next
     return rows, loss_check
 
 

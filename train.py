@@ -60,6 +60,9 @@ DEFAULTS = dict(
     objective="sft",
     beta=0.1,  # dpo: how far from the reference the policy may go; a reward is beta * (log pi - log pi_ref)
     label_smoothing=0.0,  # dpo: > 0 is conservative DPO, the share of pairs taken to be mislabelled
+    # dpo: auto = LoRA: the model with its adapters off, full: stored; stored = the starting model's log-probabilities,
+    # computed once before the first step (a LoRA step then skips the reference's forward pass)
+    dpo_reference="auto",
     # model, for init_from=scratch
     n_layer=12,
     n_head=12,
@@ -101,7 +104,7 @@ RULES = {
     "grad_clip": (lambda v: v >= 0, "0 (no clipping) or positive"), "lr_schedule": one_of("cosine", "constant"),
     "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
     "objective": one_of("sft", "dpo"), "beta": (lambda v: v > 0, "positive"),
-    "label_smoothing": number(0.0, 0.5, high_open=True),
+    "label_smoothing": number(0.0, 0.5, high_open=True), "dpo_reference": one_of("auto", "stored"),
 }
 
 
@@ -259,8 +262,12 @@ def train(config):
 
     # ------------------------------------------------------------------ set-up: start the run (old files go only now)
     lock = None
-    reference_fingerprint = None  # full-fine-tuning DPO: what its stored reference log-probabilities were made from
-    if is_dpo and not is_lora:
+    stored_reference = is_dpo and (not is_lora or config["dpo_reference"] == "stored")
+    if resume and is_dpo and (resume_state.get("reference_fingerprint") is not None) != stored_reference:
+        raise GrafitoError(f"cannot resume with a different dpo_reference (the run {'did not store' if stored_reference else 'stored'}"
+                           f" its reference log-probabilities); resume with the run's own setting")
+    reference_fingerprint = None  # a stored reference: what its log-probabilities were made from
+    if stored_reference:
         reference_fingerprint = dpo.reference_fingerprint(resume_state, base_name, init_source, dtype, config["dataset"])
 
     def start():
@@ -280,8 +287,8 @@ def train(config):
     on_first_rank(start, rank, world, device)
     try:
         # ------------------------------------------------------------------ set-up: the step's loss
-        if is_dpo:  # LoRA: this model with its adapters off; full: the stored log-probabilities
-            stored = None if is_lora else dpo.load_reference(out_dir)
+        if is_dpo:  # the stored log-probabilities, or this model with its adapters off
+            stored = dpo.load_reference(out_dir) if stored_reference else None
             reference = dpo.Reference(raw_model, unsynced, device, dtype, stored)
 
         def micro_step(items, x, y, supervised):
@@ -409,7 +416,7 @@ def train(config):
                     tokens, supervised_count = total[-2], total[-1]  # all processes
                     rows = window_steps * per_step * (2 if is_dpo else 1)
                     flops = training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=is_lora)
-                    if is_dpo and is_lora:  # and the reference's forward pass: half of a frozen model's forward + backward
+                    if is_dpo and not stored_reference:  # and the reference's forward: half a frozen model's fwd + bwd
                         flops += training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=True) / 2
                     mfu = flops / world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
                     shown = {"loss": f"{train_loss:.4f}"}
@@ -462,7 +469,7 @@ def announce(config, model, device, dtype, world, train_split, sampler, per_epoc
               f"(every process runs the same number)")
     no_val = "" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"
     if config["objective"] == "dpo":
-        reference = ("this model with its adapters off" if lora.lora_layers(model)
+        reference = ("this model with its adapters off" if lora.lora_layers(model) and config["dpo_reference"] == "auto"
                      else f"the starting model's log-probabilities ({dpo.REFERENCE_FILE})")
         print(f"data: {train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
               f"{int(train_split.row_lengths.max()):,} tokens), {n_val_batches} val batches{no_val}")

@@ -30,6 +30,7 @@ EOT = tokenizer.EOT
 TINY = ["--objective=dpo", "--block_size=16", "--batch_size=8", "--device=cpu", "--dtype=float32", "--plot=false",
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--beta=0.5"]
 LORA = ["--lora_r=4", "--lora_targets=q,v,mlp_fc", "--learning_rate=2e-2"]
+KINDS = {"full": [], "lora": LORA, "lora_stored": LORA + ["--dpo_reference=stored"]}  # how the reference is had
 
 
 @pytest.fixture(autouse=True)
@@ -250,11 +251,12 @@ def plain_val_metrics(policy, reference, dataset, beta):
     return float(np.mean(losses)), float(np.mean(right))
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_logged_val_metrics_are_the_policy_against_a_frozen_copy_of_the_start(tmp_path, sums, base, kind):
-    """The whole run's wiring: for LoRA the reference is the model with adapters off, for full
-    fine-tuning the stored log-probabilities; both must be the starting model's."""
-    run(tmp_path, sums, base, "--max_iters=6", "--eval_interval=6", *(LORA if kind == "lora" else []))
+    """The whole run's wiring: for LoRA the reference is the model with adapters off (or stored),
+    for full fine-tuning the stored log-probabilities; each must be the starting model's."""
+    run(tmp_path, sums, base, "--max_iters=6", "--eval_interval=6", *KINDS[kind])
+    assert (tmp_path / "out" / dpo.REFERENCE_FILE).exists() == (kind != "lora")
     trained = checkpoint.load_model(tmp_path / "out" / checkpoint.LATEST).eval()  # adapters merged into the base
     val_loss, accuracy = plain_val_metrics(trained, GPT.from_pretrained(base).eval(), sums, beta=0.5)
     assert logged(tmp_path / "out", "val_loss")[0] == pytest.approx(np.log(2), abs=1e-6)  # the start is its reference
@@ -304,9 +306,9 @@ def test_dpo_learns_an_obvious_preference_on_held_out_questions(tmp_path, sums, 
 
 # ----------------------------------------------------------------------------- resume and DDP
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dpo_resume_is_exact(tmp_path, sums, base, kind):
-    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", *(LORA if kind == "lora" else [])]
+    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", *KINDS[kind]]
     straight = run(tmp_path, sums, base, "--max_iters=8", *common, out="straight")
     run(tmp_path, sums, base, "--max_iters=4", *common, out="resumed")
     resumed = run(tmp_path, sums, base, "--max_iters=8", "--init_from=resume", *common, out="resumed")
@@ -328,6 +330,12 @@ def test_resume_refuses_a_changed_dataset_or_a_missing_reference(tmp_path, sums,
     (tmp_path / "out" / dpo.REFERENCE_FILE).unlink()
     with pytest.raises(GrafitoError, match="reference_logps.pt is missing"):
         run(tmp_path, dataset, base, "--max_iters=4", "--init_from=resume")
+
+
+def test_a_resume_keeps_the_runs_reference(tmp_path, sums, base):
+    run(tmp_path, sums, base, "--max_iters=2", "--eval_interval=2", *LORA)
+    with pytest.raises(GrafitoError, match="different dpo_reference"):
+        run(tmp_path, sums, base, "--max_iters=4", "--init_from=resume", *LORA, "--dpo_reference=stored")
 
 
 def test_an_sft_run_cannot_resume_as_dpo_nor_the_reverse(tmp_path, sums, base, tiny_dataset):
@@ -430,7 +438,7 @@ def test_bench_dpo_rows(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rows = {r["row"]: r for r in report["rows"]}
-    for name in ("train LoRA, DPO", "train LoRA, SFT on the same rows", "train full, DPO",
-                 "train full, SFT on the same rows"):
+    for name in ("train LoRA, DPO", "train LoRA, DPO, stored reference", "train LoRA, SFT on the same rows",
+                 "train full, DPO", "train full, SFT on the same rows"):
         assert rows[name]["tokens_per_s"] > 0 and "2 pairs" in rows[name]["batch"], name
     assert rows["train LoRA, DPO"]["dpo_cost_vs_sft"] > 0 and rows["train full, DPO"]["dpo_cost_vs_sft"] > 0
