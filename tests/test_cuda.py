@@ -1,5 +1,6 @@
 """The GPU paths, on a CUDA machine (skipped elsewhere): flash attention in training, bf16 and
-fp16 steps, a compiled step that does not recompile, KV-cache decoding and CUDA graphs, NCCL.
+fp16 steps, a compiled step that does not recompile, KV-cache decoding and CUDA graphs, DPO
+compiled in bf16, NCCL.
 tools/gpu_check.sh runs this file and the GPU benchmarks in one go."""
 
 import json
@@ -138,3 +139,27 @@ def test_two_gpus_with_nccl_equal_one(tmp_path, synthetic_dataset):
     logged = lambda out: {r["step"]: r["train_loss"] for r in map(json.loads, open(out / "log.jsonl")) if "train_loss" in r}
     a, b = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert all(abs(a[s] - b[s]) < 1e-3 for s in a)
+
+
+@pytest.mark.parametrize("lora_args", [[], ["--lora_r=4", "--lora_targets=q,v"]], ids=["full", "lora"])
+def test_dpo_runs_bf16_compiled_on_the_gpu(tmp_path, lora_args):
+    """DPO's paths on the GPU: the compiled answer log-probabilities, the reference (adapters off
+    under the compiled graph, or stored), the fused log-softmax; step 0's policy is its reference."""
+    import math
+
+    from conftest import random_gpt_folder
+    from test_dpo import write_sums
+
+    write_sums(tmp_path / "sums")
+    base = random_gpt_folder(tmp_path / "base", n_embd=64, block_size=64)
+    config = train.load_train_config(["--objective=dpo", f"--dataset={tmp_path / 'sums'}", f"--init_from={base}",
+                                      f"--out_dir={tmp_path / 'out'}", "--block_size=16", "--batch_size=8",
+                                      "--device=cuda", "--dtype=bfloat16", "--compile=true", "--max_iters=30",
+                                      "--eval_interval=30", "--log_interval=1", "--plot=false", "--warmup_iters=2",
+                                      "--learning_rate=3e-3", "--beta=0.5", *lora_args])
+    train.check_config(config)
+    train.train(config)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    val = {r["step"]: r for r in rows if "val_loss" in r}
+    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-3)  # the start is its own reference
+    assert val[30]["val_loss"] < val[0]["val_loss"] and val[30]["val_reward_accuracy"] > 0.5

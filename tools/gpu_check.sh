@@ -19,4 +19,5 @@ bench() {  # name, then bench.py options
 bench 124m --model=gpt2 --batch_size=16 --rows=train,masked,lora
 bench 355m --model=gpt2-medium --batch_size=8 --rows=train,masked,lora
 bench decode_124m --model=gpt2 --rows=decode --decode_batch=8
+bench dpo_124m --model=gpt2 --rows=dpo --batch_size=8 --block_size=512
 echo "results in $out"
