@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths, checked and timed in one run (sized for one device-tool command): tests/test_cuda.py,
-# then bench.py at block 1024 for 124M and 355M (training steps with MFU, LoRA, decoding at batch 1 and 8).
+# then bench.py at block 1024 for 124M and 355M (training steps with MFU, LoRA, decoding at batch 1 and 8)
+# and the DPO rows at obsidian_000_dpo's batch.
 # Results go to $OUT (the device tool's folder) or ./gpu_check. Offline, point TIKTOKEN_CACHE_DIR at the
 # GPT-2 BPE files if the tests that read real data should run (they skip otherwise).
 set -uo pipefail
