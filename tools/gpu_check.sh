@@ -11,10 +11,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
   > "$out/machine.txt" 2>&1
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
 bench() {  # name, then bench.py options
   local name=$1; shift
-  timeout 120 python3 bench.py --device=cuda --dtype=bfloat16 --compile --block_size=1024 --repeats=10 "$@" 2>&1 \
+  timeout 90 python3 bench.py --device=cuda --dtype=bfloat16 --compile --block_size=1024 --repeats=10 "$@" 2>&1 \
     | tee "$out/bench_$name.txt"
 }
 bench 124m --model=gpt2 --batch_size=16 --rows=train,masked,lora
