@@ -99,8 +99,8 @@ class RunInfo:
     """What the model card and GGUF metadata say about the run; empty for a plain model."""
     train_config: dict = field(default_factory=dict)
     steps: int | None = None  # the last logged step
-    best_val: tuple | None = None  # (loss, step) of the lowest val loss: the best/ weights
-    last_val: tuple | None = None  # (loss, step) of the last evaluation
+    best_val: tuple | None = None  # (loss, step, DPO reward accuracy or None) of the lowest val loss: best/
+    last_val: tuple | None = None  # the same for the last evaluation
     zero_shot: dict | None = None  # {"queries", "labels", "answers": {label: [...]}, "this": label, "val", "accuracy"}
     dataset: dict = field(default_factory=dict)  # {"hub", "url", "conversations"} from the prepared data's meta.json
 
@@ -120,7 +120,8 @@ def read_run_info(source, eval_path=""):
                 except json.JSONDecodeError:  # a line cut short by a crash
                     continue
         rows = [r for r in rows if isinstance(r, dict) and "step" in r]
-        vals = [(r["val_loss"], r["step"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
+        vals = [(r["val_loss"], r["step"], r.get("val_reward_accuracy")) for r in rows  # DPO runs log accuracy too
+                if isinstance(r.get("val_loss"), (int, float))]
         info.steps = max((r["step"] for r in rows), default=None)
         info.best_val = min(vals, default=None, key=lambda v: v[0])
         info.last_val = vals[-1] if vals else None
@@ -151,8 +152,10 @@ def _dataset_facts(dataset):
     if not meta:
         return {"hub": HUB_DATASETS.get(dataset)} if dataset else {}
     source = meta.get("source") or {}
-    return {"hub": source.get("hub_dataset"), "url": source.get("url"),
-            "conversations": (meta.get("splits") or {}).get("train", {}).get("conversations")}
+    rows = (meta.get("splits") or {}).get("train", {}).get("conversations")
+    if meta.get("kind") == "pairs":  # a pair is two rows: a chosen and a rejected answer
+        return {"hub": source.get("hub_dataset"), "url": source.get("url"), "pairs": rows // 2 if rows else None}
+    return {"hub": source.get("hub_dataset"), "url": source.get("url"), "conversations": rows}
 
 
 def _zero_shot(report, source):
@@ -165,6 +168,14 @@ def _zero_shot(report, source):
     return {"queries": report["queries"], "labels": [r["label"] for r in results], "this": this["label"],
             "answers": {r["label"]: r.get("answers", []) for r in results},
             "val": this.get("val", {}), "accuracy": this.get("short_answer_accuracy")}
+
+
+def _val(evaluation, dpo):
+    """A logged evaluation for the card: the loss, then perplexity (SFT) or reward accuracy (DPO)."""
+    loss, step, accuracy = evaluation
+    if dpo:
+        return f"{loss:.4f}" + (f" (reward accuracy {accuracy:.1%})" if accuracy is not None else "") + f" at step {step}"
+    return f"{loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f}) at step {step}"
 
 
 def _read_json(path):
@@ -459,12 +470,13 @@ def describe(model, source, info, name, where):
     return {"name": name, "base": base, "base_model": hub_id(base) if base else None, "dataset": c.get("dataset"),
             "best_is_exported": source.folder is not None and source.folder.name == "best",
             "dataset_hub": info.dataset.get("hub"), "dataset_url": info.dataset.get("url"),
-            "conversations": info.dataset.get("conversations"), "lora": lora, "params": n_params,
-            "where": where}
+            "conversations": info.dataset.get("conversations"), "pairs": info.dataset.get("pairs"), "lora": lora,
+            "params": n_params, "where": where}
 
 
 def model_card(model, info, facts, formats, files, license):
     c, cfg = info.train_config, model.config
+    dpo = c.get("objective") == "dpo"
     targets = facts["lora"] and facts["lora"].get("targets")
     targets = ", ".join(targets) if isinstance(targets, (list, tuple)) else targets
     tags = ["grafito", "gpt2", "chat", "text-generation"] + (["lora", "peft"] if facts["lora"] else []) + (
@@ -486,24 +498,26 @@ def model_card(model, info, facts, formats, files, license):
                  else "base not recorded (a resumed run)")
               + (f", dataset `{facts['dataset']}`" if facts["dataset"] else "")
               + (f" ({facts['conversations']:,} training conversations)" if facts["conversations"] else "")
-              + f", {how}." + (f" Dataset source: {facts['dataset_url'] or facts['dataset_hub']}."
+              + (f" ({facts['pairs']:,} training preference pairs)" if facts.get("pairs") else "")
+              + f", {how}" + (", preference-tuned with DPO" if dpo else "") + "." + (f" Dataset source: {facts['dataset_url'] or facts['dataset_hub']}."
                                if facts["dataset_url"] or facts["dataset_hub"] else ""), ""]
     if c:
         lines += ["## Training", "", "| setting | value |", "|---|---|"]
-        for key in ("init_from", "dataset", "block_size", "batch_size", "gradient_accumulation_steps",
+        for key in ("init_from", "dataset", "objective", "beta", "label_smoothing", "dpo_reference", "block_size",
+                    "batch_size", "gradient_accumulation_steps",
                     "tokens_per_step", "max_iters", "epochs", "learning_rate", "min_lr", "lr_schedule",
                     "warmup_iters", "weight_decay", "dropout", "grad_clip", "lora_r", "lora_alpha", "lora_dropout",
                     "lora_targets", "dtype", "seed"):
-            if key in c and not (key.startswith("lora_") and not c.get("lora_r")):
+            if key in c and not (key.startswith("lora_") and not c.get("lora_r")) and not (
+                    key in ("beta", "label_smoothing", "dpo_reference") and not dpo):
                 lines.append(f"| {key} | {c[key]} |")
         if info.steps is not None:
             lines.append(f"| steps trained | {info.steps} |")
         if info.best_val:
             these = " (these weights)" if facts["best_is_exported"] else ""
-            lines.append(f"| best val loss{these} | {info.best_val[0]:.4f} "
-                         f"(perplexity {math.exp(min(info.best_val[0], 50)):.2f}) at step {info.best_val[1]} |")
+            lines.append(f"| best val {'DPO ' if dpo else ''}loss{these} | {_val(info.best_val, dpo)} |")
         if info.last_val:
-            lines.append(f"| final val loss | {info.last_val[0]:.4f} at step {info.last_val[1]} |")
+            lines.append(f"| final val {'DPO ' if dpo else ''}loss | {_val(info.last_val, dpo)} |")
         lines.append("")
     lines += ["## Prompt format", "",
               "Each turn is an instruction and an answer; the model answers after `### Answer:` and ends its "

@@ -241,6 +241,27 @@ def test_model_card_is_written_from_the_run(hf_folder):
     assert "### Instruction: {instruction}" in body and "## Limitations" in body
 
 
+def test_a_dpo_runs_card_reports_its_objective_pairs_and_reward_accuracy(run, tmp_path):
+    import data
+
+    pairs = [([1, 2, 3], [4, tokenizer.EOT], [5, tokenizer.EOT])] * 3
+    data.write_pairs(tmp_path / "prefs", {"train": pairs, "val": pairs[:1]}, {"dataset": "prefs", "vocab_size": 50257})
+    out_dir = tmp_path / "dpo_run"
+    checkpoint.save_checkpoint(out_dir, checkpoint.BEST, run[1], base_name="gpt2")
+    config = {"out_dir": str(out_dir), "init_from": "gpt2", "dataset": str(tmp_path / "prefs"), "objective": "dpo",
+              "beta": 0.1, "label_smoothing": 0.0, "dpo_reference": "auto", "lora_r": 0}
+    (out_dir / "train_config.json").write_text(json.dumps(config))
+    log = [{"step": 0, "val_loss": 0.6931, "val_reward_accuracy": 0.5},
+           {"step": 50, "val_loss": 0.6408, "val_reward_accuracy": 0.622}]
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    run_export(f"--out_dir={out_dir}", "--to=hf", f"--dest={tmp_path / 'x'}")
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "3 training preference pairs" in card and "preference-tuned with DPO" in card
+    assert "| objective | dpo |" in card and "| beta | 0.1 |" in card
+    assert "| best val DPO loss (these weights) | 0.6408 (reward accuracy 62.2%) at step 50 |" in card
+    assert "perplexity" not in card.split("## Prompt format")[0]
+
+
 def test_hf_outtype_stores_weights_in_that_dtype(run, tmp_path):
     from safetensors.torch import load_file
 
