@@ -49,14 +49,18 @@ def linear_cross_entropy(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
     return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows, *_output_layer_settings(h, weight))
 
 
+def _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype):
+    """The weight's real-vocabulary rows in the matmul dtype and in the gradient dtype; h in the matmul dtype."""
+    w = weight[:vocab_size].to(dtype)
+    return w, w if grad_dtype == dtype else weight[:vocab_size].to(grad_dtype), h.to(dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads):
         need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            w = weight[:vocab_size].to(dtype)
-            w_grad = w if grad_dtype == dtype else weight[:vocab_size].to(grad_dtype)
-            hc = h.to(dtype)
+            w, w_grad, hc = _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
@@ -151,9 +155,7 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads):
         need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            w = weight[:vocab_size].to(dtype)
-            w_grad = w if grad_dtype == dtype else weight[:vocab_size].to(grad_dtype)
-            hc = h.to(dtype)
+            w, w_grad, hc = _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype)
             log_probs = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if need_h else None
