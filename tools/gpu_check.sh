@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU paths, checked and timed in one run (sized for one device-tool command): tests/test_cuda.py,
-# then bench.py at block 1024 for 124M and 355M (training steps with MFU, LoRA, decoding at batch 1 and 8)
-# and the DPO rows at obsidian_000_dpo's batch.
+# The GPU paths, checked and timed in one run of at most 8 minutes (tests 180 s, four benchmarks 70 s each):
+# tests/test_cuda.py, then bench.py at block 1024 for 124M and 355M (training steps with MFU, LoRA, decoding
+# at batch 1 and 8) and the DPO rows at obsidian_000_dpo's batch.
 # Results go to $OUT (the device tool's folder) or ./gpu_check. Offline, point TIKTOKEN_CACHE_DIR at the
 # GPT-2 BPE files if the tests that read real data should run (they skip otherwise).
 set -uo pipefail
@@ -11,10 +11,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
   > "$out/machine.txt" 2>&1
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
 bench() {  # name, then bench.py options
   local name=$1; shift
-  timeout 90 python3 bench.py --device=cuda --dtype=bfloat16 --compile --block_size=1024 --repeats=10 "$@" 2>&1 \
+  timeout 70 python3 bench.py --device=cuda --dtype=bfloat16 --compile --block_size=1024 --repeats=10 "$@" 2>&1 \
     | tee "$out/bench_$name.txt"
 }
 bench 124m --model=gpt2 --batch_size=16 --rows=train,masked,lora
