@@ -98,6 +98,22 @@ def resolve(source):
                        f"repo id (owner/name)")
 
 
+def model_source(init_from, out_dir, latest_checkpoint=False):
+    """The Source a command's init_from and out_dir options name, or None for init_from=scratch.
+    'resume' is the training run in out_dir: its best/ weights (else ckpt/), or with
+    latest_checkpoint=True its ckpt/, which a resumed run continues from."""
+    if init_from == "scratch":
+        return None
+    if init_from != "resume":
+        return resolve(init_from)
+    run = Path(out_dir).expanduser()
+    if not run.is_dir():
+        raise GrafitoError(f"no training run in out_dir={out_dir}: train one (python train.py config/ruby_002.py), "
+                           f"pass its folder with --out_dir, or use another model, e.g. --init_from=gpt2 or "
+                           f"--init_from=path/to/model")
+    return resolve(latest(run)) if latest_checkpoint else resolve(out_dir)
+
+
 def weights_folder(source):
     """The local folder holding a source's weights (a run's best/, else ckpt/; a hub repo's
     files downloaded into the hub cache, config.json first so a wrong model fails before
@@ -269,17 +285,24 @@ def load_train_state(out_dir):
     return state
 
 
-def check_resume(state, config):
-    """Refuse a resume whose settings would not continue the same run."""
+def check_resume(state, config, dtype, objective_keys=()):
+    """Refuse a resume whose settings would not continue the same run: the objective, the
+    settings in RESUME_FIXED and the objective's own (objective_keys), and the precision the
+    run trained in (dtype=auto may resolve differently on another GPU)."""
     saved = state["config"]
     saved_objective, objective = saved.get("objective", "sft"), config.get("objective", "sft")  # older states: SFT
     if saved_objective != objective:  # an SFT run cannot continue as DPO, nor the other way
         raise GrafitoError(f"cannot resume with different objective ({saved_objective!r} -> {objective!r}); start a "
                            f"new run from its weights with init_from={config['out_dir']}")
-    changed = [k for k in RESUME_FIXED if saved.get(k) != config[k]]
+    changed = [k for k in (*RESUME_FIXED, *objective_keys) if saved.get(k, config[k]) != config[k]]
     if changed:
         raise GrafitoError("cannot resume with different " + ", ".join(f"{k} ({saved.get(k)!r} -> {config[k]!r})"
                                                                        for k in changed))
+    trained_in = state.get("resolved_dtype", dtype)
+    if trained_in != dtype:
+        raise GrafitoError(f"cannot resume: the run trained in {trained_in} (dtype={saved.get('dtype')}), and on this "
+                           f"device {config['dtype']} means {dtype}; resume with --dtype={trained_in} on a device that "
+                           f"runs it, or start a new run from its weights with init_from={config['out_dir']}")
 
 
 def open_log(out_dir, step):

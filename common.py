@@ -163,16 +163,20 @@ def read_text(path, what):
 
 def setup(device="auto", dtype="auto", seed=None):
     """Resolve and prepare the device and precision a command runs in: (device, dtype name).
-    Selects a cuda:N device, allows TF32 matmuls on GPUs, keeps freed memory on CPUs
-    (keep_cpu_memory), and seeds torch when given a seed."""
+
+    A GPU comes back named with its index (cuda:N) and is made the current one, so bare-'cuda'
+    allocations and memory figures go to it; GPUs may use TF32 for float32 matmuls; a CPU
+    keeps freed memory (keep_cpu_memory). torch is seeded when a seed is given."""
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))  # bare 'cuda' allocations and memory figures go there too
+        index = torch.device(device).index
+        device = f"cuda:{torch.cuda.current_device() if index is None else index}"
+        torch.cuda.set_device(torch.device(device))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif device == "cpu":
         keep_cpu_memory()
+    dtype = resolve_dtype(dtype, device)
     if seed is not None:
         torch.manual_seed(seed)
     return device, dtype
@@ -298,15 +302,20 @@ def check_memory(needed, device, what, advice):
                            f"of memory on {device}; {advice}")
 
 
-def training_memory(config, batch_size, block_size, lora=False):
-    """A lower bound on a training step's bytes: float32 weights (with LoRA: frozen), their
-    gradients and AdamW state, and 16-bit activations (Korthikanti et al.: 34 bytes per token and
-    channel per layer, plus the attention scores)."""
-    params = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_width) \
-        + (config.padded_vocab_size + config.block_size) * config.n_embd
-    state = 4 * params if lora else 16 * params
-    tokens = batch_size * block_size
-    activations = config.n_layer * (34 * tokens * config.n_embd + 5 * batch_size * config.n_head * block_size ** 2)
+def training_memory(config, batch_size, block_size, lora=False, frozen_bytes=4):
+    """A lower bound on a training step's bytes in one process: weights, gradients, AdamW state
+    and the activations autograd keeps.
+
+    Full fine-tuning keeps float32 weights, gradients and AdamW's two moments: 16 bytes a
+    parameter. LoRA keeps the frozen block matrices as stored (frozen_bytes each: 2 once cast
+    to a 16-bit autocast dtype) and float32 embeddings; its adapters are negligible. Activations:
+    34 bytes per token, channel and layer in 16 bits (Korthikanti et al., 2022) without their
+    attention-score term, which the fused attention kernels never store.
+    """
+    matrices = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_width)
+    embeddings = (config.padded_vocab_size + config.block_size) * config.n_embd
+    state = matrices * frozen_bytes + embeddings * 4 if lora else 16 * (matrices + embeddings)
+    activations = 34 * config.n_layer * batch_size * block_size * config.n_embd
     return state + activations
 
 

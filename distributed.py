@@ -7,7 +7,9 @@ step's rows; rank 0 alone writes the run folder, and tells the others whether it
 
 import inspect
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -26,14 +28,59 @@ def setup_distributed(config):
     backend = config["backend"] if config["backend"] != "auto" else ("nccl" if on_gpu else "gloo")
     if backend == "nccl" and not on_gpu:
         raise GrafitoError("backend=nccl runs on CUDA GPUs only; use backend=gloo (or auto) with device=cpu")
-    # rank 0 evaluates and saves while the others wait in a collective: a large save must not time them out
-    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
-    if on_gpu:
+    if on_gpu:  # each process its own GPU, made current before the process group binds to it
         device = f"cuda:{local_rank}"
     else:  # share the cores between the processes on this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # each rank draws its own dropout masks
-    return (rank, local_rank, world) + setup(device, config["dtype"], seed=config["seed"] + rank)
+    device, dtype = setup(device, config["dtype"], seed=config["seed"] + rank)
+    # rank 0 evaluates and saves while the others wait in a collective: a large save must not time them out
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=2),
+                            device_id=torch.device(device) if on_gpu else None)
+    return rank, local_rank, world, device, dtype
+
+
+def several_machines():
+    """Whether torchrun started this run's processes on more than one machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))) < int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_shared_folder(folder, rank, world, device, wait=None):
+    """Refuse a run across machines whose out_dir is not one folder they all see: every rank reads
+    a resume's checkpoint and a DPO run's stored reference from it, and rank 0 alone writes them.
+
+    Rank 0 writes a token into folder; every rank looks for it, for up to `wait` seconds
+    (network filesystems may show a new file late). A no-op on one machine."""
+    if world == 1 or not several_machines():
+        return
+    import torch.distributed as dist
+
+    wait = float(os.environ.get("GRAFITO_SHARED_FOLDER_WAIT", 30)) if wait is None else wait
+    token = torch.randint(1 << 62, (1,), device=device) if rank == 0 else torch.zeros(1, dtype=torch.long, device=device)
+    dist.broadcast(token, src=0)
+    probe = Path(folder) / ".shared-folder-check"
+    if rank == 0:
+        probe.write_text(str(int(token)))
+    dist.barrier()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            seen = probe.read_text().strip() == str(int(token))
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    missing = torch.tensor([0 if seen else 1], device=device)
+    dist.all_reduce(missing)
+    dist.barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    if int(missing):
+        raise GrafitoError(f"out_dir {folder} is not shared by the machines of this run: {int(missing)} of {world} "
+                           f"processes cannot see what rank 0 writes there. Put out_dir on a filesystem every "
+                           f"machine mounts at the same path (NFS, Lustre, a cloud file share); docs/training.md, "
+                           f"'Several machines'")
 
 
 def close_distributed():

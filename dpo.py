@@ -1,6 +1,10 @@
-"""DPO's reference model and its metrics: what train.py's objective="dpo" compares the policy with.
+"""Direct Preference Optimization, train.py's objective="dpo": the objective, its reference
+model and its metrics.
 
-The reference is the model training started from. A LoRA run has it for free: the same model
+A training item is a preference pair (data.PairBatches): two rows, the prompt with its chosen
+and with its rejected answer, never packed with other text. The loss (loss.dpo_loss) compares
+the policy's answer log-probabilities with the reference's. The reference is the model
+training started from. A LoRA run has it for free: the same model
 with its adapters switched off. Full fine-tuning changes every weight, so the starting model's
 answer log-probabilities of every train and val pair are computed once, before the first step,
 into out_dir/reference_logps.pt, with a fingerprint of the model, dtype and dataset that a
@@ -18,8 +22,9 @@ import torch
 import checkpoint
 import data
 import lora
-from common import GrafitoError, eval_mode
-from loss import DPO_STATS, dpo_loss, dpo_stats, pair_log_probs
+from common import GrafitoError, eval_mode, training_flops
+from loss import DPO_STATS, AnswerLogProbs, dpo_loss, dpo_stats, pair_log_probs
+from objective import Objective
 
 REFERENCE_FILE = "reference_logps.pt"
 PAIR_LENGTH_GROUP = 64  # pairs of similar length share a batch: less padding (docs/preference_tuning.md)
@@ -97,17 +102,24 @@ class Reference:
 
     LoRA (stored=None): model with its adapters switched off, through forward, the compiled but
     not DDP-wrapped callable returning each row's answer log-probability. Full fine-tuning:
-    stored, load_reference's values."""
+    stored, load_reference's values, or the run folder holding them (read at the first use)."""
 
     def __init__(self, model, forward, device, dtype, stored=None):
         if stored is None and not lora.lora_layers(model):
             raise GrafitoError("a DPO reference needs LoRA adapters to switch off, or stored log-probabilities")
-        self.model, self.forward, self.device, self.dtype, self.stored = model, forward, device, dtype, stored
-        self.train = stored["train"].to(device) if stored is not None else None
-        self.val_log_probs = stored.get("val") if stored is not None else None
+        self.model, self.forward, self.device, self.dtype = model, forward, device, dtype
+        self._stored, self.train, self.val_log_probs = stored, None, None
+
+    @property
+    def stored(self):
+        if isinstance(self._stored, (str, Path)):
+            self._stored = load_reference(self._stored)
+        return self._stored
 
     def rows(self, pairs, x, y, supervised):
         if self.stored is not None:
+            if self.train is None:
+                self.train = self.stored["train"].to(self.device)
             chosen_rejected = self.train[torch.from_numpy(np.asarray(pairs)).to(self.device)]
             return torch.cat([chosen_rejected[:, 0], chosen_rejected[:, 1]])
         with torch.no_grad(), lora.adapters_off(self.model), eval_mode(self.model):  # eval mode: no dropout
@@ -116,8 +128,10 @@ class Reference:
     def val(self, val_batches):
         """The val pairs' values; a LoRA reference computes them at the first call (val_batches
         are the same at every evaluation) and keeps them."""
-        if self.stored is not None and self.val_log_probs is None:
-            raise GrafitoError("the stored reference holds no val log-probabilities")
+        if self.val_log_probs is None and self.stored is not None:
+            self.val_log_probs = self.stored.get("val")
+            if self.val_log_probs is None:
+                raise GrafitoError("the stored reference holds no val log-probabilities")
         if self.val_log_probs is None:
             with lora.adapters_off(self.model):
                 self.val_log_probs = pair_log_probs(self.model, val_batches, self.device, self.dtype)[0]
@@ -145,3 +159,91 @@ def describe(metrics):
     return (f"val DPO loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.1%}, margin "
             f"{metrics['reward_margin']:.3f} (chosen {metrics['chosen_reward']:+.3f}, rejected "
             f"{metrics['rejected_reward']:+.3f})")
+
+
+class DPO(Objective):
+    name, stats, measure, rows_per_item = "dpo", DPO_STATS, "DPO loss", 2  # a pair is two rows
+    resume_keys = ("beta", "label_smoothing", "dpo_reference")  # they change what the loss means
+
+    def __init__(self, config):
+        self.config = config
+        self.train_split = data.load_pairs(config["dataset"], "train")
+        self.val_split = data.load_pairs(config["dataset"], "val")
+        # whole pairs, never packed: a row's log-probabilities must depend on it alone
+        self.sampler = data.PairBatches(self.train_split, config["block_size"], seed=config["seed"],
+                                        length_group=PAIR_LENGTH_GROUP)
+        self.items_per_epoch = self.train_split.num_pairs
+        self.val_batches = (data.pair_eval_batches(self.val_split, config["block_size"], config["batch_size"],
+                                                   config["eval_iters"]) if self.val_split.num_pairs else [])
+        self.reference, self.fingerprint, self.lora = None, None, False
+
+    def check_model(self, model):
+        for split in (self.train_split, self.val_split):
+            data.check_token_ids(split.rows, model.config.vocab_size)
+
+    def trained_module(self, model):
+        return AnswerLogProbs(model)  # its forward gives each row's answer log-probability
+
+    def prepare(self, run, model, forward, device, dtype):
+        """The reference: this model with its adapters off (LoRA, dpo_reference=auto), or the
+        starting model's stored log-probabilities, described by a fingerprint a resume checks."""
+        self.lora = bool(lora.lora_layers(model))
+        stored = not self.lora or self.config["dpo_reference"] == "stored"
+        resume_state = run.resume_state
+        if resume_state is not None and (resume_state.get("reference_fingerprint") is not None) != stored:
+            raise GrafitoError(f"cannot resume with a different dpo_reference (the run "
+                               f"{'did not store' if stored else 'stored'} its reference log-probabilities); "
+                               f"resume with the run's own setting")
+        if stored:
+            self.fingerprint = reference_fingerprint(resume_state, run.base_name, run.init_source, dtype,
+                                                     self.config["dataset"])
+        self.reference = Reference(model, forward, device, dtype, stored=run.out_dir if stored else None)
+
+    def start(self, out_dir, resume):
+        if self.fingerprint is not None:
+            store_reference(out_dir, self.fingerprint, resume, self.reference.model, self.train_split,
+                            self.val_split, self.config["block_size"], self.config["batch_size"],
+                            self.reference.device, self.reference.dtype)
+
+    def run_state(self):
+        return {"reference_fingerprint": self.fingerprint}
+
+    def next_items(self, n):
+        return self.sampler.next_pairs(n)
+
+    def batch(self, items):
+        return self.sampler.batch(items)
+
+    def weight(self, items, y):
+        """Every pair weighs the same, however long its answers."""
+        return len(items)
+
+    def loss(self, module, items, x, y, supervised):
+        return step_loss(module(x, y, supervised), self.reference.rows(items, x, y, supervised),
+                         self.config["beta"], self.config["label_smoothing"])
+
+    def validate(self, model, device, dtype):
+        return validate(model, self.val_batches, self.reference.val(self.val_batches), self.config["beta"],
+                        self.config["label_smoothing"], device, dtype)
+
+    def describe(self, metrics):
+        return describe(metrics)
+
+    def describe_best(self, best_val):
+        return f"best val DPO loss {best_val:.4f}"
+
+    def flops(self, model_config, tokens, supervised, rows, lora):
+        flops = training_flops(model_config, tokens, supervised, tokens / rows, lora=lora)
+        if self.fingerprint is None:  # and the reference's forward: half a frozen model's forward and backward
+            flops += training_flops(model_config, tokens, supervised, tokens / rows, lora=True) / 2
+        return flops
+
+    def describe_data(self, per_step, accumulation, max_iters):
+        reference = ("this model with its adapters off" if self.fingerprint is None
+                     else f"the starting model's log-probabilities ({REFERENCE_FILE})")
+        return [f"data: {self.train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
+                f"{int(self.train_split.row_lengths.max()):,} tokens)",
+                f"objective: DPO, beta {self.config['beta']}, label smoothing {self.config['label_smoothing']}; "
+                f"reference: {reference}",
+                f"steps: {max_iters:,} of {per_step} pairs (gradient accumulation {accumulation}) = "
+                f"{max_iters * per_step / self.items_per_epoch:.2f} epochs"]

@@ -1,42 +1,48 @@
-"""Fine-tune GPT-2 into a grafito chat model, fully or with LoRA (or train a small one from scratch).
+"""Train a grafito chat model: fine-tune GPT-2 fully or with LoRA, on chat conversations (SFT)
+or on preference pairs (DPO), or train a small model from scratch.
 
     python train.py config/ruby_002.py                           # gpt2 124M on grafito-25k
     python train.py config/cpu_tiny.py                           # the whole loop on 2 CPU cores, minutes
     python train.py config/ruby_002.py --init_from=resume        # continue out_dir's last checkpoint
     torchrun --standalone --nproc_per_node=8 train.py config/obsidian_000.py   # DDP
 
-The loss is taken only on supervised tokens (answers and their end-of-text; loss.py).
-Batches are rows of whole conversations packed to block_size (data.py). The run folder
-and its rules are checkpoint.py's. Options and defaults are DEFAULTS below
-(python train.py --help lists them).
-
-objective="dpo" trains on preference pairs instead (data.load_pairs): Direct Preference
-Optimization against a reference model, the starting model itself. A LoRA run's reference
-is the same model with its adapters switched off; full fine-tuning computes the reference
-log-probabilities once, before the first step, into out_dir/reference_logps.pt. The loop,
-checkpoints, resume, DDP and logging are the same; the batches and the step's loss differ.
+The design, top to bottom:
+1. set-up: the processes and device (distributed.py); the run folder, started or resumed
+   (checkpoint.py: nothing of an earlier run is deleted until the new one is known to start);
+   the objective, which owns the data and the loss (objective.py: sft.SFT for the answers of
+   conversations, dpo.DPO for preference pairs); the model and AdamW.
+2. the loop (train()): each step takes the objective's next items, gives every process its
+   share in micro-batches, weighs every supervised token (or pair) alike wherever it landed,
+   and steps the optimizer. It never asks which objective it runs.
+3. every eval_interval steps, rank 0 evaluates and saves (evaluate_and_save): best/ when the
+   val loss improved, then ckpt/, enough to resume exactly.
+Options and defaults are DEFAULTS below (python train.py --help lists them).
 """
 
 import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import checkpoint
-import data
-import dpo
 import lora
-from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, training_flops,
-                    training_memory, trim_cpu_memory)
+from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, training_memory,
+                    trim_cpu_memory)
 from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
-from distributed import close_distributed, gather_rng_states, on_first_rank, set_rng_state, setup_distributed, wrap_ddp
-from loss import DPO_STATS, AnswerLogProbs, masked_val_loss
+from distributed import (check_shared_folder, close_distributed, gather_rng_states, on_first_rank, set_rng_state,
+                         setup_distributed, wrap_ddp)
+from dpo import DPO
 from model import GPT, GPTConfig
 from optim import learning_rate, make_optimizer
+from sft import SFT
+
+OBJECTIVES = {"sft": SFT, "dpo": DPO}
 
 DEFAULTS = dict(
     # where things go and how often
@@ -134,37 +140,225 @@ def lora_settings(config):
     return lora.LoRAConfig(r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"], targets=targets)
 
 
+def scratch_config(config):
+    return GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
+                     n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+
+
 def accumulation_steps(config, world):
     """Micro-batches per step over all processes, rounded up to a multiple of the process count."""
     if config["tokens_per_step"]:
-        rows = config["batch_size"] * (2 if config.get("objective") == "dpo" else 1)  # a pair is two rows
+        rows = config["batch_size"] * OBJECTIVES[config.get("objective", "sft")].rows_per_item
         steps = math.ceil(config["tokens_per_step"] / (rows * config["block_size"]))
     else:
         steps = config["gradient_accumulation_steps"]
     return math.ceil(steps / world) * world
 
 
-# ----------------------------------------------------------------------------- set-up pieces
+# ----------------------------------------------------------------------------- the run and its set-up
 
-def build_model(config, init_source, resume_state):
-    """The model to train, LoRA applied when lora_r > 0 (or restored on resume)."""
-    if resume_state is not None:  # a scratch run without biases was saved with zero biases: rebuilt without
-        no_bias = {"bias": False} if resume_state["base_model"] == "scratch" and not config["bias"] else {}
-        model = checkpoint.load_model(init_source, merge=False, dropout=config["dropout"], **no_bias)
-    elif config["init_from"] == "scratch":
+@dataclass
+class Run:
+    """What the run's parts share: its options and processes, its folder and where its weights
+    come from, and its progress, which every checkpoint saves."""
+    config: dict
+    rank: int
+    world: int
+    device: str
+    dtype: str
+    out_dir: Path
+    init_source: checkpoint.Source = None  # where the weights come from; None: init_from=scratch
+    resume_state: dict = None  # the checkpoint's train state, when resuming
+    base_name: str = "scratch"  # what the weights started from, recorded in adapters and states
+    base_fingerprint: str = None
+    accumulation: int = 1  # micro-batches per step over all processes
+    step: int = 0
+    best_val: float = math.inf
+    evals_without_gain: int = 0
+    lock: checkpoint.RunLock = None  # rank 0's hold on out_dir
+    log: object = None  # rank 0's log.jsonl
+    bar: tqdm = None
+
+    @property
+    def resume(self):
+        return self.resume_state is not None
+
+
+def start_or_resume(config, rank, world, device, dtype):
+    """The Run: a resume's checkpoint read and checked, or a new run's start checked; nothing
+    in out_dir is deleted or written yet."""
+    out_dir = Path(config["out_dir"]).expanduser()
+    checkpoint.check_writable(out_dir)
+    check_shared_folder(out_dir, rank, world, device)
+    run = Run(config, rank, world, device, dtype, out_dir)
+    if config["init_from"] == "resume":
+        state = checkpoint.load_train_state(out_dir)
+        checkpoint.check_resume(state, config, dtype, OBJECTIVES[config["objective"]].resume_keys)
+        run.resume_state, run.init_source = state, checkpoint.model_source("resume", out_dir, latest_checkpoint=True)
+        run.base_name, run.base_fingerprint = state["base_model"], state["base_fingerprint"]
+        run.step, run.best_val, run.evals_without_gain = state["step"], state["best_val"], state["evals_without_gain"]
+    else:
+        run.init_source = checkpoint.model_source(config["init_from"], out_dir)
+        checkpoint.check_new_run(out_dir, run.init_source, config["overwrite"])
+        run.base_name = "scratch" if run.init_source is None else run.init_source.describe()
+    return run
+
+
+def build_model(run):
+    """The model to train, LoRA applied when lora_r > 0 (or restored on resume), checked
+    against this device's memory before it is moved there."""
+    config, advice = run.config, "choose a smaller model, batch_size or block_size"
+    if run.resume:  # a scratch run without biases was saved with zero biases: rebuilt without
+        no_bias = {"bias": False} if run.base_name == "scratch" and not config["bias"] else {}
+        model = checkpoint.load_model(run.init_source, merge=False, dropout=config["dropout"], **no_bias)
+    elif run.init_source is None:
+        check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]),
+                     run.device, "this model", advice)
         model = GPT(scratch_config(config))
     else:  # a GPT-2 name, a hub id, a folder or an earlier run (its adapters folded in)
-        model = checkpoint.load_model(init_source, dropout=config["dropout"])
+        model = checkpoint.load_model(run.init_source, dropout=config["dropout"])
         if config["lora_r"]:
             lora.apply_lora(model, lora_settings(config))
     if config["block_size"] > model.config.block_size:
         raise invalid("block_size", config["block_size"], f"at most the model's context ({model.config.block_size})")
-    return model
+    is_lora, half = bool(lora.lora_layers(model)), run.dtype in ("bfloat16", "float16")
+    rows = config["batch_size"] * OBJECTIVES[config["objective"]].rows_per_item
+    check_memory(training_memory(model.config, rows, config["block_size"], lora=is_lora,
+                                 frozen_bytes=2 if half else 4), run.device, "a training step", advice)
+    if is_lora and not run.resume:
+        run.base_fingerprint = checkpoint.base_fingerprint(run.init_source)
+    if is_lora and half:
+        lora.cast_frozen_linears(model, DTYPES[run.dtype])
+    return model.to(run.device)
 
 
-def scratch_config(config):
-    return GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
-                     n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+def start_run(run, objective, model, per_step, max_iters):
+    """Rank 0: take out_dir (a second run there stops here, before it changes anything), clear
+    an earlier run (overwrite), say what will happen, and do the objective's first work."""
+    run.lock = checkpoint.RunLock(run.out_dir)
+    if not run.resume:
+        checkpoint.clear_run(run.out_dir)
+    checkpoint.remove_stale_saves(run.out_dir)
+    (run.out_dir / "train_config.json").write_text(json.dumps(run.config, indent=2) + "\n")
+    announce(run, objective, model, per_step, max_iters)
+    objective.start(run.out_dir, run.resume)
+    run.log = checkpoint.open_log(run.out_dir, run.step)
+
+
+def announce(run, objective, model, per_step, max_iters):
+    config = run.config
+    print("config:\n" + format_config(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
+          f"{', LoRA' if lora.lora_layers(model) else ''}), device {run.device}, dtype {run.dtype}, "
+          f"{run.world} process(es)")
+    wanted = config["gradient_accumulation_steps"] if not config["tokens_per_step"] else None
+    if wanted is not None and wanted != run.accumulation:
+        print(f"note: {wanted} micro-batches per step rounded up to {run.accumulation}, a multiple of the "
+              f"{run.world} processes (every process runs the same number)")
+    for line in objective.describe_data(per_step, run.accumulation, max_iters):
+        print(line)
+    n_val = len(objective.val_batches)
+    print(f"val: {n_val} batches" if n_val else
+          "val: none (no val split: evaluations only save, and best/ follows the latest)")
+
+
+# ----------------------------------------------------------------------------- evaluating, saving, logging
+
+def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, train_loss=None):
+    """Rank 0: evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
+    improved = run.step > 0
+    if objective.val_batches:
+        metrics = objective.validate(model, run.device, run.dtype)
+        val_loss = metrics["loss"]
+        if not math.isfinite(val_loss):
+            raise GrafitoError(f"validation loss became {val_loss} at step {run.step}; stopped without saving")
+        improved = run.step > 0 and val_loss < run.best_val  # step 0 is the starting model: a reference
+        if improved:
+            run.best_val, run.evals_without_gain = val_loss, 0
+        elif run.step > 0:
+            run.evals_without_gain += 1
+        run.bar.write(f"step {run.step}: {objective.describe(metrics)}"
+                      + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
+                      + (" (best)" if improved else ""))
+        write_log(run, {"step": run.step, **{f"val_{k}": v for k, v in metrics.items()}})
+    if run.step > 0:
+        state = {"format": checkpoint.STATE_FORMAT, "step": run.step, "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "sampler": objective.state_dict(), "rng": rng_states,
+                 "best_val": run.best_val, "evals_without_gain": run.evals_without_gain, "config": run.config,
+                 "base_model": run.base_name, "base_fingerprint": run.base_fingerprint,
+                 "accumulation": run.accumulation, "world": run.world, "resolved_dtype": run.dtype,
+                 **objective.run_state()}
+        if improved:
+            checkpoint.save_checkpoint(run.out_dir, checkpoint.BEST, model, run.base_name, run.base_fingerprint)
+        checkpoint.save_checkpoint(run.out_dir, checkpoint.LATEST, model, run.base_name, run.base_fingerprint, state)
+    patience = run.config["early_stop_patience"]
+    if patience and run.evals_without_gain >= patience:
+        run.bar.write(f"early stop: no better val loss in {patience} evaluations")
+        return 1
+    return 0
+
+
+def write_log(run, row):
+    run.log.write(json.dumps({**row, "time": time.time()}) + "\n")
+    run.log.flush()
+
+
+class Window:
+    """What this process did since the last log line: the objective's summed stats, the items'
+    weight (over all processes), tokens, supervised tokens, steps, and when it began."""
+
+    def __init__(self, n_stats, device):
+        self.stats = torch.zeros(n_stats, device=device)
+        self.restart()
+
+    def restart(self):
+        self.stats.zero_()
+        self.weight, self.steps, self.tokens, self.supervised = 0, 0, 0, 0
+        self.start = time.perf_counter()
+
+
+def log_progress(run, objective, window, lr, model_config, is_lora, peak):
+    """Every process: the window's means over all processes, checked finite; rank 0 logs them
+    with tokens/s and MFU. Returns the mean train loss."""
+    counts = torch.tensor([window.tokens, window.supervised], dtype=window.stats.dtype, device=run.device)
+    total = torch.cat([window.stats, counts])
+    if run.world > 1:
+        torch.distributed.all_reduce(total)
+    total = total.tolist()
+    means = {f"train_{name}": value / max(float(window.weight), 1) for name, value in zip(objective.stats, total)}
+    train_loss = means["train_loss"]
+    if not math.isfinite(train_loss):
+        raise GrafitoError(f"training loss became {train_loss} by step {run.step}; stopped, and the last good "
+                           f"checkpoint in {run.out_dir / checkpoint.LATEST} is untouched. Try a lower "
+                           f"learning_rate, grad_clip, or bfloat16 instead of float16")
+    elapsed = time.perf_counter() - window.start
+    if run.rank == 0:
+        tokens, supervised = total[-2], total[-1]  # all processes
+        rows = window.steps * run.config["batch_size"] * run.accumulation * objective.rows_per_item
+        flops = objective.flops(model_config, tokens, supervised, rows, is_lora)
+        mfu = flops / run.world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
+        shown = {"loss": f"{train_loss:.4f}"}
+        if "train_reward_accuracy" in means:
+            shown["acc"] = f"{means['train_reward_accuracy']:.0%}"
+        run.bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
+                            mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
+        write_log(run, {"step": run.step, **means, "lr": lr, "tokens_per_s": tokens / elapsed, "mfu": mfu})
+    window.restart()
+    return train_loss
+
+
+def finish(run, objective, model):
+    """Rank 0, after the last step: the summary, a LoRA run's merged/ folder, loss.png."""
+    run.log.close()
+    best = objective.describe_best(run.best_val) if objective.val_batches else "no val split"
+    print(f"done: {run.step} steps, {best}; weights in {run.out_dir / checkpoint.BEST}")
+    if lora.lora_layers(model) and run.config["lora_merge"]:  # into a fresh float32 base, not the training copy
+        merged = checkpoint.load_model(run.out_dir / checkpoint.BEST)
+        checkpoint.save_checkpoint(run.out_dir, checkpoint.MERGED, merged)
+        print(f"merged adapter into the base: {run.out_dir / checkpoint.MERGED}")
+    if run.config["plot"]:
+        plot_losses(run.out_dir, objective.measure)
 
 
 def to_device(array, device):
@@ -175,317 +369,112 @@ def to_device(array, device):
     return tensor.to(device)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the training loop
 
 def train(config):
     """Train as config says; returns the trained model (unwrapped)."""
-    # ------------------------------------------------------------------ set-up: processes and device
+    # 1. processes and device, the run folder (checked, nothing deleted yet), the objective's data
     rank, local_rank, world, device, dtype = setup_distributed(config)
-    master = rank == 0
-    out_dir = Path(config["out_dir"]).expanduser()
-    resume = config["init_from"] == "resume"
-    is_dpo = config["objective"] == "dpo"
+    run = start_or_resume(config, rank, world, device, dtype)
+    objective = OBJECTIVES[config["objective"]](config)
+    run.accumulation = accumulation_steps(config, world)
+    if run.resume and run.resume_state["accumulation"] != run.accumulation:
+        raise GrafitoError(f"cannot resume: the run took {run.resume_state['accumulation']} micro-batches per step "
+                           f"over {run.resume_state['world']} process(es); with {world} it would take "
+                           f"{run.accumulation} (rounded to a multiple of the process count). Resume with "
+                           f"{run.resume_state['world']} process(es)")
+    B = config["batch_size"]
+    per_step = B * run.accumulation  # items (rows or pairs) per step, over all processes
+    max_iters = (math.ceil(config["epochs"] * objective.items_per_epoch / per_step) if config["epochs"] > 0
+                 else config["max_iters"])
 
-    # ------------------------------------------------------------------ set-up: the run folder, checked (nothing deleted yet)
-    checkpoint.check_writable(out_dir)
-    if resume:
-        resume_state = checkpoint.load_train_state(out_dir)
-        checkpoint.check_resume(resume_state, config)
-        init_source = checkpoint.resolve(checkpoint.latest(out_dir))
-        base_name, base_fingerprint = resume_state["base_model"], resume_state["base_fingerprint"]
-    else:
-        resume_state = None
-        init_source = None if config["init_from"] == "scratch" else checkpoint.resolve(config["init_from"])
-        checkpoint.check_new_run(out_dir, init_source, config["overwrite"])
-        base_name = "scratch" if init_source is None else init_source.describe()
-        base_fingerprint = None
-
-    # ------------------------------------------------------------------ set-up: data
-    if is_dpo:  # whole pairs, never packed: a row's log-probabilities must depend on it alone
-        train_split, val_split = data.load_pairs(config["dataset"], "train"), data.load_pairs(config["dataset"], "val")
-        sampler = data.PairBatches(train_split, config["block_size"], seed=config["seed"],
-                                   length_group=dpo.PAIR_LENGTH_GROUP)
-        per_epoch = train_split.num_pairs
-        val_batches = (data.pair_eval_batches(val_split, config["block_size"], config["batch_size"],
-                                              config["eval_iters"]) if val_split.num_pairs else [])
-    else:
-        train_split, val_split = data.load_split(config["dataset"], "train"), data.load_split(config["dataset"], "val")
-        sampler = data.PackedBatches(train_split, config["block_size"], seed=config["seed"])
-        per_epoch = len(sampler.rows_of_epoch(0))
-        val_batches = (data.eval_batches(val_split, config["block_size"], config["batch_size"], config["eval_iters"])
-                       if val_split.num_conversations else [])
-    next_items = sampler.next_pairs if is_dpo else sampler.next_rows
-    accum = accumulation_steps(config, world)
-    if resume_state is not None and resume_state["accumulation"] != accum:
-        raise GrafitoError(f"cannot resume: the run took {resume_state['accumulation']} micro-batches per step over "
-                           f"{resume_state['world']} process(es); with {world} it would take {accum} (rounded to a "
-                           f"multiple of the process count). Resume with {resume_state['world']} process(es)")
-    per_step = config["batch_size"] * accum  # rows (sft) or pairs (dpo)
-    max_iters = math.ceil(config["epochs"] * per_epoch / per_step) if config["epochs"] > 0 else config["max_iters"]
-
-    # ------------------------------------------------------------------ set-up: model and optimizer
-    advice = "choose a smaller model, batch_size or block_size"
-    if config["init_from"] == "scratch":
-        check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]), device,
-                     "this model", advice)
-    model = build_model(config, init_source, resume_state)
-    rows_per_batch = config["batch_size"] * (2 if is_dpo else 1)  # a pair is two rows
-    check_memory(training_memory(model.config, rows_per_batch, config["block_size"], lora=config["lora_r"] > 0),
-                 device, "a training step", advice)
-    for split in (train_split, val_split):
-        data.check_token_ids(split.rows if is_dpo else split, model.config.vocab_size)
-    is_lora = bool(lora.lora_layers(model))
-    if is_lora and not resume:
-        base_fingerprint = checkpoint.base_fingerprint(init_source)
-    if is_lora and dtype in ("bfloat16", "float16"):
-        lora.cast_frozen_linears(model, DTYPES[dtype])
-    model.to(device)
-    optimizer = make_optimizer(model, config["learning_rate"], config["weight_decay"],
+    # 2. the model, what the objective trains of it (compiled, DDP-wrapped), the optimizer, the resumed state
+    raw_model = build_model(run)
+    objective.check_model(raw_model)
+    is_lora = bool(lora.lora_layers(raw_model))
+    optimizer = make_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
                                (config["beta1"], config["beta2"]), device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
-    step, best_val, evals_without_gain = 0, float("inf"), 0
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scaler.load_state_dict(resume_state["scaler"])
-        sampler.load_state_dict(resume_state["sampler"])
-        step, best_val, evals_without_gain = resume_state["step"], resume_state["best_val"], resume_state["evals_without_gain"]
-        if rank < len(resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
-            set_rng_state(resume_state["rng"][rank])
-    raw_model = model
-    if is_dpo:  # its forward gives each row's answer log-probability
-        model = AnswerLogProbs(model)
+    if run.resume:
+        optimizer.load_state_dict(run.resume_state["optimizer"])
+        scaler.load_state_dict(run.resume_state["scaler"])
+        objective.load_state_dict(run.resume_state["sampler"])
+        if rank < len(run.resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
+            set_rng_state(run.resume_state["rng"][rank])
+    model = objective.trained_module(raw_model)
     if config["compile"]:
         model = torch.compile(model)
-    unsynced = model  # the reference's forward passes take no gradient: never through DDP
+    objective.prepare(run, raw_model, model, device, dtype)  # e.g. DPO's reference (never through DDP)
     if world > 1:
         model = wrap_ddp(model, device, local_rank)
 
-    # ------------------------------------------------------------------ set-up: start the run (old files go only now)
-    lock = None
-    stored_reference = is_dpo and (not is_lora or config["dpo_reference"] == "stored")
-    if resume and is_dpo and (resume_state.get("reference_fingerprint") is not None) != stored_reference:
-        raise GrafitoError(f"cannot resume with a different dpo_reference (the run {'did not store' if stored_reference else 'stored'}"
-                           f" its reference log-probabilities); resume with the run's own setting")
-    reference_fingerprint = None  # a stored reference: what its log-probabilities were made from
-    if stored_reference:
-        reference_fingerprint = dpo.reference_fingerprint(resume_state, base_name, init_source, dtype, config["dataset"])
-
-    def start():
-        nonlocal lock
-        lock = checkpoint.RunLock(out_dir)  # a second run into out_dir stops here, before it changes anything
-        if not resume:
-            checkpoint.clear_run(out_dir)
-        checkpoint.remove_stale_saves(out_dir)
-        (out_dir / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        announce(config, raw_model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
-                 len(val_batches))
-        if reference_fingerprint is not None:
-            dpo.store_reference(out_dir, reference_fingerprint, resume, raw_model, train_split, val_split,
-                                config["block_size"], config["batch_size"], device, dtype)
-        return 0
-
-    on_first_rank(start, rank, world, device)
+    # 3. the run begins: rank 0 takes out_dir (old files go only now), the starting model is evaluated
     try:
-        # ------------------------------------------------------------------ set-up: the step's loss
-        if is_dpo:  # the stored log-probabilities, or this model with its adapters off
-            stored = dpo.load_reference(out_dir) if stored_reference else None
-            reference = dpo.Reference(raw_model, unsynced, device, dtype, stored)
-
-        def micro_step(items, x, y, supervised):
-            """(the micro-batch's summed loss to minimise, the sums to log)"""
-            if is_dpo:
-                return dpo.step_loss(model(x, y, supervised), reference.rows(items, x, y, supervised), config["beta"],
-                                     config["label_smoothing"])
-            _, loss_sum = model(x, y, reduction="sum", supervised=supervised)
-            return loss_sum, loss_sum.detach().float()[None]
-
-        def validate():
-            """Validation metrics by name (without the val_ prefix); 'loss' decides best/."""
-            if is_dpo:
-                return dpo.validate(raw_model, val_batches, reference.val(val_batches), config["beta"],
-                                    config["label_smoothing"], device, dtype)
-            val_loss = masked_val_loss(raw_model, val_batches, device, dtype)
-            return {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}
-
-        log = checkpoint.open_log(out_dir, step) if master else None
-        peak = peak_flops(device, dtype)
-
-        def evaluate_and_save(train_loss):
-            """Rank 0: evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
-            nonlocal best_val, evals_without_gain
-            improved = step > 0
-            if val_batches:
-                metrics = validate()
-                val_loss = metrics["loss"]
-                if not math.isfinite(val_loss):
-                    raise GrafitoError(f"validation loss became {val_loss} at step {step}; stopped without saving")
-                improved = step > 0 and val_loss < best_val  # step 0 is the starting model: a reference
-                if improved:
-                    best_val, evals_without_gain = val_loss, 0
-                elif step > 0:
-                    evals_without_gain += 1
-                said = (dpo.describe(metrics) if is_dpo else
-                        f"val loss {val_loss:.4f}, perplexity {metrics['ppl']:.2f}")
-                bar.write(f"step {step}: {said}" + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
-                          + (" (best)" if improved else ""))
-                log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()},
-                                      "time": time.time()}) + "\n")
-                log.flush()
-            if step > 0:
-                state = {"format": checkpoint.STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_states,
-                         "best_val": best_val, "evals_without_gain": evals_without_gain, "config": config,
-                         "base_model": base_name, "base_fingerprint": base_fingerprint, "accumulation": accum, "world": world,
-                         "reference_fingerprint": reference_fingerprint}
-                if improved:
-                    checkpoint.save_checkpoint(out_dir, checkpoint.BEST, raw_model, base_name, base_fingerprint)
-                checkpoint.save_checkpoint(out_dir, checkpoint.LATEST, raw_model, base_name, base_fingerprint, state)
-            patience = config["early_stop_patience"]
-            if patience and evals_without_gain >= patience:
-                bar.write(f"early stop: no better val loss in {patience} evaluations")
-                return 1
-            return 0
-
-        # ------------------------------------------------------------------ the loop
-        from tqdm import tqdm
-
-        bar = tqdm(total=max_iters, initial=step, disable=not master, unit="step", dynamic_ncols=True)
-        stat_names = DPO_STATS if is_dpo else ("loss",)
-        window_stats, window_count, window_steps = torch.zeros(len(stat_names), device=device), 0, 0  # since last log
-        window_tokens, window_supervised, window_start = 0, 0, time.perf_counter()  # this process's
-        rng_states = None
-        if step == 0:
-            on_first_rank(lambda: evaluate_and_save(None), rank, world, device)
-        stop = False
-        while step < max_iters and not stop:
-            # learning rate
-            lr = learning_rate(step, config, max_iters)
+        on_first_rank(lambda: start_run(run, objective, raw_model, per_step, max_iters), rank, world, device)
+        run.bar = tqdm(total=max_iters, initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
+        window, peak = Window(len(objective.stats), device), peak_flops(device, dtype)
+        if run.step == 0:
+            on_first_rank(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler, None), rank,
+                          world, device)
+        while run.step < max_iters:
+            # 4. the learning rate of this step
+            lr = learning_rate(run.step, config, max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one optimizer step over this process's share of the step's rows (sft) or pairs (dpo)
-            items = next_items(per_step)
-            per_rank = len(items) // world
-            mine = items[rank * per_rank:(rank + 1) * per_rank]
-            batches = [(chunk, *sampler.batch(chunk)) for chunk in
-                       (mine[i:i + config["batch_size"]] for i in range(0, len(mine), config["batch_size"]))]
-            if is_dpo:
-                count = torch.tensor(float(per_step), device=device)
-            else:
-                count = torch.tensor(float(sum(int((y >= 0).sum()) for _, _, y in batches)), device=device)
-                if world > 1:
-                    torch.distributed.all_reduce(count)
-            scale = world / count.clamp(min=1)  # every supervised token (pair) weighs the same, wherever it landed
-            for i, (chunk, x, y) in enumerate(batches):
-                sync = model.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext()
+            # 5. this process's share of the step's items, in micro-batches of batch_size items
+            items = objective.next_items(per_step)
+            share = len(items) // world
+            mine = items[rank * share:(rank + 1) * share]
+            micro_batches = [(chunk, *objective.batch(chunk)) for chunk in (mine[i:i + B] for i in range(0, share, B))]
+            # 6. every supervised token (or pair) of the step weighs the same, whichever process has it
+            weight = torch.tensor(float(sum(objective.weight(chunk, y) for chunk, _, y in micro_batches)),
+                                  device=device)
+            if world > 1:
+                torch.distributed.all_reduce(weight)
+            scale = world / weight.clamp(min=1)
+            # 7. forward and backward; DDP averages the gradients in the last micro-batch's backward
+            for i, (chunk, x, y) in enumerate(micro_batches):
                 supervised = np.flatnonzero(y >= 0)
-                with sync:
+                with model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext():
                     positions = to_device(supervised, device)
                     torch._dynamo.maybe_mark_dynamic(positions, 0)  # a new length every batch: one graph for all
                     with autocast(device, dtype):
-                        objective, stats = micro_step(chunk, to_device(x, device), to_device(y, device), positions)
-                    scaler.scale(objective * scale).backward()
-                window_stats += stats
-                window_tokens, window_supervised = window_tokens + x.size, window_supervised + len(supervised)
+                        loss, stats = objective.loss(model, chunk, to_device(x, device), to_device(y, device),
+                                                     positions)
+                    scaler.scale(loss * scale).backward()
+                window.stats += stats
+                window.tokens, window.supervised = window.tokens + x.size, window.supervised + len(supervised)
+            # 8. clip, step, and clear the gradients
             if config["grad_clip"]:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], config["grad_clip"])
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
+                                               config["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_count += count
-            window_steps += 1
-            bar.update(1)
-            # log
-            at_eval = step % config["eval_interval"] == 0 or step == max_iters
-            if step % config["log_interval"] == 0 or at_eval:
+            run.step += 1
+            window.weight, window.steps = window.weight + weight, window.steps + 1
+            run.bar.update(1)
+            # 9. log the window's means (every process takes part: they are summed over all)
+            at_eval = run.step % config["eval_interval"] == 0 or run.step == max_iters
+            if run.step % config["log_interval"] == 0 or at_eval:
                 trim_cpu_memory()
-                counts = torch.tensor([window_tokens, window_supervised], dtype=window_stats.dtype, device=device)
-                total = torch.cat([window_stats, counts])
-                if world > 1:
-                    torch.distributed.all_reduce(total)
-                total = total.tolist()
-                means = {f"train_{name}": value / max(float(window_count), 1) for name, value in zip(stat_names, total)}
-                train_loss = means["train_loss"]
-                if not math.isfinite(train_loss):
-                    raise GrafitoError(f"training loss became {train_loss} by step {step}; stopped, and the last good "
-                                       f"checkpoint in {out_dir / checkpoint.LATEST} is untouched. Try a lower "
-                                       f"learning_rate, grad_clip, or bfloat16 instead of float16")
-                elapsed = time.perf_counter() - window_start
-                if master:
-                    tokens, supervised_count = total[-2], total[-1]  # all processes
-                    rows = window_steps * per_step * (2 if is_dpo else 1)
-                    flops = training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=is_lora)
-                    if is_dpo and not stored_reference:  # and the reference's forward: half a frozen model's fwd + bwd
-                        flops += training_flops(raw_model.config, tokens, supervised_count, tokens / rows, lora=True) / 2
-                    mfu = flops / world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
-                    shown = {"loss": f"{train_loss:.4f}"}
-                    if is_dpo:
-                        shown["acc"] = f"{means['train_reward_accuracy']:.0%}"
-                    bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
-                                    mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
-                    log.write(json.dumps({"step": step, **means, "lr": lr, "tokens_per_s": tokens / elapsed,
-                                          "mfu": mfu, "time": time.time()}) + "\n")
-                    log.flush()
-                window_stats.zero_()
-                window_count, window_steps, window_tokens, window_supervised = 0, 0, 0, 0
-                window_start = time.perf_counter()
-            # evaluate and save
+                train_loss = log_progress(run, objective, window, lr, raw_model.config, is_lora, peak)
+            # 10. evaluate and save on rank 0; the others wait for its verdict (stop early, go on, or fail)
             if at_eval:
                 rng_states = gather_rng_states(world)
-                stop = on_first_rank(lambda: evaluate_and_save(train_loss), rank, world, device) == 1
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-        bar.close()
-
-        # ------------------------------------------------------------------ finish
-        if master:
-            log.close()
-            best = "no val split"
-            if val_batches:
-                best = (f"best val DPO loss {best_val:.4f}" if is_dpo else
-                        f"best val loss {best_val:.4f} (perplexity {math.exp(min(best_val, 50)):.2f})")
-            print(f"done: {step} steps, {best}; weights in {out_dir / checkpoint.BEST}")
-            if is_lora and config["lora_merge"]:  # into a fresh float32 base, not the training copy
-                merged = checkpoint.load_model(out_dir / checkpoint.BEST)
-                checkpoint.save_checkpoint(out_dir, checkpoint.MERGED, merged)
-                print(f"merged adapter into the base: {out_dir / checkpoint.MERGED}")
-            if config["plot"]:
-                plot_losses(out_dir, "DPO loss" if is_dpo else "cross-entropy")
+                stop = on_first_rank(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler,
+                                                               rng_states, train_loss), rank, world, device)
+                window.start = time.perf_counter()  # evaluation time is not training throughput
+                if stop == 1:
+                    break
+        run.bar.close()
+        if rank == 0:
+            finish(run, objective, raw_model)
     finally:
-        if lock is not None:
-            lock.release()
+        if run.lock is not None:
+            run.lock.release()
     return raw_model
-
-
-def announce(config, model, device, dtype, world, train_split, sampler, per_epoch, per_step, accum, max_iters,
-             n_val_batches):
-    print("config:\n" + format_config(config))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
-          f"{', LoRA' if lora.lora_layers(model) else ''}), device {device}, dtype {dtype}, {world} process(es)")
-    wanted = config["gradient_accumulation_steps"] if not config["tokens_per_step"] else None
-    if wanted is not None and wanted != accum:
-        print(f"note: {wanted} micro-batches per step rounded up to {accum}, a multiple of the {world} processes "
-              f"(every process runs the same number)")
-    no_val = "" if n_val_batches else " (no val split: evaluations only save, and best/ follows the latest)"
-    if config["objective"] == "dpo":
-        reference = ("this model with its adapters off" if lora.lora_layers(model) and config["dpo_reference"] == "auto"
-                     else f"the starting model's log-probabilities ({dpo.REFERENCE_FILE})")
-        print(f"data: {train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
-              f"{int(train_split.row_lengths.max()):,} tokens), {n_val_batches} val batches{no_val}")
-        print(f"objective: DPO, beta {config['beta']}, label smoothing {config['label_smoothing']}; reference: {reference}")
-        print(f"steps: {max_iters:,} of {per_step} pairs (gradient accumulation {accum}) = "
-              f"{max_iters * per_step / per_epoch:.2f} epochs")
-        return
-    print(f"data: {train_split.num_conversations:,} train conversations in {per_epoch:,} rows of "
-          f"{config['block_size']} tokens ({sampler.packing_efficiency():.1%} filled), {n_val_batches} val batches{no_val}")
-    cut, cut_tokens = sampler.overlong()
-    if cut:
-        print(f"note: {cut:,} train conversations are longer than a row ({config['block_size'] + 1} tokens) and lose "
-              f"their last {cut_tokens:,} tokens ({cut_tokens / len(train_split.tokens):.1%} of the split); "
-              f"prepare with --block_size={config['block_size']} to drop them or cut them at a turn boundary instead")
-    print(f"steps: {max_iters:,} of {per_step} rows ({per_step * config['block_size']:,} tokens, gradient "
-          f"accumulation {accum}) = {max_iters * per_step / per_epoch:.2f} epochs")
 
 
 def plot_losses(out_dir, measure):
@@ -502,9 +491,9 @@ def plot_losses(out_dir, measure):
     val_points = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train_points:
-        ax.plot(*zip(*train_points), label="train (masked)")
+        ax.plot(*zip(*train_points), label="train")
     if val_points:
-        ax.plot(*zip(*val_points), marker="o", label="val (masked)")
+        ax.plot(*zip(*val_points), marker="o", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel(measure)
     ax.legend()
