@@ -89,3 +89,35 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_pretrained(tmp_path_factory):
     """A small GPT-2-format weights folder with the real vocabulary (a stand-in for gpt2)."""
     return random_gpt_folder(tmp_path_factory.mktemp("model") / "base", n_embd=64, block_size=128)
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """Factory: make this CPU build of torch report one CUDA GPU (capability, name, memory).
+
+    Only what the CPU build lacks is replaced: CUDA's lazy init, the device count, the
+    properties query and the current-device getter and setter. torch's own functions
+    (set_device, get_device_capability, get_device_name, current_device) and their argument
+    checks run as they would on a GPU. Returns the list of device indices set_device selected.
+    The first tensor moved to the GPU still fails: 'Torch not compiled with CUDA enabled'."""
+    import types
+
+    import torch
+
+    def emulate(capability=(9, 0), name="NVIDIA H100 80GB HBM3", memory=80 * 2 ** 30):
+        selected = []
+
+        def properties(index):
+            return types.SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=memory)
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: None)
+        monkeypatch.setattr(torch.cuda, "_get_device_properties", properties, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
+        return selected
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield emulate
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # setup() turned TF32 on

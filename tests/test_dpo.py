@@ -194,6 +194,55 @@ def test_dpo_stats_count_ties_as_half():
     assert stats["loss"] == pytest.approx(-(F.logsigmoid(torch.tensor([1.0, 0.0, -3.0]))).sum().item())
 
 
+def test_step_loss_pairs_each_policy_row_with_its_own_reference_row():
+    """Chosen and rejected reference values that differ: a reference passed the other way round
+    (rejected first) changes the loss, the rewards and the accuracy."""
+    generator = torch.Generator().manual_seed(0)
+    policy, reference = torch.randn(10, generator=generator) * 3, torch.randn(10, generator=generator) * 3
+    beta, n = 0.5, 5
+    for label_smoothing in (0.0, 0.2):
+        total, stats = dpo.step_loss(policy, reference, beta, label_smoothing)
+        expected = plain_dpo(policy[:n], policy[n:], reference[:n], reference[n:], beta, label_smoothing) * n
+        assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+        chosen, rejected = beta * (policy[:n] - reference[:n]), beta * (policy[n:] - reference[n:])
+        assert dict(zip(loss.DPO_STATS, stats.tolist())) == pytest.approx({
+            "loss": expected.item(), "reward_accuracy": float((chosen > rejected).sum()),
+            "reward_margin": (chosen - rejected).sum().item(), "chosen_reward": chosen.sum().item(),
+            "rejected_reward": rejected.sum().item()}, abs=1e-5)
+        swapped, _ = dpo.step_loss(policy, torch.cat([reference[n:], reference[:n]]), beta, label_smoothing)
+        assert abs(swapped.item() - total.item()) > 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_runs_logged_train_loss_equals_a_plain_recomputation(tmp_path, sums, base, kind):
+    """Step 2's logged loss (the policy after one update against the starting model, on step 2's
+    pairs) equals the DPO formula over separate full-logit passes of the two models."""
+    no_dropout = "--lora_dropout=0"  # the plain passes below run without dropout
+    run(tmp_path, sums, base, "--max_iters=1", "--eval_interval=1", *KINDS[kind], no_dropout, out="one")
+    run(tmp_path, sums, base, "--max_iters=2", "--eval_interval=2", *KINDS[kind], no_dropout, out="two")
+    sampler = data.PairBatches(data.load_pairs(sums, "train"), 16, seed=1337, length_group=dpo.PAIR_LENGTH_GROUP)
+    sampler.next_pairs(8)
+    pairs = sampler.next_pairs(8)
+    x, y = (torch.from_numpy(a) for a in sampler.batch(pairs))
+    policy = checkpoint.load_model(tmp_path / "one" / checkpoint.LATEST).eval()
+    reference = GPT.from_pretrained(base).eval()
+    with torch.no_grad():
+        p, r = plain_answer_log_probs(policy, x, y), plain_answer_log_probs(reference, x, y)
+    assert (r[:8] - r[8:]).abs().max() > 0.1  # chosen and rejected reference values differ
+    expected = plain_dpo(p[:8], p[8:], r[:8], r[8:], 0.5, 0.0).item()
+    assert logged(tmp_path / "two", "train_loss")[2] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - np.log(2)) > 1e-3  # the policy moved: not the loss of a policy equal to its reference
+
+
+@pytest.mark.parametrize("change", ["--beta=0.1", "--label_smoothing=0.1"])
+def test_a_resume_refuses_a_change_to_what_the_loss_means(tmp_path, sums, base, change):
+    """best/ compares val DPO losses: a resume at another beta or smoothing would compare different losses."""
+    run(tmp_path, sums, base, "--max_iters=2", "--eval_interval=2")
+    key = change[2:].split("=")[0]
+    with pytest.raises(GrafitoError, match=rf"cannot resume with different {key} \("):
+        run(tmp_path, sums, base, "--max_iters=4", "--init_from=resume", change)
+
+
 # ----------------------------------------------------------------------------- the reference model
 
 def test_adapters_off_is_the_frozen_base(base):
