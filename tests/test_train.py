@@ -1,6 +1,7 @@
 """train.py: masked SFT learns, resume is exact, DDP equals one process, LoRA runs, options are checked."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,34 @@ def test_ddp_stops_every_rank_when_rank_0_fails_to_save(tmp_path, tiny_dataset):
                      timeout=300)
     assert ddp.returncode != 0
     assert "rank 1: stopping, rank 0 failed" in ddp.stdout + ddp.stderr
+
+
+def two_machines(tmp_path, *args, homes=("a", "b")):
+    """The run as two one-process torchrun 'machines' on this one, each with its own home folder."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = []
+    for node, home in enumerate(homes):
+        (tmp_path / home).mkdir(exist_ok=True)
+        env = dict(os.environ, HOME=str(tmp_path / home), GRAFITO_SHARED_FOLDER_WAIT="1")
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+             "--master_addr=127.0.0.1", f"--master_port={port}", ROOT / "train.py", *TINY, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env))
+    return [(node.wait(timeout=300), node.stdout.read()) for node in nodes]
+
+
+def test_a_run_across_machines_needs_an_out_dir_they_share(tmp_path, tiny_dataset):
+    """Every rank reads a resume's checkpoint from out_dir; '~/run' is a different folder on each 'machine'."""
+    args = [f"--dataset={tiny_dataset}", "--max_iters=1", "--eval_interval=1", "--batch_size=2"]
+    shared = two_machines(tmp_path, *args, f"--out_dir={tmp_path / 'shared'}")
+    assert [code for code, _ in shared] == [0, 0], shared[0][1][-3000:]
+    apart = two_machines(tmp_path, *args, "--out_dir=~/run")
+    assert all(code != 0 for code, _ in apart)
+    assert "is not shared by the machines of this run: 1 of 2 processes cannot see" in apart[0][1] + apart[1][1]
 
 
 def test_accumulation_rounds_up_to_the_process_count():
