@@ -285,10 +285,11 @@ def load_train_state(out_dir):
     return state
 
 
-def check_resume(state, config, dtype, objective_keys=()):
+def check_resume(state, config, dtype, accumulation, world, objective_keys=()):
     """Refuse a resume whose settings would not continue the same run: the objective, the
-    settings in RESUME_FIXED and the objective's own (objective_keys), and the precision the
-    run trained in (dtype=auto may resolve differently on another GPU)."""
+    settings in RESUME_FIXED and the objective's own (objective_keys), the micro-batches per step
+    (the process count rounds them), and the precision the run trained in (dtype=auto may
+    resolve differently on another GPU)."""
     saved = state["config"]
     saved_objective, objective = saved.get("objective", "sft"), config.get("objective", "sft")  # older states: SFT
     if saved_objective != objective:  # an SFT run cannot continue as DPO, nor the other way
@@ -298,6 +299,10 @@ def check_resume(state, config, dtype, objective_keys=()):
     if changed:
         raise GrafitoError("cannot resume with different " + ", ".join(f"{k} ({saved.get(k)!r} -> {config[k]!r})"
                                                                        for k in changed))
+    if state["accumulation"] != accumulation:
+        raise GrafitoError(f"cannot resume: the run took {state['accumulation']} micro-batches per step over "
+                           f"{state['world']} process(es); with {world} it would take {accumulation} (rounded to a "
+                           f"multiple of the process count). Resume with {state['world']} process(es)")
     trained_in = state.get("resolved_dtype", dtype)
     if trained_in != dtype:
         raise GrafitoError(f"cannot resume: the run trained in {trained_in} (dtype={saved.get('dtype')}), and on this "
@@ -324,6 +329,32 @@ def open_log(out_dir, step):
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
     return open(path, "a")
+
+
+def plot_log(out_dir, measure):
+    """out_dir/loss.png: the logged train and val losses (measure names the axis), if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for out_dir/loss.png)")
+        return
+    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    train_points = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val_points = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_points:
+        ax.plot(*zip(*train_points), label="train")
+    if val_points:
+        ax.plot(*zip(*val_points), marker="o", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel(measure)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "loss.png", dpi=120)
+    print(f"loss curve: {Path(out_dir) / 'loss.png'}")
 
 
 class RunLock:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -223,6 +224,14 @@ def resolve_dtype(dtype, device):
         raise GrafitoError("dtype=float16 trains with a gradient scaler grafito runs on CUDA and CPUs; "
                            "use bfloat16 or float32 on MPS")
     return dtype
+
+
+def to_device(array, device):
+    """A host batch on the device; pinned and asynchronous on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import checkpoint
 import lora
-from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, training_memory,
+from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, to_device, training_memory,
                     trim_cpu_memory)
 from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
 from distributed import (check_shared_folder, close_distributed, gather_rng_states, on_first_rank, set_rng_state,
@@ -40,6 +40,7 @@ from distributed import (check_shared_folder, close_distributed, gather_rng_stat
 from dpo import DPO
 from model import GPT, GPTConfig
 from optim import learning_rate, make_optimizer
+from progress import Window, log_window, write_log
 from sft import SFT
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO}
@@ -193,7 +194,8 @@ def start_or_resume(config, rank, world, device, dtype):
     run = Run(config, rank, world, device, dtype, out_dir)
     if config["init_from"] == "resume":
         state = checkpoint.load_train_state(out_dir)
-        checkpoint.check_resume(state, config, dtype, OBJECTIVES[config["objective"]].resume_keys)
+        checkpoint.check_resume(state, config, dtype, accumulation_steps(config, world), world,
+                                OBJECTIVES[config["objective"]].resume_keys)
         run.resume_state, run.init_source = state, checkpoint.model_source("resume", out_dir, latest_checkpoint=True)
         run.base_name, run.base_fingerprint = state["base_model"], state["base_fingerprint"]
         run.step, run.best_val, run.evals_without_gain = state["step"], state["best_val"], state["evals_without_gain"]
@@ -299,55 +301,6 @@ def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, trai
     return 0
 
 
-def write_log(run, row):
-    run.log.write(json.dumps({**row, "time": time.time()}) + "\n")
-    run.log.flush()
-
-
-class Window:
-    """What this process did since the last log line: the objective's summed stats, the items'
-    weight (over all processes), tokens, supervised tokens, steps, and when it began."""
-
-    def __init__(self, n_stats, device):
-        self.stats = torch.zeros(n_stats, device=device)
-        self.restart()
-
-    def restart(self):
-        self.stats.zero_()
-        self.weight, self.steps, self.tokens, self.supervised = 0, 0, 0, 0
-        self.start = time.perf_counter()
-
-
-def log_progress(run, objective, window, lr, model_config, is_lora, peak):
-    """Every process: the window's means over all processes, checked finite; rank 0 logs them
-    with tokens/s and MFU. Returns the mean train loss."""
-    counts = torch.tensor([window.tokens, window.supervised], dtype=window.stats.dtype, device=run.device)
-    total = torch.cat([window.stats, counts])
-    if run.world > 1:
-        torch.distributed.all_reduce(total)
-    total = total.tolist()
-    means = {f"train_{name}": value / max(float(window.weight), 1) for name, value in zip(objective.stats, total)}
-    train_loss = means["train_loss"]
-    if not math.isfinite(train_loss):
-        raise GrafitoError(f"training loss became {train_loss} by step {run.step}; stopped, and the last good "
-                           f"checkpoint in {run.out_dir / checkpoint.LATEST} is untouched. Try a lower "
-                           f"learning_rate, grad_clip, or bfloat16 instead of float16")
-    elapsed = time.perf_counter() - window.start
-    if run.rank == 0:
-        tokens, supervised = total[-2], total[-1]  # all processes
-        rows = window.steps * run.config["batch_size"] * run.accumulation * objective.rows_per_item
-        flops = objective.flops(model_config, tokens, supervised, rows, is_lora)
-        mfu = flops / run.world / elapsed / peak if peak else None  # per GPU, as nanoGPT reports it
-        shown = {"loss": f"{train_loss:.4f}"}
-        if "train_reward_accuracy" in means:
-            shown["acc"] = f"{means['train_reward_accuracy']:.0%}"
-        run.bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}",
-                            mfu=f"{mfu:.1%}" if mfu is not None else "unknown")
-        write_log(run, {"step": run.step, **means, "lr": lr, "tokens_per_s": tokens / elapsed, "mfu": mfu})
-    window.restart()
-    return train_loss
-
-
 def finish(run, objective, model):
     """Rank 0, after the last step: the summary, a LoRA run's merged/ folder, loss.png."""
     run.log.close()
@@ -358,15 +311,7 @@ def finish(run, objective, model):
         checkpoint.save_checkpoint(run.out_dir, checkpoint.MERGED, merged)
         print(f"merged adapter into the base: {run.out_dir / checkpoint.MERGED}")
     if run.config["plot"]:
-        plot_losses(run.out_dir, objective.measure)
-
-
-def to_device(array, device):
-    """A host batch on the device; pinned and asynchronous on CUDA."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.startswith("cuda"):
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+        checkpoint.plot_log(run.out_dir, objective.measure)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -378,11 +323,6 @@ def train(config):
     run = start_or_resume(config, rank, world, device, dtype)
     objective = OBJECTIVES[config["objective"]](config)
     run.accumulation = accumulation_steps(config, world)
-    if run.resume and run.resume_state["accumulation"] != run.accumulation:
-        raise GrafitoError(f"cannot resume: the run took {run.resume_state['accumulation']} micro-batches per step "
-                           f"over {run.resume_state['world']} process(es); with {world} it would take "
-                           f"{run.accumulation} (rounded to a multiple of the process count). Resume with "
-                           f"{run.resume_state['world']} process(es)")
     B = config["batch_size"]
     per_step = B * run.accumulation  # items (rows or pairs) per step, over all processes
     max_iters = (math.ceil(config["epochs"] * objective.items_per_epoch / per_step) if config["epochs"] > 0
@@ -459,7 +399,7 @@ def train(config):
             at_eval = run.step % config["eval_interval"] == 0 or run.step == max_iters
             if run.step % config["log_interval"] == 0 or at_eval:
                 trim_cpu_memory()
-                train_loss = log_progress(run, objective, window, lr, raw_model.config, is_lora, peak)
+                train_loss = log_window(run, objective, window, lr, raw_model.config, is_lora, peak)
             # 10. evaluate and save on rank 0; the others wait for its verdict (stop early, go on, or fail)
             if at_eval:
                 rng_states = gather_rng_states(world)
@@ -475,31 +415,6 @@ def train(config):
         if run.lock is not None:
             run.lock.release()
     return raw_model
-
-
-def plot_losses(out_dir, measure):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for out_dir/loss.png)")
-        return
-    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
-    train_points = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val_points = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_points:
-        ax.plot(*zip(*train_points), label="train")
-    if val_points:
-        ax.plot(*zip(*val_points), marker="o", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel(measure)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / "loss.png", dpi=120)
-    print(f"loss curve: {Path(out_dir) / 'loss.png'}")
 
 
 def main(argv=None):
