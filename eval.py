@@ -12,8 +12,11 @@ whose greedy answer contains the reference answer. On every preference-pairs dat
 (data/*/ of kind pairs, or --pairs_datasets), the preference accuracy: the share of val pairs
 whose chosen answer the model finds more likely than the rejected one, by the answers' summed
 log-probabilities and by their log-probabilities per token (a tie counts half), so that an
-SFT model and its DPO successor compare in one table. The table goes to --out, everything
-to the .json beside it.
+SFT model and its DPO successor compare in one table. With --hellaswag (a local copy of the
+validation file, or hub), HellaSwag acc and acc_norm scored as lm-evaluation-harness scores
+them (hellaswag.py, docs/evaluation.md). The table goes to --out, everything to the .json beside it.
+
+    python eval.py --models=gpt2 --hellaswag=hub --dtype=float32
 """
 
 import json
@@ -30,6 +33,7 @@ import numpy as np
 import checkpoint
 import data
 import engine
+import hellaswag
 import tokenizer
 from common import DTYPES, GrafitoError, read_text, run_cli, setup
 from configurator import check_options, integer, load_config
@@ -55,6 +59,8 @@ DEFAULTS = dict(
     eval_iters=0,  # val batches per dataset, 0 for all
     accuracy_samples=200,  # short-answer questions from accuracy_dataset's val split, 0 to skip
     accuracy_dataset="grafito25k",
+    hellaswag="",  # HellaSwag's validation file (.jsonl or .parquet), or hub to download it; empty: skip
+    hellaswag_limit=0,  # score only the first N HellaSwag items, 0 for all
     batch_size=8,
     device="auto",
     dtype="auto",
@@ -144,6 +150,8 @@ def prepared_datasets(names, kind="sft"):
         names = [n.strip() for n in names.split(",") if n.strip()]
         for name in names:
             found = data.dataset_kind(data.load_meta(name))
+            if found != kind and found not in ("sft", "pairs"):
+                raise GrafitoError(f"{option}: {name} is a {found} dataset, which eval.py does not measure yet")
             if found != kind:
                 other = "--datasets (val loss)" if found == "sft" else "--pairs_datasets (preference accuracy)"
                 raise GrafitoError(f"{option}: {name} is {'an SFT' if found == 'sft' else 'a ' + found} dataset; "
@@ -189,19 +197,33 @@ def preference_accuracy(model, name, config, device, dtype):
             "margin": (log_probs[:, 0] - log_probs[:, 1]).mean().item()}
 
 
-def evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets=()):
+def val_batches(name, block_size, config):
+    """A dataset's val split as (x, y) batches, target -1 where nothing is measured: the one place
+    where each dataset kind's val-loss batches are made. Text datasets (prepare/text.py, kind
+    'text') join here once data.py reads their shards: batches whose every target counts, after
+    which val loss, perplexity, the token count and the table's column follow unchanged."""
+    return data.eval_batches(data.load_split(name, "val"), block_size, config["batch_size"], config["eval_iters"])
+
+
+def evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets=(), hellaswag_items=None):
     device, dtype = setup(config["device"], config["dtype"])
     started = time.perf_counter()
     model = checkpoint.load_model(source).eval().to(device)
     result = {"label": label, "source": str(source), "dtype": dtype, "val": {}, "preference": {}}
     for name in datasets:  # float32 weights under autocast, as train.py evaluates: the same numbers
         block = min(model.config.block_size, data.load_meta(name)["block_size"])
-        batches = data.eval_batches(data.load_split(name, "val"), block, config["batch_size"], config["eval_iters"])
+        batches = val_batches(name, block, config)
         loss = masked_val_loss(model, batches, device, dtype)
         result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
                                "tokens": int(sum((y >= 0).sum() for _, y in batches))}
     for name in pairs_datasets:
         result["preference"][name] = preference_accuracy(model, name, config, device, dtype)
+    if hellaswag_items:  # as many positions a forward as a val-loss batch holds
+        tokens = config["batch_size"] * model.config.block_size
+        result["hellaswag"] = hellaswag.evaluate(model, hellaswag_items, device, dtype, tokens)
+        if result["hellaswag"]["longer_than_context"]:
+            print(f"({result['hellaswag']['longer_than_context']} HellaSwag items left out: an ending alone is "
+                  f"longer than {label}'s context)", file=sys.stderr)
     model_engine = engine.Engine(model.to(DTYPES[dtype]))  # generation reads weights in the chosen dtype
     result["answers"] = greedy_answers(model_engine, queries, config["max_new_tokens"], config["batch_size"])
     if questions:
@@ -214,8 +236,10 @@ def evaluate_model(label, source, config, queries, questions, datasets, pairs_da
 
 
 def metrics_table(results, datasets, pairs_datasets=()):
+    with_hellaswag = any("hellaswag" in r for r in results)
     header = (["model"] + [f"{d} val loss (ppl)" for d in datasets]
-              + [f"{d} preference accuracy (summed / per token)" for d in pairs_datasets] + ["short-answer accuracy"])
+              + [f"{d} preference accuracy (summed / per token)" for d in pairs_datasets] + ["short-answer accuracy"]
+              + ["HellaSwag acc / acc_norm (items)"] * with_hellaswag)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["label"]] + [f"{r['val'][d]['loss']:.3f} ({r['val'][d]['perplexity']:.1f})" for d in datasets]
@@ -223,16 +247,21 @@ def metrics_table(results, datasets, pairs_datasets=()):
                   if r["preference"].get(d) else "-" for d in pairs_datasets]
         acc = r.get("short_answer_accuracy")
         cells.append(f"{acc['accuracy']:.1%} ({acc['correct']}/{acc['samples']})" if acc else "-")
+        if with_hellaswag:
+            h = r.get("hellaswag")
+            cells.append(f"{h['acc']:.2%} / {h['acc_norm']:.2%} ({h['n']})" if h and h["n"] else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 RULES = {"max_new_tokens": integer(1, 1 << 16), "batch_size": integer(1, 1 << 12), "eval_iters": integer(0),
-         "accuracy_samples": integer(0)}
+         "accuracy_samples": integer(0), "hellaswag_limit": integer(0)}
 
 
 def check_config(config):
     check_options(config, RULES)
+    if config["hellaswag_limit"] and not config["hellaswag"]:
+        raise GrafitoError("--hellaswag_limit needs --hellaswag=FILE (or hub): the HellaSwag items to score")
     setup(config["device"], config["dtype"])  # an unavailable device or unknown dtype: said before any work
 
 
@@ -255,6 +284,10 @@ def main():
     check_config(config)
     models = parse_models(config["models"])
     out = prepare_out(config["out"])
+    hellaswag_items, hellaswag_data = None, None
+    if config["hellaswag"]:  # read (or downloaded) first: a bad file or no network is said before any work
+        hellaswag_items, hellaswag_data = hellaswag.load_items(config["hellaswag"], config["hellaswag_limit"])
+        hellaswag_data["items"] = len(hellaswag_items)
     if config["queries"]:
         text = read_text(config["queries"], f"--queries={config['queries']}")
         queries = [q.strip() for q in text.splitlines() if q.strip()]
@@ -273,12 +306,14 @@ def main():
     results = []
     for label, source in models:
         print(f"evaluating {label} ({source}) ...", file=sys.stderr)
-        results.append(evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets))
+        results.append(evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets,
+                                      hellaswag_items))
     labels = [r["label"] for r in results]
     table = markdown_table(queries, labels, {r["label"]: r["answers"] for r in results})
     metrics = metrics_table(results, datasets, pairs_datasets)
     out.write_text(table + "\n" + metrics)
-    out.with_suffix(".json").write_text(json.dumps({"queries": queries, "config": config, "results": results}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"queries": queries, "config": config, "hellaswag_data": hellaswag_data,
+                                                   "results": results}, indent=2) + "\n")
     print(table)
     print(metrics)
     print(f"wrote {out} and {out.with_suffix('.json')}")
