@@ -14,6 +14,15 @@ the same files: pair i of a split is conversation 2i (prompt + chosen answer) an
 (prompt + rejected answer). Both rows start with the same prompt ids, every earlier turn
 with its answer and the last instruction up to '### Answer:'; the mask is 1 only on the
 final answer and its <|endoftext|>. A meta.json without "kind" is an SFT dataset.
+
+A text dataset (meta.json "kind": "text", from prepare/text.py) holds plain documents for
+next-token training (objective=lm), every token a target, in shards so that billions of
+tokens never make one file:
+
+    <split>-00000.bin, <split>-00001.bin, ...   uint16  whole documents, each followed by <|endoftext|>
+
+meta.json's "splits" list each split's shards ({"file", "documents", "tokens",
+"max_token_id"}) with the split's totals. Training reads random windows of them (TextWindows).
 """
 
 import json
@@ -83,8 +92,12 @@ def load_meta(folder):
     return _read_meta(resolve_dataset(folder))
 
 
+KINDS = ("sft", "pairs", "text")
+
+
 def dataset_kind(meta):
-    """'sft' (conversations; meta.json without "kind") or 'pairs' (preference pairs, see load_pairs)."""
+    """'sft' (conversations; meta.json without "kind"), 'pairs' (preference pairs, see load_pairs)
+    or 'text' (documents, see load_text)."""
     return meta.get("kind", "sft")
 
 
@@ -93,8 +106,12 @@ def check_kind(meta, expected, folder="the dataset"):
     kind = dataset_kind(meta)
     if kind == expected:
         return
-    if kind not in ("sft", "pairs"):
-        raise GrafitoError(f"{folder}: dataset kind {kind!r} is not one this grafito reads (sft or pairs)")
+    if kind not in KINDS:
+        raise GrafitoError(f"{folder}: dataset kind {kind!r} is not one this grafito reads ({', '.join(KINDS)})")
+    if "text" in (kind, expected):
+        raise GrafitoError(f"{folder} is a {kind} dataset; " + (
+            "a text dataset trains with objective=lm (next-token on every token)" if kind == "text" else
+            "objective=lm trains on text datasets (python prepare/text.py --input=...)"))
     if kind == "pairs":
         raise GrafitoError(f"{folder} is a preference-pairs dataset (prepared with --pairs): read as conversations "
                            f"it would train on its rejected answers too; use it with a preference objective, or "
@@ -113,12 +130,20 @@ def _read_meta(folder):
         raise GrafitoError(f"{folder}: not a dataset this grafito reads (format version {version}, expected "
                            f"{FORMAT_VERSION}); rerun its prepare script")
     splits = meta.get("splits")
-    well_formed = isinstance(splits, dict) and all(
-        isinstance(counts, dict) and all(type(counts.get(k)) is int and counts[k] >= 0 for k in ("conversations", "tokens"))
-        for counts in splits.values())
+    counts = ("documents", "tokens") if isinstance(meta, dict) and meta.get("kind") == "text" else ("conversations", "tokens")
+
+    def counted(entry, keys):
+        return isinstance(entry, dict) and all(type(entry.get(k)) is int and entry[k] >= 0 for k in keys)
+
+    well_formed = isinstance(splits, dict) and all(counted(split, counts) for split in splits.values())
+    if well_formed and meta.get("kind") == "text":
+        well_formed = all(isinstance(split.get("shards"), list) and all(
+            counted(shard, ("documents", "tokens", "max_token_id")) and isinstance(shard.get("file"), str)
+            and Path(shard["file"]).name == shard["file"] for shard in split["shards"]) for split in splits.values())
     if not well_formed or type(meta.get("vocab_size", 0)) is not int:
-        raise GrafitoError(f"{folder / 'meta.json'} is damaged ('splits' needs conversations and tokens counts per split, "
-                           f"vocab_size an integer); rerun the prepare script")
+        raise GrafitoError(f"{folder / 'meta.json'} is damaged ('splits' needs {' and '.join(counts)} counts per split"
+                           f"{' and its shards' if counts[0] == 'documents' else ''}, vocab_size an integer); rerun "
+                           f"the prepare script")
     return meta
 
 
@@ -467,3 +492,138 @@ def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple
         pairs = np.arange(start, min(start + batch_size, split.num_pairs))
         batches.append((pairs, *batcher.batch(pairs)))
     return batches
+
+
+# ----------------------------------------------------------------------------- text (documents, for objective=lm)
+
+def shard_file(split, index):
+    return f"{split}-{index:05d}.bin"
+
+
+def write_text_dataset(folder, splits, meta):
+    """Write {split: [shard, ...]} (each shard a list of documents' token lists, each document
+    ending with <|endoftext|>) and meta.json atomically. prepare/text.py streams its shards
+    itself (text_shard_entry, text_meta); this writes small datasets in one go."""
+    folder = Path(folder)
+    check_replaceable(folder)
+    with atomic_dir(folder) as tmp:
+        entries = {}
+        for split, shards in splits.items():
+            entries[split] = []
+            for index, documents in enumerate(shards):
+                tokens = np.fromiter((t for doc in documents for t in doc), dtype=np.int64)
+                entries[split].append(write_text_shard(tmp, split, index, tokens, len(documents)))
+        (tmp / "meta.json").write_text(json.dumps(text_meta(meta, entries), indent=2) + "\n")
+
+
+def write_text_shard(folder, split, index, tokens, documents):
+    """One shard file from an int array of token ids; returns its meta.json entry."""
+    tokens = np.asarray(tokens)
+    if len(tokens) and (tokens.max() >= np.iinfo(TOKEN_DTYPE).max or tokens.min() < 0):
+        raise GrafitoError(f"token id {int(tokens.max())} does not fit the uint16 format (ids must be < 65535)")
+    name = shard_file(split, index)
+    tokens.astype(TOKEN_DTYPE).tofile(Path(folder) / name)
+    return {"file": name, "documents": int(documents), "tokens": len(tokens),
+            "max_token_id": int(tokens.max()) if len(tokens) else 0}
+
+
+def text_meta(meta, shards):
+    """meta.json of a text dataset: meta, and per split its shards (write_text_shard's entries) and totals."""
+    return {"format_version": FORMAT_VERSION, **meta, "kind": "text", "eot_token": EOT,
+            "splits": {split: {"documents": sum(e["documents"] for e in entries),
+                               "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+                       for split, entries in shards.items()}}
+
+
+@dataclass
+class TextSplit:
+    """One split of a text dataset: its shards, memory-mapped, and its largest token id."""
+    name: str
+    shards: list  # np.memmap uint16, one per shard file
+    documents: int
+    max_token_id: int
+
+    @property
+    def num_tokens(self):
+        return sum(len(shard) for shard in self.shards)
+
+
+def load_text(folder, split):
+    """One split of a text dataset, its shards memory-mapped (read lazily, whatever their size),
+    checked against meta.json; a dataset of another kind is refused."""
+    folder = resolve_dataset(folder)
+    meta = _read_meta(folder)
+    check_kind(meta, "text", folder)
+    if split not in meta["splits"]:
+        raise GrafitoError(f"{folder} has no {split!r} split (it has {', '.join(meta['splits'])})")
+    shards = []
+    for entry in meta["splits"][split]["shards"]:
+        path = folder / entry["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+            raise GrafitoError(f"{folder}: {entry['file']} " + ("is missing" if size is None else f"holds {size:,} bytes, "
+                               f"meta.json says {entry['tokens']:,} tokens") + "; rerun python prepare/text.py")
+        if entry["tokens"]:
+            shards.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
+    return TextSplit(split, shards, meta["splits"][split]["documents"],
+                     max((e["max_token_id"] for e in meta["splits"][split]["shards"]), default=0))
+
+
+class TextWindows:
+    """Training windows: block_size + 1 consecutive tokens at a random place of a text split
+    (any start in any shard, each equally likely), x the first block_size, y the next token at
+    each position. A window may cross a document boundary, as in GPT-2's own training.
+
+    The windows of a call are drawn from a generator seeded with (seed, windows drawn so far):
+    that count is all the state, and restoring it resumes the exact sequence."""
+
+    def __init__(self, split, block_size, seed=0):
+        starts = np.array([max(len(shard) - block_size, 0) for shard in split.shards], dtype=np.int64)
+        if not starts.sum():
+            raise GrafitoError(f"the {split.name} split has no shard of more than block_size = {block_size} tokens "
+                               f"({split.num_tokens:,} tokens in all); prepare more text or lower block_size")
+        self.split, self.block_size, self.seed, self.starts = split, block_size, seed, starts
+        self.ends = np.cumsum(starts)
+        self.drawn = 0
+
+    def next_windows(self, n):
+        """The next n windows as (shard, offset) pairs."""
+        picks = np.random.default_rng([self.seed, self.drawn]).integers(0, int(self.ends[-1]), size=n)
+        self.drawn += n
+        shards = np.searchsorted(self.ends, picks, side="right")
+        return list(zip(shards.tolist(), (picks - (self.ends[shards] - self.starts[shards])).tolist()))
+
+    def batch(self, windows):
+        return text_batch(self.split, windows, self.block_size)
+
+    def state_dict(self):
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        self.drawn = int(state["drawn"])
+
+
+class TextEvalBatches:
+    """A text split's consecutive, non-overlapping windows, in file order, as (x, y) batches of
+    batch_size rows (the first max_batches if > 0); read from the shards as they are iterated,
+    so a large val split is never held in memory."""
+
+    def __init__(self, split, block_size, batch_size, max_batches=0):
+        self.split, self.block_size, self.batch_size = split, block_size, batch_size
+        self.windows = [(s, o) for s, shard in enumerate(split.shards)
+                        for o in range(0, len(shard) - block_size, block_size)]
+        if max_batches:
+            self.windows = self.windows[:max_batches * batch_size]
+
+    def __len__(self):
+        return -(-len(self.windows) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.windows), self.batch_size):
+            yield text_batch(self.split, self.windows[start:start + self.batch_size], self.block_size)
+
+
+def text_batch(split, windows, block_size):
+    """(x, y) int64 arrays (len(windows), block_size) from (shard, offset) windows of block_size + 1 tokens."""
+    rows = np.stack([split.shards[shard][offset:offset + block_size + 1] for shard, offset in windows]).astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]

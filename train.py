@@ -38,12 +38,13 @@ from configurator import SEED, check_options, format_config, integer, invalid, l
 from distributed import (check_shared_folder, close_distributed, gather_rng_states, on_first_rank, set_rng_state,
                          setup_distributed, wrap_ddp)
 from dpo import DPO
+from lm import LM
 from model import GPT, GPTConfig
 from optim import learning_rate, make_optimizer
 from progress import Window, log_window, write_log
 from sft import SFT
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO}
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "lm": LM}
 
 DEFAULTS = dict(
     # where things go and how often
@@ -64,6 +65,7 @@ DEFAULTS = dict(
     max_iters=1000,
     epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows or pairs (the later wins)
     # objective: sft (cross-entropy of the answers) | dpo (preference pairs against the starting model)
+    # | lm (next-token on every token of a text dataset: pretraining)
     objective="sft",
     beta=0.1,  # dpo: how far from the reference the policy may go; a reward is beta * (log pi - log pi_ref)
     label_smoothing=0.0,  # dpo: > 0 is conservative DPO, the share of pairs taken to be mislabelled
@@ -110,7 +112,7 @@ RULES = {
     "beta1": number(0.0, 1.0, high_open=True), "beta2": number(0.0, 1.0, high_open=True),
     "grad_clip": (lambda v: v >= 0, "0 (no clipping) or positive"), "lr_schedule": one_of("cosine", "constant"),
     "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
-    "objective": one_of("sft", "dpo"), "beta": (lambda v: v > 0, "positive"),
+    "objective": one_of("sft", "dpo", "lm"), "beta": (lambda v: v > 0, "positive"),
     "label_smoothing": number(0.0, 0.5, high_open=True), "dpo_reference": one_of("auto", "stored"),
 }
 
