@@ -87,10 +87,7 @@ def serve_rows(config, gpt_config, device, dtype, peer):
     clients = [int(c) for c in config["serve_clients"].split(",")]
     prompts, tokens = serve_prompts(config["serve_requests"], config["seed"]), config["serve_tokens"]
     work = Path(tempfile.mkdtemp(prefix="grafito-bench-serve-"))
-    torch.manual_seed(0)
     folder = work / "model"  # weights in transformers' format, the BPE files and the chat template
-    GPT(gpt_config).save_pretrained(folder)
-    export.write_tokenizer(folder, gpt_config.block_size)
     port = 18000 + os.getpid() % 1000
     servers = [("grafito", [sys.executable, "serve.py", f"--init_from={folder}", f"--device={device}",
                             f"--dtype={dtype}", f"--port={port}", f"--max_batch={max(clients)}",
@@ -100,6 +97,9 @@ def serve_rows(config, gpt_config, device, dtype, peer):
         servers.append((peer.name, *theirs))
     processes, logs = [], []
     try:
+        torch.manual_seed(0)
+        GPT(gpt_config).save_pretrained(folder)
+        export.write_tokenizer(folder, gpt_config.block_size)
         for i, (impl, command, model) in enumerate(servers):  # all up at once: idle, none takes the CPU
             logs.append(open(work / f"{impl.replace(' ', '_')}.log", "w+"))
             processes.append(start_server(impl, command, port + i, logs[-1]))
