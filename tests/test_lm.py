@@ -3,6 +3,8 @@ next-token loss on every token equal to a plain computation, the kinds kept apar
 
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import data
 import tokenizer
 import train
 from common import GrafitoError
-from conftest import SHARED
+from conftest import ROOT, SHARED
 
 BROWN = SHARED / "data" / "brown" / "brown.jsonl.gz"
 TINY = ["--objective=lm", "--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
@@ -97,6 +99,14 @@ def test_lm_training_lowers_the_loss_and_logs_a_plain_val_loss(tmp_path, brown):
             total += F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).flatten(), reduction="sum").item()
             count += y.size
     assert logged(tmp_path / "out", "val_loss")[30] == pytest.approx(total / count, rel=1e-5)
+    # eval.py measures a text dataset's val loss the same way
+    result = subprocess.run([sys.executable, ROOT / "eval.py", f"--models=native={tmp_path / 'out'}",
+                             f"--out={tmp_path / 'eval.md'}", f"--datasets={brown}", "--pairs_datasets=",
+                             "--accuracy_samples=0", "--eval_iters=4", "--batch_size=4", "--dtype=float32",
+                             "--max_new_tokens=2", "--device=cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads((tmp_path / "eval.json").read_text())["results"][0]["val"][str(brown)]
+    assert measured["loss"] == pytest.approx(total / count, rel=1e-5) and measured["tokens"] == count
 
 
 def test_lm_resume_is_exact(tmp_path, brown):
@@ -152,3 +162,26 @@ def test_a_corpus_shorter_than_a_window_is_a_clear_error(tmp_path):
                             {"dataset": "short", "vocab_size": 50257})
     with pytest.raises(GrafitoError, match="no shard of more than block_size = 64 tokens"):
         data.TextWindows(data.load_text(tmp_path / "short", "train"), 64)
+
+
+NATIVE = {"native_124m.py": {"n_layer": 12, "n_embd": 768, "tokens_per_step": 524_288, "learning_rate": 6e-4,
+                             "min_lr": 6e-5, "warmup_iters": 715, "max_iters": 19_073, "weight_decay": 0.1,
+                             "beta2": 0.95},
+          "native_cpu.py": {"device": "cpu", "block_size": 1024}}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_the_native_configs_take_a_step_on_a_tiny_stand_in(name, tmp_path, brown):
+    from configurator import load_config, read_config_file
+
+    path = ROOT / "config" / name
+    values = read_config_file(path)
+    assert values["objective"] == "lm" and values["init_from"] == "scratch"
+    assert {k: values[k] for k in NATIVE[name]} == NATIVE[name]
+    config = load_config(train.DEFAULTS, [str(path), f"--dataset={brown}", f"--out_dir={tmp_path / 'o'}",
+                                          "--device=cpu", "--dtype=float32", "--compile=false", "--max_iters=1",
+                                          "--tokens_per_step=0", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                                          "--block_size=64", "--batch_size=2", "--plot=false", "--eval_iters=1"])
+    train.check_config(config)
+    train.train(config)
+    assert sorted(logged(tmp_path / "o", "train_loss")) == [1]
