@@ -217,7 +217,7 @@ def save_checkpoint(out_dir, name, model, base_name=None, base_fingerprint=None,
 # ----------------------------------------------------------------------------- the run folder
 
 # settings a resumed run must share with the run it continues, or it would not continue the same way
-RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
+RESUME_FIXED = ("dataset", "dataset_weights", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
                 "eval_iters", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head",
                 "n_embd", "bias")
 RUN_FILES = (LATEST, BEST, MERGED, "log.jsonl", "loss.png")

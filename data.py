@@ -88,6 +88,11 @@ def resolve_dataset(name_or_path):
                        f"run a prepare script first, e.g. python prepare/grafito25k.py")
 
 
+def short_name(name_or_path):
+    """How logs and tables name a dataset: its folder's name."""
+    return Path(str(name_or_path).rstrip("/")).name or str(name_or_path)
+
+
 def load_meta(folder):
     return _read_meta(resolve_dataset(folder))
 
@@ -310,6 +315,9 @@ class PackedBatches:
     def load_state_dict(self, state):
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
+    rows_per_item = 1  # rows of a batch one item fills (Mixture assembles batches by it)
+    next_items = next_rows
+
 
 def inputs_and_targets(tokens, supervised):
     """(x, y) from rows of tokens: x all but the last token, y the next token where it is supervised, else -1."""
@@ -477,6 +485,8 @@ class PairBatches:
         return inputs_and_targets(tokens, supervised)
 
     state_dict, load_state_dict = PackedBatches.state_dict, PackedBatches.load_state_dict  # the same (epoch, cursor)
+    rows_per_item = 2  # the chosen rows of a batch, then its rejected rows
+    next_items = next_pairs
 
 
 def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple=64):
@@ -602,6 +612,9 @@ class TextWindows:
     def load_state_dict(self, state):
         self.drawn = int(state["drawn"])
 
+    rows_per_item = 1
+    next_items = next_windows
+
 
 class TextEvalBatches:
     """A text split's consecutive, non-overlapping windows, in file order, as (x, y) batches of
@@ -627,3 +640,55 @@ def text_batch(split, windows, block_size):
     """(x, y) int64 arrays (len(windows), block_size) from (shard, offset) windows of block_size + 1 tokens."""
     rows = np.stack([split.shards[shard][offset:offset + block_size + 1] for shard, offset in windows]).astype(np.int64)
     return rows[:, :-1], rows[:, 1:]
+
+
+# ----------------------------------------------------------------------------- mixtures of datasets
+
+class Mixture:
+    """Training items from several datasets of one kind, in proportion to weights.
+
+    Item k of the run comes from dataset i with probability weights[i] (they sum to 1), drawn
+    by a generator seeded with (seed, items drawn so far); that dataset's own sampler (PackedBatches,
+    PairBatches or TextWindows) gives the item, so each dataset keeps its own position and
+    counts its own epochs. Items are (dataset index, that dataset's item). batch() asks each
+    sampler for its items' rows and puts them back in item order (for pairs: every chosen row,
+    then every rejected row), right-padded to the widest: x with pad_id, y with -1, which
+    changes no row's causal loss. The drawn count and every sampler's position are the state."""
+
+    def __init__(self, samplers, weights, seed=0, pad_id=EOT):
+        if len(samplers) != len(weights) or not samplers or any(w <= 0 for w in weights):
+            raise GrafitoError(f"a mixture needs one positive weight per dataset, got {list(weights)} for "
+                               f"{len(samplers)} dataset(s)")
+        self.samplers, self.seed, self.pad_id = samplers, seed, pad_id
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.rows_per_item = samplers[0].rows_per_item
+        self.drawn = 0
+
+    def next_items(self, n):
+        picks = np.random.default_rng([self.seed, self.drawn]).choice(len(self.samplers), size=n, p=self.weights)
+        self.drawn += n
+        taken = {int(i): iter(self.samplers[i].next_items(int((picks == i).sum()))) for i in np.unique(picks)}
+        return [(int(i), next(taken[int(i)])) for i in picks]
+
+    def batch(self, items):
+        parts = {}  # dataset -> (positions of its items, x, y)
+        for i in sorted({d for d, _ in items}):
+            where = [k for k, (d, _) in enumerate(items) if d == i]
+            parts[i] = (where, *self.samplers[i].batch([items[k][1] for k in where]))
+        width, n, per = max(x.shape[1] for _, x, _ in parts.values()), len(items), self.rows_per_item
+        x = np.full((per * n, width), self.pad_id, dtype=np.int64)
+        y = np.full((per * n, width), -1, dtype=np.int64)
+        for where, part_x, part_y in parts.values():
+            for r in range(per):  # the part's r-th block of rows goes to the r-th block of the batch
+                rows = np.asarray(where) + r * n
+                x[rows, :part_x.shape[1]] = part_x[r * len(where):(r + 1) * len(where)]
+                y[rows, :part_y.shape[1]] = part_y[r * len(where):(r + 1) * len(where)]
+        return x, y
+
+    def state_dict(self):
+        return {"drawn": self.drawn, "datasets": [sampler.state_dict() for sampler in self.samplers]}
+
+    def load_state_dict(self, state):
+        self.drawn = int(state["drawn"])
+        for sampler, sub in zip(self.samplers, state["datasets"]):
+            sampler.load_state_dict(sub)

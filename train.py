@@ -40,6 +40,7 @@ from distributed import (check_shared_folder, close_distributed, gather_rng_stat
 from dpo import DPO
 from lm import LM
 from model import GPT, GPTConfig
+from objective import dataset_names, mixture_weights
 from optim import learning_rate, make_optimizer
 from progress import Window, log_window, write_log
 from sft import SFT
@@ -57,7 +58,8 @@ DEFAULTS = dict(
     early_stop_patience=0,  # stop after this many evaluations without a better val loss; 0 never
     plot=True,  # out_dir/loss.png at the end, if matplotlib is installed
     # data
-    dataset="grafito25k",  # folder under data/ or a path to a prepared folder
+    dataset="grafito25k",  # folder under data/ or a path to a prepared folder; "a,b" mixes several of one kind
+    dataset_weights="",  # a mixture's shares, e.g. "3,1"; empty: in proportion to the datasets' sizes
     block_size=1024,
     batch_size=8,  # rows per micro-batch, per process (objective=dpo: pairs, two rows each)
     gradient_accumulation_steps=1,  # micro-batches per step over all processes (nanoGPT's meaning)
@@ -136,6 +138,8 @@ def check_config(config):
         raise invalid("init_from", "scratch", "a model to tune with objective=dpo (it is also the reference)")
     if config["lora_r"]:
         lora_settings(config)  # raises on unknown targets
+    names = dataset_names(config)
+    mixture_weights(config, names, [1] * len(names))  # raises on weights that do not fit the datasets
 
 
 def lora_settings(config):
@@ -262,7 +266,7 @@ def announce(run, objective, model, per_step, max_iters):
               f"{run.world} processes (every process runs the same number)")
     for line in objective.describe_data(per_step, run.accumulation, max_iters):
         print(line)
-    n_val = len(objective.val_batches)
+    n_val = sum(len(batches) for batches in objective.val_sets.values())
     print(f"val: {n_val} batches" if n_val else
           "val: none (no val split: evaluations only save, and best/ follows the latest)")
 
@@ -272,7 +276,7 @@ def announce(run, objective, model, per_step, max_iters):
 def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, train_loss=None):
     """Rank 0: evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
     improved = run.step > 0
-    if objective.val_batches:
+    if objective.val_sets:
         metrics = objective.validate(model, run.device, run.dtype)
         val_loss = metrics["loss"]
         if not math.isfinite(val_loss):
@@ -306,7 +310,7 @@ def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, trai
 def finish(run, objective, model):
     """Rank 0, after the last step: the summary, a LoRA run's merged/ folder, loss.png."""
     run.log.close()
-    best = objective.describe_best(run.best_val) if objective.val_batches else "no val split"
+    best = objective.describe_best(run.best_val) if objective.val_sets else "no val split"
     print(f"done: {run.step} steps, {best}; weights in {run.out_dir / checkpoint.BEST}")
     if lora.lora_layers(model) and run.config["lora_merge"]:  # into a fresh float32 base, not the training copy
         merged = checkpoint.load_model(run.out_dir / checkpoint.BEST)
