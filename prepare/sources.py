@@ -87,7 +87,7 @@ class HubSource:
     downloaded into huggingface_hub's cache when files() reaches it."""
     label: str
     repo_id: str
-    revision: str  # as asked for (a branch, tag or commit)
+    revision: str  # as asked for (a branch, tag or commit), or None: the default branch
     commit: str  # what it resolved to when listed
     subset: str
     split: str
@@ -169,7 +169,7 @@ def hub_source(spec, split, subset):
                   and not any(part.startswith((".", "__")) for part in name.split("/"))]
     names = split_files(data_files, configs, split, subset, spec)
     label = f"{spec} ({'subset ' + subset + ', ' if subset else ''}split {split})"
-    return HubSource(label, repo_id, revision or "main", commit, subset, split, names, [sizes[n] for n in names])
+    return HubSource(label, repo_id, revision or None, commit, subset, split, names, [sizes[n] for n in names])
 
 
 def split_files(data_files, configs, split, subset, spec):
@@ -272,9 +272,27 @@ def read_rows(source, report, columns=None, progress=True):
         for name, path in source.files():
             if isinstance(source, HubSource) and source.sizes[source.names.index(name)] is None:
                 bar.total = (bar.total or 0) + path.stat().st_size
-            with closing(read_file(path, report, columns, bar.update)) as rows:
+            with closing(read_file(path, _InFile(report, name) if several else report, columns, bar.update)) as rows:
                 for line, row in rows:
                     yield (f"{name}:{line}" if several else line), row
+
+
+class _InFile:
+    """The report, for one of several files: its skips are numbered 'name:line'."""
+
+    def __init__(self, report, name):
+        self.report, self.name = report, name
+
+    @property
+    def read(self):
+        return self.report.read
+
+    @read.setter
+    def read(self, value):
+        self.report.read = value
+
+    def skip(self, reason, line, detail=""):
+        self.report.skip(reason, f"{self.name}:{line}", detail)
 
 
 class _Uncounted:
