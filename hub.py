@@ -41,13 +41,11 @@ def dataset_files(repo_id, revision=None, local_hint=""):
     Listing needs the hub itself: offline (HF_HUB_OFFLINE=1, or no network) is one error
     ending with local_hint.
     """
-    from huggingface_hub import HfApi, constants, errors
+    from huggingface_hub import HfApi, errors
 
     what = f"hub dataset {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     offline = (f"cannot list the files of {what}: the Hugging Face hub is unreachable (offline, or "
                f"HF_HUB_OFFLINE=1). {local_hint}").strip()
-    if constants.is_offline_mode():
-        raise HubUnavailable(offline)
     try:
         info = HfApi().dataset_info(repo_id, revision=revision, files_metadata=True)
     except errors.OfflineModeIsEnabled:

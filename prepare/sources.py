@@ -73,12 +73,14 @@ class LocalSource:
         """(name, path) of each file, in reading order."""
         return zip(self.names, self.paths)
 
-    def known_bytes(self):
-        return sum(path.stat().st_size for path in self.paths)
+    @property
+    def sizes(self):
+        return [path.stat().st_size for path in self.paths]
 
     def describe(self):
         """The source as meta.json records it."""
-        return {"files": [{"path": str(path), "sha256": sha256_of(path)} for path in self.paths]}
+        with tqdm(total=sum(self.sizes), unit="B", unit_scale=True, desc="sha256", disable=sum(self.sizes) < 1 << 28) as bar:
+            return {"files": [{"path": str(path), "sha256": sha256_of(path, bar.update)} for path in self.paths]}
 
 
 @dataclass
@@ -97,9 +99,6 @@ class HubSource:
     def files(self):
         for name in self.names:
             yield name, hub.download(self.repo_id, name, repo_type="dataset", revision=self.commit, local_hint=LOCAL_HINT)
-
-    def known_bytes(self):
-        return sum(size or 0 for size in self.sizes)
 
     def describe(self):
         return {"hub_dataset": self.repo_id, "revision": self.revision, "commit": self.commit, "subset": self.subset,
@@ -150,6 +149,7 @@ def local_source(inputs):
 
 # ----------------------------------------------------------------------------- hub datasets
 
+NOT_DATA = re.compile(r"(?i)(readme|license|licence|notice|citation|changelog)\b")  # files beside a hub dataset's data
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                "test": ("test", "testing", "eval", "evaluation")}
 
@@ -165,7 +165,7 @@ def hub_source(spec, split, subset):
     if "README.md" in sizes:
         card = hub.download(repo_id, "README.md", repo_type="dataset", revision=commit, local_hint=LOCAL_HINT)
         configs = hub.card_configs(card)
-    data_files = [name for name in sorted(sizes) if format_of(name)
+    data_files = [name for name in sorted(sizes) if format_of(name) and not NOT_DATA.match(Path(name).name)
                   and not any(part.startswith((".", "__")) for part in name.split("/"))]
     names = split_files(data_files, configs, split, subset, spec)
     label = f"{spec} ({'subset ' + subset + ', ' if subset else ''}split {split})"
@@ -266,11 +266,11 @@ def read_rows(source, report, columns=None, progress=True):
     """(where, row) for every row of every file of the source, in order, with a progress bar
     over the bytes read. where is the row's line (one file) or 'name:line' (several); columns
     (a list of names) limits what a Parquet file decodes to what the caller reads."""
-    several = len(source.names) > 1
-    with tqdm(total=source.known_bytes() or None, unit="B", unit_scale=True, desc="reading", disable=not progress,
-              mininterval=0.5) as bar:
-        for name, path in source.files():
-            if isinstance(source, HubSource) and source.sizes[source.names.index(name)] is None:
+    several, sizes = len(source.names) > 1, source.sizes
+    with tqdm(total=sum(size or 0 for size in sizes) or None, unit="B", unit_scale=True, desc="reading",
+              disable=not progress, mininterval=0.5) as bar:
+        for (name, path), size in zip(source.files(), sizes):
+            if size is None:  # a hub file whose size the listing left out
                 bar.total = (bar.total or 0) + path.stat().st_size
             with closing(read_file(path, _InFile(report, name) if several else report, columns, bar.update)) as rows:
                 for line, row in rows:
@@ -361,11 +361,11 @@ def read_json_lines(path, report, columns=None, advance=lambda n: None):
 
 def read_json(path, report, columns=None, advance=lambda n: None):
     """(line, item) per item of a JSON list; a .json file of JSON lines goes to read_json_lines."""
-    text = _read_text(path)
-    start = len(text) - len(text.lstrip())
-    if not text.startswith("[", start):
+    if _first_character(path) != "[":
         yield from read_json_lines(path, report, columns, advance)
         return
+    text = _read_text(path)
+    start = len(text) - len(text.lstrip())
     decoder, whitespace = json.JSONDecoder(), re.compile(r"\s*")
     bytes_per_char = path.stat().st_size / max(len(text), 1)
     position, line, counted = whitespace.match(text, start + 1).end(), 1, start
@@ -470,6 +470,20 @@ READERS = {".jsonl": read_json_lines, ".json": read_json, ".parquet": read_parqu
            ".txt": read_text}
 
 
+def _first_character(path):
+    """The first character that is not white space (or a byte-order mark), or ''."""
+    try:
+        raw, stream = _open(path)
+        with raw, stream:
+            while chunk := stream.read(1 << 16):
+                text = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
+                if text:
+                    return text[:1].decode("latin-1")
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+        raise GrafitoError(f"{path}: unreadable, corrupt or truncated ({type(err).__name__}: {err})") from None
+    return ""
+
+
 def _read_bytes(path):
     try:
         raw, stream = _open(path)
@@ -488,11 +502,12 @@ def _read_text(path):
 
 # ----------------------------------------------------------------------------- single downloads
 
-def sha256_of(path):
+def sha256_of(path, advance=lambda n: None):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+            advance(len(chunk))
     return digest.hexdigest()
 
 
