@@ -50,6 +50,7 @@ from configurator import SEED, check_options, integer, number  # noqa: E402
 
 FIRST_LINES = 5  # line numbers kept per skip/drop reason in the report
 CHUNK = 1024  # items a worker process handles at a time
+INLINE_CHUNKS = 32  # chunks handled before worker processes start
 
 
 @dataclass
@@ -475,23 +476,23 @@ def chunked(items, size):
 
 
 def ordered_map(function, chunks, workers, *args):
-    """function(chunk, *args) for every chunk, results in chunk order. With several workers and
-    more chunks than they hold in flight, in worker processes, a few chunks ahead of the
-    caller (never the whole input: memory stays bounded)."""
-    in_flight = 2 * workers
+    """function(chunk, *args) for every chunk, results in chunk order: the first INLINE_CHUNKS
+    in this process (starting processes costs seconds, more than small work takes), the rest,
+    given several workers, in worker processes a few chunks ahead of the caller (never the
+    whole input: memory stays bounded)."""
     chunks = iter(chunks)
-    first = list(itertools.islice(chunks, in_flight + 1))
-    if workers == 1 or len(first) <= in_flight:  # small work: starting processes costs more than it saves
-        for chunk in itertools.chain(first, chunks):
-            yield function(chunk, *args)
+    for chunk in chunks if workers == 1 else itertools.islice(chunks, INLINE_CHUNKS):
+        yield function(chunk, *args)
+    rest = list(itertools.islice(chunks, 1))
+    if not rest:
         return
     # forkserver: a fork of this process could inherit a lock held by one of its threads
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
     try:
         pending = deque()
-        for chunk in itertools.chain(first, chunks):
+        for chunk in itertools.chain(rest, chunks):
             pending.append(pool.submit(function, chunk, *args))
-            if len(pending) >= in_flight:
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -253,7 +253,8 @@ def test_each_reader_numbers_rows_where_they_start(tmp_path):
         rows_of(tmp_path / "bad.parquet")
 
 
-def test_work_is_done_a_few_chunks_ahead_of_the_writer():
+def test_work_is_done_a_few_chunks_ahead_of_the_writer(monkeypatch):
+    monkeypatch.setattr(pipeline, "INLINE_CHUNKS", 3)
     pulled = []
 
     def chunks():
@@ -264,7 +265,7 @@ def test_work_is_done_a_few_chunks_ahead_of_the_writer():
     results = []
     for k, length in enumerate(pipeline.ordered_map(len, chunks(), 2)):  # len: a function worker processes can run
         results.append(length)
-        assert len(pulled) <= k + 2 * 2 + 2  # the chunks in flight, never the whole input
+        assert len(pulled) <= k + 2 * 2 + 1  # the chunks in flight, never the whole input
     assert results == list(range(40))
 
 
@@ -276,6 +277,7 @@ def test_worker_processes_write_the_same_dataset(tmp_path, monkeypatch):
     rows += rows[:20]  # duplicates, found across chunks
     write_jsonl(tmp_path / "many.jsonl", rows)
     monkeypatch.setattr(pipeline, "CHUNK", 16)
+    monkeypatch.setattr(pipeline, "INLINE_CHUNKS", 2)
     for workers in (1, 2):
         run_chat(monkeypatch, "--input", tmp_path / "many.jsonl", "--out_dir", tmp_path / f"w{workers}", "--workers",
                  workers, "--block_size", 64)
