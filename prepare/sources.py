@@ -377,7 +377,8 @@ def read_json(path, report, columns=None, advance=lambda n: None):
         try:
             item, end = decoder.raw_decode(text, position)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise GrafitoError(f"{path}, line {line}: not valid JSON ({type(err).__name__}: {err}); a .json file "
+            raise GrafitoError(f"{path}, line {getattr(err, 'lineno', line)}: not valid JSON ({type(err).__name__}: "
+                               f"{err}); a .json file "
                                f"holds one list of records, or one record a line") from None
         report.read += 1
         yield line, item

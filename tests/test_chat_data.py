@@ -429,8 +429,6 @@ def test_a_hub_dataset_is_read_shard_by_shard_through_huggingface_hub(tmp_path, 
     assert report_of(tmp_path / "hub")["source"] == "hub:someone/chats (split train)"
     cached = list((tmp_path / "hf_home").rglob("train-0000*-of-00002.parquet"))
     assert len(cached) == 2 and not list((tmp_path / "hf_home").rglob("test-*"))  # in huggingface_hub's cache
-    offline = chat_script(["--input", "hub:someone/chats", "--out_dir", tmp_path / "off"], {**fake_hub, "HF_HUB_OFFLINE": "1"})
-    assert offline.returncode == 2 and "--input PATH" in offline.stderr and "Traceback" not in offline.stderr
     missing = chat_script(["--input", "hub:someone/other", "--out_dir", tmp_path / "x"], fake_hub)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -455,6 +453,13 @@ def test_a_hub_dataset_card_names_the_files_of_each_subset_and_split(tmp_path, f
                          fake_hub)  # the default subset, split train
     assert result.returncode == 0, result.stderr[-3000:]
     assert data.load_pairs(tmp_path / "p", "train").num_pairs == 1
+
+
+def test_offline_a_hub_dataset_is_one_error_naming_the_local_alternative():
+    # HF_HUB_OFFLINE=1 (conftest): listing a dataset needs the hub
+    with pytest.raises(GrafitoError, match=r"unreachable \(offline, or HF_HUB_OFFLINE=1\)\. Offline, pass a local copy "
+                                           r"with --input PATH"):
+        sources.resolve(["hub:someone/chats"])
 
 
 def test_split_files_by_card_or_by_name():
