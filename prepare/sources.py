@@ -305,13 +305,16 @@ class _Uncounted:
 
 def peek(source, n):
     """The first n rows of the source (fewer if it holds fewer), counted nowhere."""
-    rows = []
+    rows, uncounted = [], _Uncounted()
     for _, path in source.files():
-        with closing(read_file(path, _Uncounted())) as reader:
+        with closing(read_file(path, uncounted)) as reader:
             for _, row in reader:
                 rows.append(row)
                 if len(rows) == n:
                     return rows
+    if uncounted.read and not rows:
+        raise GrafitoError(f"{source.label}: none of its {uncounted.read:,} records can be read (bad JSON, invalid "
+                           f"UTF-8 or the wrong number of CSV fields; --strict stops at the first)")
     return rows
 
 

@@ -191,6 +191,9 @@ def test_formats_that_cannot_be_told_and_empty_results_say_why(tmp_path, monkeyp
     with pytest.raises(GrafitoError, match=r"--pairs reads TRL's preference format.*keys of the first 1 rows: messages"):
         write_jsonl(tmp_path / "m.jsonl", [{"messages": MESSAGES[0]}])
         run_chat(monkeypatch, "--pairs", "--input", tmp_path / "m.jsonl", "--out_dir", tmp_path / "o")
+    (tmp_path / "garbled.jsonl").write_text("{oops\n[1,\n")
+    with pytest.raises(GrafitoError, match="none of its 2 records can be read"):
+        run_chat(monkeypatch, "--input", tmp_path / "garbled.jsonl", "--out_dir", tmp_path / "o")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(GrafitoError, match="no records"):
         run_chat(monkeypatch, "--input", tmp_path / "empty.jsonl", "--out_dir", tmp_path / "o")
