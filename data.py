@@ -25,6 +25,7 @@ meta.json's "splits" list each split's shards ({"file", "documents", "tokens",
 "max_token_id"}) with the split's totals. Training reads random windows of them (TextWindows).
 """
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,26 +56,85 @@ def check_replaceable(folder):
 
 def write_dataset(folder, splits, meta):
     """Write {split: [(ids, mask), ...]} and meta.json atomically (all files or none replaced)."""
+    with dataset_writer(folder, meta, splits=tuple(splits)) as writer:
+        for split, conversations in splits.items():
+            for ids, mask in conversations:
+                writer.add(split, ids, mask)
+    return writer.meta
+
+
+@contextlib.contextmanager
+def dataset_writer(folder, meta, kind="sft", splits=SPLITS):
+    """A DatasetWriter that builds the dataset in a temporary folder beside `folder`.
+
+    On a clean exit it writes meta.json (meta, the kind's keys and the counts; also left as
+    writer.meta) and swaps the folder into place; an error inside the block, or a token id
+    that does not fit uint16, leaves the old dataset as it was. kind is "sft" (meta.json
+    without "kind") or "pairs" (rows written in pairs, see pair_rows).
+    """
     folder = Path(folder)
     check_replaceable(folder)
+    kind_meta = {"sft": {}, "pairs": {"kind": "pairs", "layout": PAIRS_LAYOUT}}[kind]
     with atomic_dir(folder) as tmp:
-        for split, conversations in splits.items():
-            lengths = np.fromiter((len(ids) for ids, _ in conversations), dtype=OFFSET_DTYPE, count=len(conversations))
-            offsets = np.zeros(len(conversations) + 1, dtype=OFFSET_DTYPE)
-            np.cumsum(lengths, out=offsets[1:])
-            tokens = np.fromiter((t for ids, _ in conversations for t in ids), dtype=np.int64, count=int(offsets[-1]))
-            mask = np.fromiter((m for _, mask in conversations for m in mask), dtype=MASK_DTYPE, count=int(offsets[-1]))
-            if len(tokens) and tokens.max() >= np.iinfo(TOKEN_DTYPE).max:
-                raise GrafitoError(f"token id {int(tokens.max())} does not fit the uint16 format (ids must be < 65535)")
-            token_file, mask_file, offset_file = split_files(tmp, split)
-            tokens.astype(TOKEN_DTYPE).tofile(token_file)
-            mask.tofile(mask_file)
-            offsets.tofile(offset_file)
-        full_meta = {"format_version": FORMAT_VERSION, **meta,
-                     "splits": {s: {"conversations": len(c), "tokens": sum(len(ids) for ids, _ in c),
-                                    "supervised_tokens": sum(sum(m) for _, m in c)} for s, c in splits.items()}}
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
-    return full_meta
+        writer = DatasetWriter(tmp, splits)
+        try:
+            yield writer
+            writer.flush()
+        finally:
+            writer.close()
+        writer.meta = {"format_version": FORMAT_VERSION, **meta, **kind_meta, "splits": writer.counts}
+        (tmp / "meta.json").write_text(json.dumps(writer.meta, indent=2) + "\n")
+
+
+class DatasetWriter:
+    """Appends conversations to the three files of each split, a buffer of tokens at a time,
+    so a dataset of any size is written in bounded memory. Use it through dataset_writer()."""
+
+    BUFFER_TOKENS = 1 << 20
+
+    def __init__(self, folder, splits):
+        self.files = {s: [open(path, "wb") for path in split_files(folder, s)] for s in splits}
+        self.counts = {s: {"conversations": 0, "tokens": 0, "supervised_tokens": 0} for s in splits}
+        self.buffers = {s: ([], [], []) for s in splits}  # token ids, mask, conversation ends
+        self.meta = None
+        for token_file, mask_file, offset_file in self.files.values():
+            np.zeros(1, dtype=OFFSET_DTYPE).tofile(offset_file)
+
+    def add(self, split, ids, mask):
+        """One conversation: its token ids and loss mask (equal lengths)."""
+        if len(ids) != len(mask):
+            raise ValueError(f"{len(ids)} token ids but {len(mask)} mask values")
+        tokens, masks, ends = self.buffers[split]
+        counts = self.counts[split]
+        tokens.extend(ids)
+        masks.extend(mask)
+        counts["conversations"] += 1
+        counts["tokens"] += len(ids)
+        counts["supervised_tokens"] += sum(mask)
+        ends.append(counts["tokens"])
+        if len(tokens) >= self.BUFFER_TOKENS:
+            self._flush_split(split)
+
+    def flush(self):
+        for split in self.buffers:
+            self._flush_split(split)
+
+    def _flush_split(self, split):
+        tokens, masks, ends = self.buffers[split]
+        ids = np.array(tokens, dtype=np.int64)
+        if len(ids) and ids.max() >= np.iinfo(TOKEN_DTYPE).max:
+            raise GrafitoError(f"token id {int(ids.max())} does not fit the uint16 format (ids must be < 65535)")
+        token_file, mask_file, offset_file = self.files[split]
+        ids.astype(TOKEN_DTYPE).tofile(token_file)
+        np.array(masks, dtype=MASK_DTYPE).tofile(mask_file)
+        np.array(ends, dtype=OFFSET_DTYPE).tofile(offset_file)
+        for buffer in self.buffers[split]:
+            buffer.clear()
+
+    def close(self):
+        for files in self.files.values():
+            for f in files:
+                f.close()
 
 
 def resolve_dataset(name_or_path):
@@ -340,20 +400,22 @@ PAIRS_LAYOUT = ("pair i = conversations 2i (prompt + chosen answer) and 2i+1 (pr
 
 
 def write_pairs(folder, splits, meta):
-    """Write {split: [(prompt ids, chosen answer ids, rejected answer ids), ...]} as a pairs dataset.
+    """Write {split: [(prompt ids, chosen answer ids, rejected answer ids), ...]} as a pairs dataset."""
+    with dataset_writer(folder, meta, kind="pairs", splits=tuple(splits)) as writer:
+        for split, pairs in splits.items():
+            for prompt, chosen, rejected in pairs:
+                for ids, mask in pair_rows(prompt, chosen, rejected):
+                    writer.add(split, ids, mask)
+    return writer.meta
 
-    Both answers end with <|endoftext|>. The two rows of a pair are built from the one prompt
-    list, so they share its ids by construction.
-    """
-    rows = {}
-    for split, pairs in splits.items():
-        rows[split] = []
-        for prompt, chosen, rejected in pairs:
-            if not prompt or not chosen or not rejected or chosen[-1] != EOT or rejected[-1] != EOT:
-                raise GrafitoError("a pair needs a prompt and two answers that end with <|endoftext|>")
-            for answer in (chosen, rejected):
-                rows[split].append((list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)))
-    return write_dataset(folder, rows, {**meta, "kind": "pairs", "layout": PAIRS_LAYOUT})
+
+def pair_rows(prompt, chosen, rejected):
+    """The two rows of a pair, [(ids, mask), (ids, mask)]: prompt + chosen answer, then prompt
+    + rejected answer, the mask 1 on the answer only. Both answers end with <|endoftext|>;
+    both rows are built from the one prompt list, so they share its ids by construction."""
+    if not prompt or not chosen or not rejected or chosen[-1] != EOT or rejected[-1] != EOT:
+        raise GrafitoError("a pair needs a prompt and two answers that end with <|endoftext|>")
+    return [(list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)) for answer in (chosen, rejected)]
 
 
 @dataclass
