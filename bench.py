@@ -57,6 +57,7 @@ from configurator import SEED, check_options, integer, load_config, number, one_
 from loss import AnswerLogProbs
 from model import GPT, PRESETS, GPTConfig
 from optim import make_optimizer
+from train import load_train_config  # the codename configs exactly as train.py resolves them
 
 
 DEFAULTS = dict(
@@ -179,8 +180,6 @@ def codename_rows(config, gpt_config, device, dtype, peak, rng, peer):
     """Training steps at each codename config's own batch x block, dropout and LoRA settings
     (on the --model shape: a CPU cannot time gpt2-xl), beside the peer's at the same settings;
     a LoRA config also gets our full step at its shape, for the ratio."""
-    from train import load_train_config  # the config exactly as train.py resolves it
-
     for name in filter(None, config["configs"].split(",")):
         path = Path(__file__).resolve().parent / "config" / f"{name}.py"
         if not path.is_file():

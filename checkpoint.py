@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
+import hub
 import lora
 from common import GrafitoError, atomic_dir, current_version, remove_stale_temporaries
-from model import GPT, PRESETS, weight_files
+from model import GPT, PRESETS, WEIGHT_FILES, shard_names, weight_files
 
 TRAIN_STATE = "train_state.pt"
 LATEST, BEST, MERGED = "ckpt", "best", "merged"
@@ -122,9 +123,6 @@ def weights_folder(source):
         return best(source.path) if _holds_weights(best(source.path)) else latest(source.path)
     if source.kind in ("weights", "adapter"):
         return current_version(source.path)
-    import hub
-    from model import WEIGHT_FILES, shard_names
-
     hint = OFFLINE_HINT if source.repo_id != source.name else f"No local folder {source.name!r} exists either. " + OFFLINE_HINT
     config = hub.download(source.repo_id, "config.json", local_hint=hint)
     unavailable = None
