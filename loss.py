@@ -12,7 +12,7 @@ model.forward(..., fused=False) is the plain F.cross_entropy reference it is tes
 import torch
 import torch.nn.functional as F
 
-from common import GrafitoError, autocast, eval_mode
+from common import autocast, eval_mode
 
 CHUNK_ROWS = 1024  # rows of logits alive at once: bounds memory whatever the batch
 # d loss / d logits lies in [-1, 1]; scaled by 2^15 it stays below float16's largest value (65504)
@@ -150,15 +150,6 @@ class _OutputLayer:
         return F.pad(weight_sum, (0, 0, 0, missing)) if missing else weight_sum
 
 
-def _check_first_backward(ctx):
-    """The gradients made in the forward are scaled in place by the backward: a second backward
-    (retain_graph=True) would scale them twice."""
-    if getattr(ctx, "backward_done", False):
-        raise GrafitoError("the fused output layer's backward ran twice on one forward (retain_graph=True?); "
-                           "run the forward again for each backward")
-    ctx.backward_done = True
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grads):
@@ -173,7 +164,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        _check_first_backward(ctx)
         grad_h, grad_w = ctx.saved_tensors  # made for this one backward: scaled in place
         if grad_h is not None:
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
@@ -244,7 +234,6 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_probs):
-        _check_first_backward(ctx)
         grad_h, h, weight, targets, lse = ctx.saved_tensors
         vocab_size, chunk_rows, dtype = ctx.settings
         if grad_h is not None:
