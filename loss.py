@@ -115,7 +115,10 @@ class _OutputLayer:
             if grad_h is None and not grad_w:
                 continue
             probs[torch.arange(len(t), device=device), t] -= 1.0  # d (lse - target logit) / d logits
-            g = (probs if scale == 1.0 else probs.mul_(scale)).to(self.gradient_dtype)
+            if scale == 1.0:
+                g = probs.to(self.gradient_dtype)
+            else:  # scaled and rounded in one pass
+                g = torch.mul(probs, scale, out=torch.empty_like(probs, dtype=self.gradient_dtype))
             if grad_h is not None:
                 chunk_grad = self.product(g, w_for_grads)
                 grad_h[start:end] = chunk_grad if scale == 1.0 else chunk_grad.mul_(1.0 / scale)
