@@ -188,3 +188,69 @@ def test_dpo_runs_compiled_on_the_gpu(tmp_path, lora_args, gpt2_bpe):
     val = {r["step"]: r for r in rows if "val_loss" in r}
     assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-3)  # the start is its own reference
     assert val[30]["val_loss"] < val[0]["val_loss"] and val[30]["val_reward_accuracy"] > 0.5
+
+
+@pytest.fixture
+def float32_matmuls():
+    """float32 references computed in float32, not TF32, whatever set-up ran before."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_output_layer_gradient_products_write_float32_on_the_gpu(dtype, float32_matmuls):
+    """loss.py's gradient products on CUDA: 16-bit inputs, float32 accumulation and output in one
+    cuBLAS call (torch >= 2.8), gradients close to float32's over GPT-2's padded vocabulary."""
+    import torch.nn.functional as F
+
+    import loss
+
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs sm80 or newer")
+    if not loss.MM_WRITES_FLOAT32:
+        pytest.skip("torch < 2.8: no float32-output 16-bit products")
+    torch.manual_seed(0)
+    h = (torch.randn(3000, 256, device="cuda") * 3).to(dtype).float().requires_grad_()  # values the dtype holds
+    weight = torch.randn(50304, 256, device="cuda") * 0.05
+    weight[50257:] = 0  # the embedding's padding rows
+    weight = weight.to(dtype).float().requires_grad_()
+    targets = torch.randint(0, 50257, (3000,), device="cuda")
+
+    layer = loss._OutputLayer(h, weight, 50257, dtype)
+    a, b = h.detach()[:512].to(dtype), weight.detach()[:4096].t().to(dtype)
+    product = layer.product(a, b)
+    assert layer.writes_float32 == loss.MM_WRITES_FLOAT32 and product.dtype == torch.float32
+    exact = a.float() @ b.float()
+    assert ((product - exact).norm() / exact.norm()).item() < 5e-5  # a 16-bit output would be ~1e-4 off
+
+    F.cross_entropy(F.linear(h, weight)[:, :50257], targets, reduction="sum").backward()
+    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    with torch.autocast("cuda", dtype=dtype):
+        value = loss.linear_cross_entropy(h, weight, targets, 50257)
+    value.backward()
+    relative_error = lambda x, y: ((x - y).norm() / y.norm()).item()
+    assert h.grad.dtype == weight.grad.dtype == torch.float32
+    assert torch.isfinite(h.grad).all() and torch.isfinite(weight.grad).all() and (weight.grad[50257:] == 0).all()
+    tolerance = 1e-3 if dtype == torch.float16 else 1e-2  # float16 holds 3 more bits
+    assert relative_error(h.grad, expected_h) < tolerance and relative_error(weight.grad, expected_w) < tolerance
+
+
+def test_fused_output_layer_fp16_weight_gradient_stays_finite_on_the_gpu(float32_matmuls):
+    """Summed over many rows of large hidden states, d loss / d weight leaves float16's range: the
+    float32-written products keep it finite (a float16 output would be inf)."""
+    import torch.nn.functional as F
+
+    import loss
+
+    torch.manual_seed(0)
+    h = (torch.rand(4096, 64, device="cuda") * 100 + 150).half().float().requires_grad_()
+    weight = (torch.randn(128, 64, device="cuda") * 0.01).half().float().requires_grad_()
+    targets = torch.randint(0, 4, (4096,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss.linear_cross_entropy(h, weight, targets, 100).backward()
+    expected = torch.autograd.grad(F.cross_entropy(F.linear(h, weight)[:, :100], targets, reduction="sum"), weight)[0]
+    assert expected.abs().max() > 65504 and torch.isfinite(weight.grad).all()
+    assert ((weight.grad - expected).norm() / expected.norm()).item() < 1e-3
