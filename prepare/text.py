@@ -42,8 +42,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import (Report, check_args, digest, hashed_in_val, ordered_map, parser,  # first: it puts the root on
-                      print_reasons)  # sys.path
+# pipeline first: it puts the repository root on sys.path
+from pipeline import FIRST_LINES, Report, check_args, digest, hashed_in_val, ordered_map, parser, print_reasons
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -70,8 +70,31 @@ class Document:
     where: object  # its line (one file) or "file:line", for the report
     file: int  # the index of its file in the source
     record: int  # its record number in that file (the reader counts malformed records too)
-    skips: list  # (reason, where, detail) of the malformed records read since the document before it
+    skips: "Skips"  # the malformed records read since the document before it
     text: str = None  # None: no document, only the skips at the source's end
+
+
+class Skips:
+    """The malformed records read between two documents: the first few of each reason in full
+    (all the report keeps), the others only counted, so that a long run of them takes no memory."""
+
+    def __init__(self):
+        self.first, self.kept, self.more = [], Counter(), Counter()
+
+    def add(self, reason, where, detail=""):
+        if self.kept[reason] < FIRST_LINES:
+            self.first.append((reason, where, detail))
+            self.kept[reason] += 1
+        else:
+            self.more[reason] += 1
+
+    def count_into(self, report):
+        for reason, where, detail in self.first:
+            report.read += 1
+            report.skip(reason, where, detail)
+        for reason, n in self.more.items():
+            report.read += n
+            report.skipped[reason] += n
 
 
 class FileReport:
@@ -79,40 +102,37 @@ class FileReport:
     over the first `done` (consumed before a resume) and keeps the skips of the others, to be
     counted in the report in source order, when the writer reaches them."""
 
-    def __init__(self, name, several, done):
-        self.name, self.several, self.done = name, several, done
+    def __init__(self, name, several, done, skips):
+        self.name, self.several, self.done, self.skips = name, several, done, skips
         self.read = 0
-        self.skips = []
 
     def where(self, line):
         return f"{self.name}:{line}" if self.several else line
 
     def skip(self, reason, line, detail=""):
         if self.read > self.done:
-            self.skips.append((reason, self.where(line), detail))
+            self.skips.add(reason, self.where(line), detail)
 
 
 def read_documents(source, text_field, start=(0, 0)):
     """A Document per row of the source from start = (file index, records of it consumed),
     then one without text that carries the skips after the last document."""
     first, done = start
-    several, skips = len(source.names) > 1, []
+    several, skips = len(source.names) > 1, Skips()
     for index, (name, path) in enumerate(source.files(first), start=first):
-        report = FileReport(name, several, done if index == first else 0)
+        report = FileReport(name, several, done if index == first else 0, skips)
         column = "text" if sources.format_of(name) == ".txt" else text_field
         with closing(sources.read_file(path, report, columns=[column])) as rows:
             for line, row in rows:
                 if report.read <= report.done:
                     continue
-                skips += report.skips
-                report.skips = []
                 text, problem = text_of(row, column)
                 if problem:
-                    skips.append((problem[0], report.where(line), problem[1]))
+                    report.skips.add(problem[0], report.where(line), problem[1])
                     continue
-                yield Document(report.where(line), index, report.read, skips, text)
-                skips = []
-        skips += report.skips
+                yield Document(report.where(line), index, report.read, report.skips, text)
+                report.skips = Skips()
+        skips = report.skips
     yield Document(None, len(source.names), 0, skips)
 
 
@@ -260,13 +280,11 @@ class SplitShards:
         path, finished = self._partial_path(), folder / self._name()
         if finished.exists():  # renamed as full, but the run died before progress.json said so
             os.replace(finished, path)
-        if self.tokens:
-            if not path.is_file() or path.stat().st_size < 2 * self.tokens:
-                raise DamagedWork(f"{path.name} holds fewer than the {self.tokens:,} tokens progress.json records")
-            os.truncate(path, 2 * self.tokens)  # what was appended after the last finished shard is read again
+        if self.tokens and (not path.is_file() or path.stat().st_size < 2 * self.tokens):
+            raise DamagedWork(f"{path.name} holds fewer than the {self.tokens:,} tokens progress.json records")
         self.file = open(path, "r+b" if self.tokens else "wb")
+        self.file.truncate(2 * self.tokens)  # what was appended after the last finished shard is read again
         self.file.seek(2 * self.tokens)
-        self.file.truncate()
 
     def _name(self):
         return data.shard_file(self.split, len(self.entries))
@@ -426,9 +444,7 @@ class Run:
     def add(self, document, result):
         """Count and write one document (and the skips before it); False once --max_tokens stops the run."""
         report = self.report
-        for reason, where, detail in document.skips:
-            report.read += 1
-            report.skip(reason, where, detail)
+        document.skips.count_into(report)
         if document.text is None:
             self.position = (len(self.source.names), 0)
             return False

@@ -140,18 +140,20 @@ def test_text_files_unicode_a_literal_end_of_text_and_what_is_dropped(tmp_path):
     (corpus / "g_copy.txt").write_text(unicode_text, encoding="utf-8")
     write_jsonl(corpus / "h_rows.jsonl", [{"text": "first row"}, "{not json", {"body": "no text field"},
                                           {"text": 42}, ["not", "an", "object"], {"text": "last row"}])
+    write_jsonl(corpus / "i_noise.jsonl", ["{{{"] * 12 + [{"text": "after the noise"}])
     summary = run_text("--input", corpus, "--out_dir", tmp_path / "out", "--val_fraction", 0)
-    assert split_texts(tmp_path / "out", "train") == [unicode_text, literal, "first row", "last row"]
+    assert split_texts(tmp_path / "out", "train") == [unicode_text, literal, "first row", "last row", "after the noise"]
     train = np.concatenate(data.load_text(tmp_path / "out", "train").shards).tolist()
-    assert train.count(EOT) == 4  # the literal marker is ordinary text, never a document end
-    assert summary["records_read"] == 13
+    assert train.count(EOT) == 5  # the literal marker is ordinary text, never a document end
+    assert summary["records_read"] == 26
     assert summary["dropped"] == {"empty": 2, "binary": 1, "duplicate": 1}
-    assert summary["skipped_malformed"] == {"invalid_utf8": 1, "bad_json": 1, "missing_field": 1, "not_text": 1,
+    assert summary["skipped_malformed"] == {"invalid_utf8": 1, "bad_json": 13, "missing_field": 1, "not_text": 1,
                                             "not_an_object": 1}
     lines = summary["first_lines"]
     assert lines["empty"] == ["c_empty.txt:1", "d_blank.txt:1"] and lines["invalid_utf8"] == ["e_image.txt:1"]
     assert lines["binary"] == ["f_utf16.txt:1"] and lines["duplicate"] == ["g_copy.txt:1"]
-    assert lines["bad_json"] == ["h_rows.jsonl:2"] and lines["missing_field"] == ["h_rows.jsonl:3"]
+    assert lines["bad_json"] == ["h_rows.jsonl:2"] + [f"i_noise.jsonl:{k}" for k in range(1, 5)]
+    assert lines["missing_field"] == ["h_rows.jsonl:3"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["dropped"] == summary["dropped"]
 
 
@@ -178,6 +180,13 @@ import text
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
+recorded = dict()  # split -> the tokens of its partly filled shard that the last progress.json counts
+checkpoint = text.Run.checkpoint
+def hooked_checkpoint(self, *args, **kwargs):
+    checkpoint(self, *args, **kwargs)
+    recorded.update((split, shards.tokens) for split, shards in self.splits.items())
+text.Run.checkpoint = hooked_checkpoint
+
 when = {when!r}
 if when == "after_first_shard":
     save = text.Work.save
@@ -186,27 +195,19 @@ if when == "after_first_shard":
         if any(split["shards"] for split in state["splits"].values()):
             die()
     text.Work.save = hooked
-elif when == "inside_a_shard":  # documents appended after the last finished shard, on disk
-    checkpoint, add = text.Run.checkpoint, text.SplitShards.add
-    checkpoints, added = [], []
-    def hooked_checkpoint(self, *args, **kwargs):
-        checkpoint(self, *args, **kwargs)
-        checkpoints.append(1)
-    def hooked_add(self, ids):
+elif when == "inside_a_shard":  # a document appended (and on disk) after what progress.json counts
+    add = text.SplitShards.add
+    def hooked(self, ids):
         add(self, ids)
-        if checkpoints:
-            added.append(1)
-        if len(added) == 3:
+        if recorded.get(self.split):
             self.file.flush()
             die()
-    text.Run.checkpoint, text.SplitShards.add = hooked_checkpoint, hooked_add
-elif when == "shard_renamed_before_progress":  # the second shard is full, progress.json does not say so yet
+    text.SplitShards.add = hooked
+elif when == "shard_renamed_before_progress":  # a shard renamed as full, progress.json not yet saying so
     finish = text.SplitShards.finish
-    finished = []
     def hooked(self):
         finish(self)
-        finished.append(self.entries[-1]["file"])
-        if len(finished) == 2:
+        if recorded.get(self.split):
             die()
     text.SplitShards.finish = hooked
 sys.argv = ["text.py", *{argv!r}]
@@ -237,13 +238,15 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, brown_corpus, when
     work = tmp_path / ".brown.text-work"
     assert not out_dir.exists() and (work / "progress.json").is_file()  # nothing where train.py would read
     progress = json.loads((work / "progress.json").read_text())
-    assert progress["records_done"] > 0 and len(progress["consumed"]) == 1
+    assert progress["records_done"] > 0 and len(progress["consumed"]) >= 1
     recorded = {e["file"] for split in progress["splits"].values() for e in split["shards"]}
     finished = {p.name for p in (work / "dataset").glob("*.bin")}
     assert finished - recorded if when == "shard_renamed_before_progress" else finished == recorded
-    if when == "inside_a_shard":  # the shards being filled hold more than progress.json counts
-        partial = sum(p.stat().st_size for p in (work / "dataset").glob("*.partial"))
-        assert partial > 2 * sum(split["partial"]["tokens"] for split in progress["splits"].values())
+    if when == "after_first_shard":
+        assert len(progress["consumed"]) == 1
+    if when == "inside_a_shard":  # a shard being filled holds more than progress.json counts
+        assert any((work / "dataset" / (data.shard_file(name, len(split["shards"])) + ".partial")).stat().st_size
+                   > 2 * split["partial"]["tokens"] > 0 for name, split in progress["splits"].items())
     if when == "after_first_shard":
         other = [a if a != "0.2" else "0.3" for a in argv]
         with pytest.raises(GrafitoError, match=r"unfinished prepare of other options \(--val_fraction 0.2\)"):
