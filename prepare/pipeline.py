@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from array import array
@@ -497,7 +498,8 @@ def ordered_map(function, chunks, workers, *args):
     if not rest:
         return
     # forkserver: a fork of this process could inherit a lock held by one of its threads
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=end_with, initargs=(os.getpid(),))
     try:
         pending = deque()
         for chunk in itertools.chain(rest, chunks):
@@ -508,6 +510,29 @@ def ordered_map(function, chunks, workers, *args):
             yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def end_with(pid):
+    """A worker's start: it ends when process pid (the pool's owner) is gone. An owner killed
+    outright (SIGKILL) cannot stop its workers, and they would wait for work forever."""
+    def watch():
+        while process_running(pid):
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def process_running(pid):
+    """False once the process has ended, even while it waits for its parent to collect it (a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took the pid
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): a shell collects its children at once
+        return True
 
 
 class Tally:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,12 +174,18 @@ def test_worker_processes_write_the_same_shards(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- a killed prepare resumes
 
 KILLED = r"""
-import os, signal, sys
+import multiprocessing, os, signal, sys
+from pathlib import Path
 sys.path.insert(0, {prepare!r})
-import text
+import pipeline, text
 
 def die():
+    Path({pids!r}).write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
     os.kill(os.getpid(), signal.SIGKILL)
+
+argv = {argv!r}
+if argv[argv.index("--workers") + 1] != "1":  # every chunk but the first in the worker processes
+    pipeline.INLINE_CHUNKS, text.CHUNK_DOCUMENTS = 1, 2
 
 recorded = dict()  # split -> the tokens of its partly filled shard that the last progress.json counts
 checkpoint = text.Run.checkpoint
@@ -210,9 +217,11 @@ elif when == "shard_renamed_before_progress":  # a shard renamed as full, progre
         if recorded.get(self.split):
             die()
     text.SplitShards.finish = hooked
-sys.argv = ["text.py", *{argv!r}]
-text.main()
+sys.argv = ["text.py", *argv]
+if __name__ == "__main__":  # not in the worker processes, which import this file
+    text.main()
 """
+WHEN = ["after_first_shard", "inside_a_shard", "shard_renamed_before_progress"]
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +236,26 @@ def brown_corpus(tmp_path_factory):
     return options, folder / "whole" / "brown", summary
 
 
-@pytest.mark.parametrize("when", ["after_first_shard", "inside_a_shard", "shard_renamed_before_progress"])
-def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, brown_corpus, when):
+@pytest.mark.parametrize("when,workers", [(when, 1) for when in WHEN] + [("after_first_shard", 2)])
+def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, brown_corpus, when, workers):
     options, whole, whole_summary = brown_corpus
     out_dir = tmp_path / "brown"
     argv = [str(a) for a in options + ["--out_dir", out_dir]]
-    killed = subprocess.run([sys.executable, "-c", KILLED.format(prepare=str(ROOT / "prepare"), when=when, argv=argv)],
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    argv[argv.index("--workers") + 1] = str(workers)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(prepare=str(ROOT / "prepare"), when=when, argv=argv, pids=str(tmp_path / "pids")))
+    with open(tmp_path / "killed.log", "w") as log:  # not a pipe: the run ends without waiting for its workers
+        killed = subprocess.run([sys.executable, script], stdout=log, stderr=log, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    workers_left = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert len(workers_left) == (2 if workers == 2 else 0)
+    deadline = time.monotonic() + 30
+    while workers_left and time.monotonic() < deadline:  # a killed prepare's worker processes end by themselves
+        time.sleep(0.2)
+        workers_left = [pid for pid in workers_left if pipeline.process_running(pid)]
+    for pid in workers_left:  # not to outlive a failed test
+        os.kill(pid, signal.SIGKILL)
+    assert not workers_left
     work = tmp_path / ".brown.text-work"
     assert not out_dir.exists() and (work / "progress.json").is_file()  # nothing where train.py would read
     progress = json.loads((work / "progress.json").read_text())
