@@ -58,7 +58,7 @@ from configurator import check_options, integer  # noqa: E402
 PROGRESS_VERSION = 1  # of progress.json: a work folder of another version is refused
 PEEK_ROWS = 100  # rows whose fields are checked for --text_field before the run
 CHUNK_DOCUMENTS = 1024  # a chunk of work for a tokenising process: this many documents
-CHUNK_CHARACTERS = 1 << 20  # ... or this much text, whichever comes first
+CHUNK_CHARACTERS = 1 << 18  # ... or this much text, whichever comes first
 SPLITS = ("train", "val")
 
 
@@ -407,9 +407,13 @@ def differences(state, changed):
     """How a work folder's settings differ from this command's, for the refusal."""
     old = state.get("settings", {})
     if "source" in changed:
-        files = old.get("source", {}).get("files") or [old.get("source", {}).get("hub_dataset")]
-        described = ", ".join(f["path"] if isinstance(f, dict) else str(f) for f in files[:3])
-        return f"another source ({described}{', ...' if len(files) > 3 else ''}; or its files changed)"
+        source = old.get("source", {})
+        if "hub_dataset" in source:
+            what = f"hub:{source['hub_dataset']} at commit {source.get('commit')}"
+        else:
+            paths = [f.get("path") for f in source.get("files", [])]
+            what = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+        return f"another source ({what}; or its files changed since)"
     return "other options (" + ", ".join(f"--{key} {old.get(key)}" for key in changed) + ")"
 
 
@@ -493,13 +497,13 @@ class Run:
     def has(self, split):
         return bool(self.splits[split].documents or self.splits[split].entries)
 
-    def finish(self):
-        """The last shards finished and recorded; the dataset's meta.json."""
+    def finish(self, described):
+        """The last shards finished and recorded; the dataset's meta.json (described: the source's)."""
         for shards in self.splits.values():
             shards.close()
         self.checkpoint(self.position, finished=True)
         self.digests.close()
-        return data.text_meta(dataset_meta(self.args, self.work.settings, self.report, self.stopped),
+        return data.text_meta(dataset_meta(self.args, described, self.report, self.stopped),
                               {split: shards.entries for split, shards in self.splits.items()})
 
     def abandon(self):
@@ -513,9 +517,10 @@ def prepare(args, source):
     """Read, tokenise, split and shard the source into args.out_dir, resuming the work of an
     earlier run of the same command; print the summary and save it as report.json."""
     started = time.perf_counter()
-    settings = {"source": source.describe(), "text_field": args.text_field, "shard_tokens": args.shard_tokens,
-                "max_tokens": args.max_tokens, "val_fraction": args.val_fraction, "seed": args.seed,
-                "strict": args.strict}
+    described = source.describe()
+    settings = {"source": source_identity(described), "text_field": args.text_field,
+                "shard_tokens": args.shard_tokens, "max_tokens": args.max_tokens, "val_fraction": args.val_fraction,
+                "seed": args.seed, "strict": args.strict}
     work = Work(args.out_dir, settings)
     state = work.open()
     run = Run(args, source, work, state)
@@ -542,7 +547,7 @@ def prepare(args, source):
     if not run.has("train"):
         run.abandon()
         raise nothing_kept(run.report, args, run.has("val"))
-    meta = run.finish()
+    meta = run.finish(described)
     (work.dataset / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     seconds = time.perf_counter() - started
     summary = make_summary(run.report, meta, run.longest, run.stopped, resumed, seconds,
@@ -575,10 +580,19 @@ def nothing_kept(report, args, val_only):
                         f"{why}); nothing written, {args.out_dir} is unchanged")
 
 
-def dataset_meta(args, settings, report, stopped):
+def source_identity(described):
+    """What must stay the same for a run to resume: the local files (where they are and their
+    sha256), or the hub commit and files (not the revision asked for: pinning a branch's commit
+    with @COMMIT resumes a run that read the branch)."""
+    if "hub_dataset" in described:
+        return {key: value for key, value in described.items() if key != "revision"}
+    return {"files": [{"path": str(Path(f["path"]).resolve()), "sha256": f["sha256"]} for f in described["files"]]}
+
+
+def dataset_meta(args, described, report, stopped):
     """meta.json's description of the text dataset (data.text_meta adds the kind and the splits)."""
     return {"dataset": Path(args.out_dir).name, "tokenizer": "gpt2 (tiktoken)", "vocab_size": tokenizer.VOCAB_SIZE,
-            "source": {**settings["source"], "text_field": args.text_field}, "shard_tokens": args.shard_tokens,
+            "source": {**described, "text_field": args.text_field}, "shard_tokens": args.shard_tokens,
             "max_tokens": args.max_tokens, "stopped_at_max_tokens": stopped, "val_fraction": args.val_fraction,
             "seed": args.seed, "records_read": report.read, "skipped_malformed": dict(report.skipped),
             "dropped": dict(report.dropped)}

@@ -304,6 +304,12 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, capsys):
     refused(tmp_path / "one.jsonl", r"1 records read; every document went to val", "--val_fraction", 0.99)
     refused(tmp_path / "one.jsonl", r"shard_tokens = 0 is invalid", "--shard_tokens", 0)
 
+    first = text.Work(tmp_path / "busy", {"seed": 1})
+    first.open()
+    with pytest.raises(GrafitoError, match=r"another prepare is writing .*\.busy\.text-work \(the same --out_dir\)"):
+        text.Work(tmp_path / "busy", {"seed": 1}).open()
+    first.discard()
+
     data.write_dataset(tmp_path / "chat", {"train": [([1, 2, EOT], [0, 1, 1])], "val": []}, {"dataset": "chat"})
     with pytest.raises(GrafitoError, match=r"--out_dir .*chat holds an SFT dataset \(conversations\); a text dataset "
                                            r"would replace it"):
