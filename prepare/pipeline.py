@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from array import array
@@ -92,26 +93,29 @@ class Report:
 
 # ----------------------------------------------------------------------------- command line
 
-def parser(description, name, block_size, sources_input=False):
+def parser(description, name, block_size, sources_input=False, item="conversation"):
     """The options every prepare script takes. name is out_dir's default under data/ (None:
     the script derives it from the source). sources_input=True: --input takes a SOURCE as
     sources.py reads it (files, a folder, a glob, hub:ORG/NAME) with --split and --subset;
-    else one local file in the script's own format."""
+    else one local file in the script's own format. block_size=None: items are documents
+    (prepare/text.py), with no --block_size or --overlong."""
     p = argparse.ArgumentParser(description=description)
     if sources_input:
+        formats = ".jsonl, .jsonl.gz, .json, .parquet, .csv" + (", .txt: one document a file" if item == "document" else "")
         p.add_argument("--input", nargs="+", required=True, metavar="SOURCE",
-                       help="files, a folder or a glob (.jsonl, .jsonl.gz, .json, .parquet, .csv), or hub:ORG/NAME[@REVISION]")
+                       help=f"files, a folder or a glob ({formats}), or hub:ORG/NAME[@REVISION]")
         p.add_argument("--split", help="the split of a hub dataset to read (default train)")
         p.add_argument("--subset", help="the subset (configuration) of a hub dataset, if it has several")
     else:
         p.add_argument("--input", type=user_path, help="a local file in the source's format, instead of downloading")
     p.add_argument("--out_dir", type=user_path, default=data.DATA_ROOT / name if name else None,
                    help=f"default: data/{name or '<name of the source>'}")
-    p.add_argument("--block_size", type=int, default=block_size,
-                   help="longest conversation in tokens, end-of-text included (default %(default)s)")
-    p.add_argument("--overlong", choices=["drop", "truncate"], default="truncate",
-                   help="over-long conversations: drop them, or keep the turns that fit (default %(default)s)")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of conversations in val (default %(default)s)")
+    if block_size is not None:
+        p.add_argument("--block_size", type=int, default=block_size,
+                       help="longest conversation in tokens, end-of-text included (default %(default)s)")
+        p.add_argument("--overlong", choices=["drop", "truncate"], default="truncate",
+                       help="over-long conversations: drop them, or keep the turns that fit (default %(default)s)")
+    p.add_argument("--val_fraction", type=float, default=0.05, help=f"share of {item}s in val (default %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="salts the hash that assigns the val split")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it (repairs, e.g. of mojibake, are still made and counted)")
     p.add_argument("--workers", type=int, default=available_cores(),
@@ -128,8 +132,9 @@ def available_cores():
 
 
 def check_args(args):
-    check_options(vars(args), {"block_size": integer(8, 1 << 20), "val_fraction": number(0.0, 1.0, high_open=True),
-                               "seed": SEED, "workers": integer(1, 1024)})
+    sizes = {"block_size": integer(8, 1 << 20)} if hasattr(args, "block_size") else {}  # documents have no block_size
+    check_options(vars(args), {**sizes, "val_fraction": number(0.0, 1.0, high_open=True), "seed": SEED,
+                               "workers": integer(1, 1024)})
     if isinstance(args.input, Path) and not args.input.is_file():
         raise GrafitoError(f"--input {args.input}: no such file")
     # before a download and minutes of cleaning, not after
@@ -276,7 +281,13 @@ def _drop_reason(turns, check_context):
 
 def in_val(turns, fraction, seed):
     """Deterministic split by a hash of the conversation: reruns and new data never move a sample."""
-    digest = hashlib.sha256(f"{seed}\x1d{dedup_key(turns)}".encode()).digest()
+    return hashed_in_val(dedup_key(turns), fraction, seed)
+
+
+def hashed_in_val(key, fraction, seed):
+    """Whether the item whose text is key goes to val: a hash of seed and key, read as a number
+    in [0, 1), below fraction. prepare/text.py's key is a document's text."""
+    digest = hashlib.sha256(f"{seed}\x1d{key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 
@@ -487,7 +498,8 @@ def ordered_map(function, chunks, workers, *args):
     if not rest:
         return
     # forkserver: a fork of this process could inherit a lock held by one of its threads
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=end_with, initargs=(os.getpid(),))
     try:
         pending = deque()
         for chunk in itertools.chain(rest, chunks):
@@ -498,6 +510,29 @@ def ordered_map(function, chunks, workers, *args):
             yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def end_with(pid):
+    """A worker's start: it ends when process pid (the pool's owner) is gone. An owner killed
+    outright (SIGKILL) cannot stop its workers, and they would wait for work forever."""
+    def watch():
+        while process_running(pid):
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def process_running(pid):
+    """False once the process has ended, even while it waits for its parent to collect it (a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took the pid
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): a shell collects its children at once
+        return True
 
 
 class Tally:

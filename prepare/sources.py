@@ -17,7 +17,7 @@ reads JSON, Parquet, CSV or text reads through here.
                holding JSON lines is read as .jsonl)
     .parquet   a row, decoded a batch at a time (pyarrow)       its row, from 1
     .csv       a record, keyed by the header's names            the line where it starts
-    .txt       the whole file, as {"text": ...}                 1
+    .txt       the whole file, as {"text": ...}: one document   1
 
 Any file may be gzip-compressed (told by its first bytes, as in x.jsonl.gz). A reader
 counts every record in report.read and counts as skips, with their lines, the records
@@ -69,9 +69,9 @@ class LocalSource:
     paths: list
     names: list
 
-    def files(self):
-        """(name, path) of each file, in reading order."""
-        return zip(self.names, self.paths)
+    def files(self, start=0):
+        """(name, path) of each file from the start-th, in reading order."""
+        return zip(self.names[start:], self.paths[start:])
 
     @property
     def sizes(self):
@@ -96,8 +96,8 @@ class HubSource:
     names: list
     sizes: list  # bytes, or None where the hub did not say
 
-    def files(self):
-        for name in self.names:
+    def files(self, start=0):
+        for name in self.names[start:]:
             yield name, hub.download(self.repo_id, name, repo_type="dataset", revision=self.commit, local_hint=LOCAL_HINT)
 
     def describe(self):
