@@ -11,9 +11,26 @@ from model import GPT, GPTConfig
 GREEDY = Sampling(temperature=0)
 
 
+def attention_decides(model):
+    """A random tiny GPT-2 barely uses attention: its next token hardly depends on the keys it
+    reads, so a KV cache holding the wrong keys (stale lengths, rows mixed up) would still give
+    the right answers. Queries and keys scaled by 8 make its attention sharp, values and the
+    attention output by 5 make what it reads outweigh the MLP and the embeddings: the answer
+    then depends on the context, token by token."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            C = block.attn.c_attn.weight.shape[1]
+            for part, scale in ((slice(0, 2 * C), 8.0), (slice(2 * C, 3 * C), 5.0)):  # (q, k), v
+                block.attn.c_attn.weight[part] *= scale
+                block.attn.c_attn.bias[part] *= scale
+            block.attn.c_proj.weight *= 5.0
+    return model
+
+
 def tiny_gpt(seed=0, **config):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 60, **config})).eval()
+    model = GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 60, **config}))
+    return attention_decides(model).eval()
 
 
 def rows_of(steps, row):
@@ -107,12 +124,54 @@ def test_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     gen = lambda seed: torch.Generator().manual_seed(seed)
-    assert torch.equal(sample(logits, Sampling(top_k=1), generator=gen(2)), logits.argmax(-1))
+    assert torch.equal(sample(logits, Sampling(top_k=1), generators=gen(2)), logits.argmax(-1))
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # top-p keeps the smallest set reaching p
-    assert {int(sample(probs.log(), Sampling(top_p=0.8), generator=gen(s))) for s in range(200)} == {0, 1}
-    assert {int(sample(probs.log(), Sampling(top_p=0.81), generator=gen(s))) for s in range(200)} == {0, 1, 2}
+    assert {int(sample(probs.log(), Sampling(top_p=0.8), generators=gen(s))) for s in range(200)} == {0, 1}
+    assert {int(sample(probs.log(), Sampling(top_p=0.81), generators=gen(s))) for s in range(200)} == {0, 1, 2}
+    assert {int(sample(probs.log(), Sampling(top_k=2), generators=gen(s))) for s in range(200)} == {0, 1}
     seen = torch.tensor([[True, False, False, False]])
     assert int(sample(probs.log() + 5, Sampling(temperature=0, repetition_penalty=2.0), seen=seen)) == 1
+
+
+def test_samples_follow_the_distribution_and_temperature_sharpens_it():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])
+    draws = sample(probs.log().expand(20000, 5), Sampling(), generators=torch.Generator().manual_seed(0))
+    assert (torch.bincount(draws, minlength=5) / 20000 - probs[0]).abs().max() < 0.015
+    cold = sample(probs.log().expand(20000, 5), Sampling(temperature=0.5), generators=torch.Generator().manual_seed(0))
+    sharpened = probs[0] ** 2 / (probs[0] ** 2).sum()
+    assert (torch.bincount(cold, minlength=5) / 20000 - sharpened).abs().max() < 0.015
+
+
+MIXED = [Sampling(temperature=0), Sampling(temperature=0.8, top_k=5), Sampling(temperature=1.2, top_p=0.7),
+         Sampling(temperature=1.0, repetition_penalty=1.5), Sampling(temperature=0, repetition_penalty=1.3),
+         Sampling(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=0.8), Sampling(temperature=2.0)]
+
+
+def test_one_batched_call_gives_every_row_the_token_it_gets_alone():
+    """Per-row settings and generators: a row's tokens never depend on its neighbours' settings or draws."""
+    torch.manual_seed(0)
+    B, V, steps = len(MIXED), 40, 30
+    logits, seen = torch.randn(steps, B, V) * 3, torch.rand(B, V) < 0.3
+    batched_generators = [torch.Generator().manual_seed(100 + row) for row in range(B)]
+    batched = [sample(logits[t], MIXED, seen, batched_generators) for t in range(steps)]
+    for row in range(B):
+        generator = torch.Generator().manual_seed(100 + row)
+        alone = [sample(logits[t, row:row + 1], MIXED[row], seen[row:row + 1], [generator]) for t in range(steps)]
+        assert [int(b[row]) for b in batched] == [int(a) for a in alone]
+    assert len({int(b[2]) for b in batched}) > 3  # the sampled rows do sample
+
+
+def test_a_row_with_non_finite_logits_is_flagged_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30)
+    logits[1, 3] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 7] = 1e36  # finite, but overflows once divided by its temperature
+    rows = [Sampling(temperature=0.7), Sampling(temperature=0.7), Sampling(), Sampling(temperature=0.001),
+            Sampling(temperature=0.9, top_p=1e-300)]  # top_p is 0 in float32: the nucleus keeps the top token
+    tokens = sample(logits, rows, generators=[torch.Generator().manual_seed(i) for i in range(5)]).tolist()
+    assert tokens[1:4] == [engine.BAD_LOGITS] * 3
+    assert 0 <= tokens[0] < 30 and tokens[4] == int(logits[4].argmax())
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=float("nan")), dict(temperature=1e-45), dict(temperature=-1),

@@ -22,6 +22,7 @@ import serve
 import tokenizer
 from conftest import ROOT
 from model import GPT, GPTConfig
+from test_engine import attention_decides
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -35,7 +36,7 @@ BLOCK = 128
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("serve") / "tiny"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).save_pretrained(folder)
+    attention_decides(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))).save_pretrained(folder)
     return folder
 
 
@@ -134,16 +135,63 @@ def slow_server(model_dir):
 
 # ----------------------------------------------------------------------------- the batcher, driven step by step
 
+class CheckedEngine:
+    """The reference engine, with every decode step of a Batcher checked against the sequences
+    alone: each busy slot's next-token logits equal a plain forward of the tokens its cache
+    should hold (float32, tight tolerance). check(batcher) then checks the bookkeeping."""
+
+    def __init__(self, reference):
+        self.model, self.inner = reference.model, reference
+        self.device, self.dtype, self.compiled = reference.device, reference.dtype, reference.compiled
+        self.batcher, self.steps_checked = None, 0
+
+    def new_cache(self, *args):
+        return self.inner.new_cache(*args)
+
+    def prefill(self, *args):
+        return self.inner.prefill(*args)
+
+    def decode(self, cache, tokens, active=None):
+        held = [(list(job.history), self.batcher.cache.lengths[row]) for row, job in enumerate(self.batcher.slots)]
+        logits = self.inner.decode(cache, tokens, active)
+        for row, (history, length) in enumerate(held):
+            sequence = torch.tensor([history[-(length + 1):]])  # what the cache holds, and this step's input
+            with torch.no_grad():
+                alone = self.model.logits(self.model.hidden_states(sequence)[:, -1])[0]
+            assert (logits[row] - alone).abs().max() < 1e-4 * max(1.0, alone.abs().max().item()), f"slot {row}"
+        self.steps_checked += 1
+        return logits
+
+    @staticmethod
+    def check(batcher):
+        """Busy rows' lengths equal their positions (the cache's fill); the rows after them are empty."""
+        cache, n = batcher.cache, batcher.busy
+        assert cache.lengths[:n] == cache.positions[:n].tolist()
+        for row, job in enumerate(batcher.slots):
+            if len(job.prompt) + job.generated < BLOCK:  # no restart yet: all of its history but the next input
+                assert cache.lengths[row] == len(job.history) - 1
+        assert cache.lengths[n:] == [0] * (batcher.max_batch - n) and not cache.positions[n:].any()
+
+
+def checked_batcher(reference, max_batch=8):
+    checked = CheckedEngine(reference)
+    checked.batcher = engine.Batcher(checked, max_batch=max_batch)
+    return checked.batcher
+
+
 def batcher_answers(reference, prompts, max_tokens, arrivals, sampling=GREEDY, seeds=None, max_batch=8):
-    """Answers of jobs that join a Batcher at the given steps (no thread: step() by hand)."""
-    batcher = engine.Batcher(reference, max_batch=max_batch)
+    """Answers of jobs that join a Batcher at the given steps (no thread: step() by hand), its
+    invariants checked at every step."""
+    batcher = checked_batcher(reference, max_batch)
     results = [[] for _ in prompts]
-    jobs = [engine.Job(p, n, sampling, lambda text, finish, out=out: out.append((text, finish)),
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    jobs = [engine.Job(p, n, s, lambda text, finish, out=out: out.append((text, finish)),
                        seed=seeds[i] if seeds else None)
-            for i, (p, n, out) in enumerate(zip(prompts, max_tokens, results))]
+            for i, (p, n, s, out) in enumerate(zip(prompts, max_tokens, samplings, results))]
     step = 0
     while any(not out or not out[-1][1] for out in results):
         batcher.step([job for job, arrival in zip(jobs, arrivals) if arrival == step])
+        CheckedEngine.check(batcher)
         step += 1
         assert step < 2000
     return ["".join(text for text, _ in out) for out in results], jobs, batcher
