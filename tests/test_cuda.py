@@ -163,3 +163,36 @@ def test_dpo_runs_bf16_compiled_on_the_gpu(tmp_path, lora_args):
     val = {r["step"]: r for r in rows if "val_loss" in r}
     assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-3)  # the start is its own reference
     assert val[30]["val_loss"] < val[0]["val_loss"] and val[30]["val_reward_accuracy"] > 0.5
+
+
+def test_serve_batcher_replays_cuda_graphs_through_its_cache_views(monkeypatch):
+    """serve --compile: the batcher decodes through views of its cache (the busy rows, padded to a
+    power of two). Marked static like the cache itself, they let every step replay a CUDA graph
+    (torch skips graphs for inputs a step writes that are not static); every size is compiled and
+    recorded by warm_up(), before the first job."""
+    import tokenizer
+    from torch._dynamo.utils import counters
+
+    try:
+        tokenizer.get_encoding()  # a job's text is decoded as it goes
+    except Exception as err:
+        pytest.skip(f"needs the GPT-2 BPE files (TIKTOKEN_CACHE_DIR): {err}")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt().eval()
+    greedy = engine.Sampling(temperature=0)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (7, 3, 20)]
+    batcher = engine.Batcher(engine.Engine(model, compile=True), max_batch=4)
+    assert batcher.sizes == [1, 2, 4]
+    batcher.warm_up()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    jobs = [engine.Job(p, n, greedy, lambda text, finish: None, raw=True) for p, n in zip(prompts, (24, 8, 16))]
+    for step in range(40):
+        batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    assert batcher.busy == 0 and batcher.peak_busy == 3
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for prompt, job in zip(prompts, jobs):
+        alone = [tokens[0] for tokens in engine.Engine(model).generate([prompt], job.max_new_tokens, greedy)]
+        generated = job.history[len(prompt):]  # all of them, unless end-of-text came first
+        assert generated == alone[:len(generated)]
+        assert len(generated) == job.max_new_tokens or generated[-1] == tokenizer.EOT

@@ -190,13 +190,25 @@ def test_non_finite_logits_are_one_clear_error():
         list(Engine(model).generate([[1, 2]], 3, Sampling(temperature=1.0)))
 
 
-def test_compiled_decode_step_gives_the_same_tokens():
-    model = tiny_gpt(block_size=300, vocab_size=64)
-    prompts = [torch.randint(0, 64, (7,)).tolist(), [5, 6]]
-    eager = list(Engine(model).generate(prompts, 12, GREEDY))
+def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_every_size_before_its_jobs(monkeypatch):
+    model = tiny_gpt(block_size=256, vocab_size=64)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (7, 2, 12)]
+    eager = list(Engine(model).generate(prompts[:2], 12, GREEDY))
     compiled = Engine(model, compile=True)
-    assert list(compiled.generate(prompts, 12, GREEDY)) == eager
-    assert compiled.new_cache(1, 19).max_len == 256 and compiled.new_cache(1, 290).max_len == 300  # bucketed, capped
+    assert list(compiled.generate(prompts[:2], 12, GREEDY)) == eager
+    assert compiled.new_cache(1, 19).max_len == 256 and compiled.new_cache(1, 250).max_len == 256  # bucketed, capped
+    # the batcher (serve --compile): steps over 1, 2 or 4 rows, the rows past the busy ones idle
+    batcher = engine.Batcher(compiled, max_batch=4)
+    assert batcher.sizes == [1, 2, 4]
+    batcher.warm_up()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # every size is compiled already
+    jobs = [engine.Job(p, n, GREEDY, lambda text, finish: None, raw=True) for p, n in zip(prompts, (20, 6, 14))]
+    for step in range(40):
+        batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    assert batcher.busy == 0 and batcher.peak_busy == 3
+    for prompt, job in zip(prompts, jobs):
+        alone = [tokens[0] for tokens in Engine(model).generate([prompt], job.max_new_tokens, GREEDY)]
+        assert job.history[len(prompt):] == alone
 
 
 def test_one_row_matrix_vector_path_equals_the_linear_layer():
