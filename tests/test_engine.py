@@ -55,6 +55,7 @@ def test_rows_of_different_lengths_decode_as_each_row_alone():
     for row, prompt in enumerate(prompts):
         alone = list(Engine(model).generate([prompt], 12, GREEDY))
         assert rows_of(batched, row) == rows_of(alone, 0)
+    assert len({tuple(rows_of(batched, row)) for row in range(3)}) == 3  # each row's own answer
 
 
 @pytest.mark.parametrize("variant", [{}, {"activation_function": "gelu", "n_inner": 96}])  # GPT-2; Cerebras-GPT-like
@@ -209,6 +210,14 @@ def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_ever
     for prompt, job in zip(prompts, jobs):
         alone = [tokens[0] for tokens in Engine(model).generate([prompt], job.max_new_tokens, GREEDY)]
         assert job.history[len(prompt):] == alone
+
+
+def test_a_compiled_batcher_has_one_graph_per_power_of_two_and_a_recompile_limit_that_holds_them(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default: 128 rows at most
+    batcher = engine.Batcher(Engine(tiny_gpt(), compile=True), max_batch=1000)  # nothing compiles yet
+    assert batcher.sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert torch._dynamo.config.recompile_limit > len(batcher.sizes)
+    assert engine.Batcher(Engine(tiny_gpt()), max_batch=5).sizes == [1, 2, 3, 4, 5]  # eager: any count
 
 
 def test_one_row_matrix_vector_path_equals_the_linear_layer():

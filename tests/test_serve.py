@@ -221,6 +221,7 @@ def test_batched_greedy_answers_equal_each_answer_alone_whatever_the_arrival_ord
     for prompt, n, answer in zip(prompts, max_tokens, answers):
         assert answer == answer_alone(reference, prompt, n)
     assert batcher.busy == 0 and batcher.peak_busy >= 3
+    assert len(set(answers)) == len(answers)  # the model reads its prompt: a mixed-up cache would show
 
 
 def test_a_slot_whose_context_fills_restarts_as_generate_does(reference):
