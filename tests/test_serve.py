@@ -160,7 +160,7 @@ class CheckedEngine:
             sequence = torch.tensor([history[-(length + 1):]])  # what the cache holds, and this step's input
             with torch.no_grad():
                 alone = self.model.logits(self.model.hidden_states(sequence)[:, -1])[0]
-            assert (logits[row] - alone).abs().max() < 1e-4 * max(1.0, alone.abs().max().item()), f"slot {row}"
+            assert (logits[row] - alone).abs().max() < 1e-5, f"slot {row}"  # float32 rounding stays far below
         self.steps_checked += 1
         return logits
 
