@@ -680,7 +680,7 @@ class Server(uvicorn.Server):
 
     def __init__(self, app, config, grace_seconds=5):
         self.protocol = guarded_protocol(config["request_timeout"], config["max_connections"])
-        super().__init__(uvicorn.Config(app, log_level=config["log_level"], http=self.protocol,
+        super().__init__(uvicorn.Config(app, log_level=config["log_level"], http=self.protocol, backlog=ACCEPT_BURST,
                                         timeout_graceful_shutdown=grace_seconds))  # once drained, for the last bytes
         count_repeated_logs()
         self.state, self.drain_seconds = app.state.grafito, config["drain_seconds"]
@@ -707,7 +707,7 @@ def listening_socket(host, port):
     """A socket listening on host:port, or one clear error if another process holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        return socket.create_server((host, port), family=family, backlog=ACCEPT_BURST)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise GrafitoError(f"port {port} on {host} is already in use (another server?): stop that one or "
@@ -716,17 +716,21 @@ def listening_socket(host, port):
 
 
 FILES_KEPT = 128  # file descriptors the server keeps for itself: model files, logs, threads' pipes
+# connections waiting to be accepted, and accepted at once in one turn of the event loop (asyncio takes
+# the listen backlog for both); a refused or replaced one holds its descriptor for a few more turns
+ACCEPT_BURST = 128
+IN_FLIGHT = 4 * ACCEPT_BURST
 
 
 def allowed_connections(wanted):
-    """The open-file limit raised (up to its hard limit) for `wanted` connections and the
-    server's own files; the number of connections it then allows."""
+    """The open-file limit raised (up to its hard limit) for `wanted` connections, a burst of
+    new ones and the server's own files; the number of connections it then allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = wanted + FILES_KEPT
+    needed = wanted + IN_FLIGHT + FILES_KEPT
     if soft != resource.RLIM_INFINITY and soft < needed:
         soft = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return wanted if soft == resource.RLIM_INFINITY else min(wanted, soft - FILES_KEPT)
+    return wanted if soft == resource.RLIM_INFINITY else min(wanted, soft - IN_FLIGHT - FILES_KEPT)
 
 
 def main():
