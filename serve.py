@@ -9,7 +9,8 @@ Endpoints: GET / (the chat page), GET /health (503 while the model loads, then 2
 GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Requests and replies have
 OpenAI's shapes, so its clients work unchanged; errors too: {"error": {"message", "type",
 "param", "code"}}. Every request becomes an engine.Job; one engine.Batcher thread answers
-them all together (docs/serve.md says more).
+them all together. Slow or stalled requests are closed, open connections are bounded, and
+SIGTERM lets running answers finish before it stops (docs/serve.md says more).
 """
 
 import asyncio
