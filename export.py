@@ -50,6 +50,7 @@ DEFAULTS = dict(
     private=False,  # with --push: create the repo private
 )
 FORMATS = ("hf", "gguf", "peft")
+EXPORT_MARK = ".grafito-export"  # in every folder export.py writes: --overwrite replaces only folders holding it
 OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 HUB_DATASETS = {"hh_rlhf": "Anthropic/hh-rlhf", "dolly": "databricks/databricks-dolly-15k"}
@@ -604,7 +605,8 @@ def push(folder, repo_id, token, private):
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload grafito export")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload grafito export",
+                          ignore_patterns=[EXPORT_MARK])
     except Exception as err:
         raise GrafitoError(f"--push={repo_id}: upload failed ({type(err).__name__}: {err}); the folder is "
                            f"complete at {folder}: retry with hf upload {repo_id} {folder}") from None
@@ -645,8 +647,6 @@ def parse_options(config):
         Path(spec) / "export" if config["init_from"] == "resume" else Path("export") / name)
     if dest.exists() and not dest.is_dir():
         raise GrafitoError(f"--dest={dest} is a file; give a folder to write the export into")
-    if dest.is_dir() and any(dest.iterdir()) and not config["overwrite"]:
-        raise GrafitoError(f"--dest={dest} already holds files; pass --overwrite to replace it, or another --dest")
     target = dest.resolve()
     if target == Path.cwd() or target in Path.cwd().parents:
         raise GrafitoError(f"--dest={dest} is this folder or one above it; the export replaces dest as a whole, "
@@ -659,6 +659,13 @@ def parse_options(config):
         if target == source or target in source.parents or any(w == target or w in target.parents for w in weights):
             raise GrafitoError(f"--dest={dest} would replace or write into the weights being exported; "
                                f"choose a folder outside them (the default is <out_dir>/export)")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not (dest / EXPORT_MARK).is_file():  # a training run, another tool's output, someone's files
+            raise GrafitoError(f"--dest={dest} holds files export.py did not write (it marks its own folders with "
+                               f"{EXPORT_MARK}): it is never replaced, --overwrite or not; choose another --dest")
+        if not config["overwrite"]:
+            raise GrafitoError(f"--dest={dest} holds an earlier export; pass --overwrite to replace it, or another "
+                               f"--dest")
     return formats, hf_type, gguf_type, spec, name, dest
 
 
@@ -689,7 +696,8 @@ def main(argv=None):
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         card = model_card(any_model, info, facts, formats, files, config["license"])
         tmp.joinpath("README.md").write_text(card, encoding="utf-8")
-    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+        tmp.joinpath(EXPORT_MARK).write_text(json.dumps({"written_by": "grafito export.py", "source": spec}) + "\n")
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != EXPORT_MARK)
     print(f"wrote {dest}: {', '.join(files)}")
     if config["push"]:
         push(dest, config["push"], token, config["private"])

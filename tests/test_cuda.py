@@ -254,3 +254,36 @@ def test_fused_output_layer_fp16_weight_gradient_stays_finite_on_the_gpu(float32
     expected = torch.autograd.grad(F.cross_entropy(F.linear(h, weight)[:, :100], targets, reduction="sum"), weight)[0]
     assert expected.abs().max() > 65504 and torch.isfinite(weight.grad).all()
     assert ((weight.grad - expected).norm() / expected.norm()).item() < 1e-3
+
+
+def test_serve_batcher_replays_cuda_graphs_through_its_cache_views(monkeypatch):
+    """serve --compile: the batcher decodes through views of its cache (the busy rows, padded to a
+    power of two). Marked static like the cache itself, they let every step replay a CUDA graph
+    (torch skips graphs for inputs a step writes that are not static); every size is compiled and
+    recorded by warm_up(), before the first job."""
+    import tokenizer
+    from torch._dynamo.utils import counters
+
+    try:
+        tokenizer.get_encoding()  # a job's text is decoded as it goes
+    except Exception as err:
+        pytest.skip(f"needs the GPT-2 BPE files (TIKTOKEN_CACHE_DIR): {err}")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt().eval()
+    greedy = engine.Sampling(temperature=0)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (7, 3, 20)]
+    batcher = engine.Batcher(engine.Engine(model, compile=True), max_batch=4)
+    assert batcher.sizes == [1, 2, 4]
+    batcher.warm_up()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    jobs = [engine.Job(p, n, greedy, lambda text, finish: None, raw=True) for p, n in zip(prompts, (24, 8, 16))]
+    for step in range(40):
+        batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    assert batcher.busy == 0 and batcher.peak_busy == 3
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for prompt, job in zip(prompts, jobs):
+        alone = [tokens[0] for tokens in engine.Engine(model).generate([prompt], job.max_new_tokens, greedy)]
+        generated = job.history[len(prompt):]  # all of them, unless end-of-text came first
+        assert generated == alone[:len(generated)]
+        assert len(generated) == job.max_new_tokens or generated[-1] == tokenizer.EOT
