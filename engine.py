@@ -17,14 +17,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import tokenizer
-from common import GrafitoError, check_memory
+from common import DTYPES, GrafitoError, check_memory, setup
 from configurator import check_options, integer, number
 
 
@@ -345,16 +345,10 @@ def load_engine(options):
     """An Engine for the model options sample.py and serve.py share: init_from ('resume' is the
     training run in out_dir: its best weights, adapters merged), device, dtype (the weights
     are cast to it), compile."""
-    import checkpoint
-    from common import DTYPES, setup
-
-    source = options["init_from"]
-    if source == "resume":
-        source = options["out_dir"]
-        if not Path(source).expanduser().is_dir():
-            raise GrafitoError(f"no training run in out_dir={source}: train one (python train.py "
-                               f"config/ruby_002.py) or use another model, e.g. --init_from=gpt2 or "
-                               f"--init_from=path/to/model")
+    if options["init_from"] == "scratch":
+        raise GrafitoError("init_from=scratch: generation needs a trained model (a run's out_dir, a GPT-2 name, "
+                           "a hub id or a folder)")
+    source = checkpoint.model_source(options["init_from"], options["out_dir"])
     device, dtype = setup(options["device"], options["dtype"])
     model = checkpoint.load_model(source)
     return Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=options["compile"])

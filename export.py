@@ -29,11 +29,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import data
+import engine
 import lora
 import tokenizer
 from common import GrafitoError, atomic_dir, run_cli
 from configurator import load_config
-from model import TANH_GELUS
+from model import TANH_GELUS, hf_config
 
 DEFAULTS = dict(
     out_dir="out/ruby_002",  # the training run to export
@@ -144,8 +146,6 @@ def read_run_info(source, eval_path=""):
 
 def _dataset_facts(dataset):
     """Where the run's dataset came from, when its prepared folder is on this machine."""
-    import data
-
     try:
         meta = data.load_meta(dataset) if dataset else None
     except GrafitoError:
@@ -188,8 +188,6 @@ def _read_json(path):
 
 def sampling_defaults():
     """The generation settings the exported model ships with: those sample.py and serve.py use."""
-    import engine
-
     return dict(engine.CHAT_DEFAULTS)
 
 
@@ -259,10 +257,8 @@ def write_hf(model, folder, outtype):
     """config.json, model.safetensors and generation_config.json in transformers' GPT-2 format."""
     from safetensors.torch import save_file
 
-    import model as grafito_model
-
     dtype = HF_DTYPES[outtype]
-    config = grafito_model.hf_config(model.config)
+    config = hf_config(model.config)
     config["dtype"] = str(dtype).removeprefix("torch.")
     folder.joinpath("config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {name: tensor.to(dtype).contiguous()
@@ -630,13 +626,9 @@ def parse_options(config):
                            "Hugging Face folder")
     hf_type = "f32" if outtype == "auto" else outtype
     gguf_type = "f16" if outtype == "auto" else outtype
-    if config["init_from"] == "resume":
-        spec = config["out_dir"]
-        if not Path(spec).is_dir():
-            raise GrafitoError(f"no training run in out_dir={spec}: pass the run's folder (--out_dir=out/ruby_002), "
-                               f"or export another model with --init_from=...")
-    else:
-        spec = config["init_from"]
+    if config["init_from"] == "scratch":
+        raise GrafitoError("--init_from=scratch: there is no model to export; name a trained one")
+    spec = checkpoint.model_source(config["init_from"], config["out_dir"]).name
     folder = Path(spec.rstrip("/"))
     if folder.name in (checkpoint.BEST, checkpoint.LATEST, checkpoint.MERGED) and (folder.parent / "train_config.json").is_file():
         folder = folder.parent  # a run's weights folder: named after the run

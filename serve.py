@@ -41,6 +41,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import checkpoint
 import engine
 import tokenizer
 from common import GrafitoError, run_cli
@@ -426,8 +427,8 @@ class Reply:
 def model_name_of(config):
     if config["model_name"]:
         return config["model_name"]
-    source = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
-    return Path(source).name if Path(source).expanduser().exists() else source
+    source = checkpoint.model_source(config["init_from"], config["out_dir"])
+    return source.path.name if source.path is not None else source.name
 
 
 def is_loopback(host):
