@@ -256,7 +256,7 @@ def test_fused_output_layer_fp16_weight_gradient_stays_finite_on_the_gpu(float32
     assert ((weight.grad - expected).norm() / expected.norm()).item() < 1e-3
 
 
-def test_serve_batcher_replays_cuda_graphs_through_its_cache_views(monkeypatch):
+def test_serve_batcher_replays_cuda_graphs_through_its_cache_views():
     """serve --compile: the batcher decodes through views of its cache (the busy rows, padded to a
     power of two). Marked static like the cache itself, they let every step replay a CUDA graph
     (torch skips graphs for inputs a step writes that are not static); every size is compiled and
@@ -276,10 +276,10 @@ def test_serve_batcher_replays_cuda_graphs_through_its_cache_views(monkeypatch):
     batcher = engine.Batcher(engine.Engine(model, compile=True), max_batch=4)
     assert batcher.sizes == [1, 2, 4]
     batcher.warm_up()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     jobs = [engine.Job(p, n, greedy, lambda text, finish: None, raw=True) for p, n in zip(prompts, (24, 8, 16))]
-    for step in range(40):
-        batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # monkeypatch's undo would hide the setting
+        for step in range(40):
+            batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
     assert batcher.busy == 0 and batcher.peak_busy == 3
     assert counters["inductor"]["cudagraph_skips"] == 0
     for prompt, job in zip(prompts, jobs):

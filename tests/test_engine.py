@@ -191,7 +191,7 @@ def test_non_finite_logits_are_one_clear_error():
         list(Engine(model).generate([[1, 2]], 3, Sampling(temperature=1.0)))
 
 
-def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_every_size_before_its_jobs(monkeypatch):
+def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_every_size_before_its_jobs():
     model = tiny_gpt(block_size=256, vocab_size=64)
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (7, 2, 12)]
     eager = list(Engine(model).generate(prompts[:2], 12, GREEDY))
@@ -202,21 +202,22 @@ def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_ever
     batcher = engine.Batcher(compiled, max_batch=4)
     assert batcher.sizes == [1, 2, 4]
     batcher.warm_up()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # every size is compiled already
     jobs = [engine.Job(p, n, GREEDY, lambda text, finish: None, raw=True) for p, n in zip(prompts, (20, 6, 14))]
-    for step in range(40):
-        batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # every size is compiled already
+        for step in range(40):
+            batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
     assert batcher.busy == 0 and batcher.peak_busy == 3
     for prompt, job in zip(prompts, jobs):
         alone = [tokens[0] for tokens in Engine(model).generate([prompt], job.max_new_tokens, GREEDY)]
         assert job.history[len(prompt):] == alone
 
 
-def test_a_compiled_batcher_has_one_graph_per_power_of_two_and_a_recompile_limit_that_holds_them(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default: 128 rows at most
-    batcher = engine.Batcher(Engine(tiny_gpt(), compile=True), max_batch=1000)  # nothing compiles yet
-    assert batcher.sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
-    assert torch._dynamo.config.recompile_limit > len(batcher.sizes)
+def test_a_compiled_batcher_has_one_graph_per_power_of_two_and_a_recompile_limit_that_holds_them():
+    # config.patch, not monkeypatch: pytest's undo deletes the attribute, which hides torch's own setting
+    with torch._dynamo.config.patch(recompile_limit=8):  # torch's default: 128 rows at most
+        batcher = engine.Batcher(Engine(tiny_gpt(), compile=True), max_batch=1000)  # nothing compiles yet
+        assert batcher.sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+        assert torch._dynamo.config.recompile_limit > len(batcher.sizes)
     assert engine.Batcher(Engine(tiny_gpt()), max_batch=5).sizes == [1, 2, 3, 4, 5]  # eager: any count
 
 
