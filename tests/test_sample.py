@@ -11,7 +11,7 @@ import data
 import engine
 import sample
 import tokenizer
-from common import GrafitoError
+from common import GrafitoError, run_cli
 from conftest import ROOT
 from model import GPT
 
@@ -119,6 +119,14 @@ def test_sample_chats_from_a_pipe(tiny_model_dir):
     (["--seed=-1"], "seed = -1 is invalid"),
     (["--num_samples=1000000"], "num_samples = 1000000 is invalid"),
 ])
-def test_sample_option_errors_are_one_line(tiny_model_dir, args, message):
-    result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", *args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_sample_option_errors_are_one_line(tiny_model_dir, args, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"--init_from={tiny_model_dir}", *args])
+    with pytest.raises(SystemExit) as stop:  # in this process: run_cli is the script's whole entry point
+        run_cli(sample.main)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_option_error_from_the_command_line_is_one_line_without_a_traceback(tiny_model_dir):
+    result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--temperature=nan")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: sampling: temperature = nan is invalid")
