@@ -51,25 +51,41 @@ def dataset_fingerprint(dataset):
     return digest.hexdigest()[:32]
 
 
-def store_reference(out_dir, fingerprint, resume, model, train_split, val_split, block_size, batch_size, device, dtype):
-    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
-    describes: kept when it does (a resume, or a new run on the same model and data), computed
-    from model and written otherwise; a resume never recomputes (its reference is gone)."""
+def reference_needed(out_dir, fingerprint, resume):
+    """Whether out_dir/reference_logps.pt must be computed: not when it holds the values
+    `fingerprint` describes (a resume, or a new run on the same model and data); a resume never
+    recomputes (its reference is gone), so there a missing or different file is an error."""
     path = out_dir / REFERENCE_FILE
     stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
     found = stored.get("fingerprint", {}) if isinstance(stored, dict) else {}
     if found == fingerprint:
-        print(f"reference: the starting model's log-probabilities in {path}")
-        return
+        return False
     if resume:
         differs = sorted(k for k in set(found) | set(fingerprint) if found.get(k) != fingerprint.get(k))
         raise GrafitoError(f"cannot resume: {path} " + ("is missing" if stored is None else
                            f"was made from another {' and '.join(differs)} than this run's") + " (the dataset changed "
                            "since the run started, or the file was replaced); start a new run")
+    return True
+
+
+def reference_values(model, train_split, val_split, block_size, batch_size, device, dtype):
+    """The starting model's answer log-probabilities: {"train": (pairs, 2), "val": (pairs, 2)}."""
+    return {"train": every_pair_log_probs(model, train_split, block_size, batch_size, device, dtype),
+            # val batched as evaluations batch it: step 0's val rewards are exactly 0
+            "val": pair_log_probs(model, data.pair_eval_batches(val_split, block_size, batch_size), device, dtype)[0]}
+
+
+def store_reference(out_dir, fingerprint, resume, model, train_split, val_split, block_size, batch_size, device, dtype,
+                    values=None):
+    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
+    describes: kept when it does, else written from values (computed from model when not given)."""
+    path = out_dir / REFERENCE_FILE
+    if not reference_needed(out_dir, fingerprint, resume):
+        print(f"reference: the starting model's log-probabilities in {path}")
+        return
     started = time.perf_counter()
-    values = {"train": every_pair_log_probs(model, train_split, block_size, batch_size, device, dtype),
-              # val batched as evaluations batch it: step 0's val rewards are exactly 0
-              "val": pair_log_probs(model, data.pair_eval_batches(val_split, block_size, batch_size), device, dtype)[0]}
+    if values is None:
+        values = reference_values(model, train_split, val_split, block_size, batch_size, device, dtype)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"fingerprint": fingerprint, **values}, tmp)
     os.replace(tmp, path)
@@ -101,7 +117,8 @@ class Reference:
     then rejected rows) and for the val pairs (val(): (pairs, 2)).
 
     LoRA (stored=None): model with its adapters switched off, through forward, the compiled but
-    not DDP-wrapped callable returning each row's answer log-probability. Full fine-tuning:
+    not DDP-wrapped callable returning each row's answer log-probability (with FSDP it runs
+    the sharded model, every rank taking part). Full fine-tuning:
     stored, load_reference's values, or the run folder holding them (read at the first use)."""
 
     def __init__(self, model, forward, device, dtype, stored=None):
@@ -175,7 +192,7 @@ class DPO(Objective):
         self.items_per_epoch = self.train_split.num_pairs
         self.val_batches = (data.pair_eval_batches(self.val_split, config["block_size"], config["batch_size"],
                                                    config["eval_iters"]) if self.val_split.num_pairs else [])
-        self.reference, self.fingerprint, self.lora = None, None, False
+        self.reference, self.fingerprint, self.lora, self.values = None, None, False, None
 
     def check_model(self, model):
         for split in (self.train_split, self.val_split):
@@ -198,12 +215,16 @@ class DPO(Objective):
             self.fingerprint = reference_fingerprint(resume_state, run.base_name, run.init_source, dtype,
                                                      self.config["dataset"])
         self.reference = Reference(model, forward, device, dtype, stored=run.out_dir if stored else None)
+        if stored and run.config.get("fsdp") and reference_needed(run.out_dir, self.fingerprint, run.resume):
+            # a sharded model's forward passes need every rank: all compute now, rank 0 writes in start()
+            self.values = reference_values(model, self.train_split, self.val_split, self.config["block_size"],
+                                           self.config["batch_size"], device, dtype)
 
     def start(self, out_dir, resume):
         if self.fingerprint is not None:
             store_reference(out_dir, self.fingerprint, resume, self.reference.model, self.train_split,
                             self.val_split, self.config["block_size"], self.config["batch_size"],
-                            self.reference.device, self.reference.dtype)
+                            self.reference.device, self.reference.dtype, self.values)
 
     def run_state(self):
         return {"reference_fingerprint": self.fingerprint}
