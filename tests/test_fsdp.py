@@ -2,7 +2,6 @@
 process, resumes exactly from a run killed while saving, tunes with LoRA and DPO; activation
 checkpointing gives the plain gradients; the memory plan (memory.py, --plan) against a hand computation."""
 
-import json
 import os
 import subprocess
 import sys
