@@ -46,10 +46,12 @@ from pathlib import Path
 
 import torch
 
+import hub
 import lora
 from common import GrafitoError, atomic_dir, current_version, remove_stale_temporaries
-from distributed import (every_rank_agrees, gather_full_weights, on_first_rank, reshard, share_from_first_rank)
-from model import GPT, PRESETS, GPTConfig, config_from_hf, hf_config, read_json, weight_files
+from distributed import every_rank_agrees, gather_full_weights, on_first_rank, reshard, share_from_first_rank
+from model import (GPT, PRESETS, WEIGHT_FILES, GPTConfig, config_from_hf, hf_config, read_json, shard_names,
+                   weight_files)
 
 TRAIN_STATE = "train_state.pt"
 SHARDS = "shards"  # an FSDP run's ckpt/: torch.distributed.checkpoint's files
@@ -133,9 +135,6 @@ def weights_folder(source):
         return best(source.path) if _holds_weights(best(source.path)) else latest(source.path)
     if source.kind in ("weights", "adapter"):
         return current_version(source.path)
-    import hub
-    from model import WEIGHT_FILES, shard_names
-
     hint = OFFLINE_HINT if source.repo_id != source.name else f"No local folder {source.name!r} exists either. " + OFFLINE_HINT
     config = hub.download(source.repo_id, "config.json", local_hint=hint)
     unavailable = None
@@ -199,8 +198,6 @@ def model_config(source):
     if source.kind == "hub":
         if source.name in PRESETS:
             return GPTConfig.preset(source.name)
-        import hub
-
         path = hub.download(source.repo_id, "config.json", local_hint=OFFLINE_HINT)
         return config_from_hf(read_json(path, "model config"), where=f"{source.repo_id}: config.json")
     folder = weights_folder(source)
@@ -402,7 +399,7 @@ def write_on_every_rank(final_dir, write, rank, device):
 # ----------------------------------------------------------------------------- the run folder
 
 # settings a resumed run must share with the run it continues, or it would not continue the same way
-RESUME_FIXED = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
+RESUME_FIXED = ("dataset", "dataset_weights", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
                 "eval_iters", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head",
                 "n_embd", "bias", "fsdp")  # fsdp: the checkpoint's format (whole or sharded)
 RUN_FILES = (LATEST, BEST, MERGED, "log.jsonl", "loss.png")

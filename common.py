@@ -92,10 +92,21 @@ def atomic_dir(final_dir):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final_dir)
+
+
+def replace_dir(new_dir, final_dir):
+    """Put the finished folder new_dir (beside final_dir) in final_dir's place, as atomic_dir
+    does: final_dir becomes `<final_dir>.old`, new_dir becomes final_dir, the old one goes. For
+    writers that build their folder over several runs (prepare/text.py resumes)."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if not final_dir.exists() and old.exists():
+        os.replace(old, final_dir)
     if final_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
+    os.replace(new_dir, final_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -14,8 +14,18 @@ the same files: pair i of a split is conversation 2i (prompt + chosen answer) an
 (prompt + rejected answer). Both rows start with the same prompt ids, every earlier turn
 with its answer and the last instruction up to '### Answer:'; the mask is 1 only on the
 final answer and its <|endoftext|>. A meta.json without "kind" is an SFT dataset.
+
+A text dataset (meta.json "kind": "text", from prepare/text.py) holds plain documents for
+next-token training (objective=lm), every token a target, in shards so that billions of
+tokens never make one file:
+
+    <split>-00000.bin, <split>-00001.bin, ...   uint16  whole documents, each followed by <|endoftext|>
+
+meta.json's "splits" list each split's shards ({"file", "documents", "tokens",
+"max_token_id"}) with the split's totals. Training reads random windows of them (TextWindows).
 """
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +56,85 @@ def check_replaceable(folder):
 
 def write_dataset(folder, splits, meta):
     """Write {split: [(ids, mask), ...]} and meta.json atomically (all files or none replaced)."""
+    with dataset_writer(folder, meta, splits=tuple(splits)) as writer:
+        for split, conversations in splits.items():
+            for ids, mask in conversations:
+                writer.add(split, ids, mask)
+    return writer.meta
+
+
+@contextlib.contextmanager
+def dataset_writer(folder, meta, kind="sft", splits=SPLITS):
+    """A DatasetWriter that builds the dataset in a temporary folder beside `folder`.
+
+    On a clean exit it writes meta.json (meta, the kind's keys and the counts; also left as
+    writer.meta) and swaps the folder into place; an error inside the block, or a token id
+    that does not fit uint16, leaves the old dataset as it was. kind is "sft" (meta.json
+    without "kind") or "pairs" (rows written in pairs, see pair_rows).
+    """
     folder = Path(folder)
     check_replaceable(folder)
+    kind_meta = {"sft": {}, "pairs": {"kind": "pairs", "layout": PAIRS_LAYOUT}}[kind]
     with atomic_dir(folder) as tmp:
-        for split, conversations in splits.items():
-            lengths = np.fromiter((len(ids) for ids, _ in conversations), dtype=OFFSET_DTYPE, count=len(conversations))
-            offsets = np.zeros(len(conversations) + 1, dtype=OFFSET_DTYPE)
-            np.cumsum(lengths, out=offsets[1:])
-            tokens = np.fromiter((t for ids, _ in conversations for t in ids), dtype=np.int64, count=int(offsets[-1]))
-            mask = np.fromiter((m for _, mask in conversations for m in mask), dtype=MASK_DTYPE, count=int(offsets[-1]))
-            if len(tokens) and tokens.max() >= np.iinfo(TOKEN_DTYPE).max:
-                raise GrafitoError(f"token id {int(tokens.max())} does not fit the uint16 format (ids must be < 65535)")
-            token_file, mask_file, offset_file = split_files(tmp, split)
-            tokens.astype(TOKEN_DTYPE).tofile(token_file)
-            mask.tofile(mask_file)
-            offsets.tofile(offset_file)
-        full_meta = {"format_version": FORMAT_VERSION, **meta,
-                     "splits": {s: {"conversations": len(c), "tokens": sum(len(ids) for ids, _ in c),
-                                    "supervised_tokens": sum(sum(m) for _, m in c)} for s, c in splits.items()}}
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
-    return full_meta
+        writer = DatasetWriter(tmp, splits)
+        try:
+            yield writer
+            writer.flush()
+        finally:
+            writer.close()
+        writer.meta = {"format_version": FORMAT_VERSION, **meta, **kind_meta, "splits": writer.counts}
+        (tmp / "meta.json").write_text(json.dumps(writer.meta, indent=2) + "\n")
+
+
+class DatasetWriter:
+    """Appends conversations to the three files of each split, a buffer of tokens at a time,
+    so a dataset of any size is written in bounded memory. Use it through dataset_writer()."""
+
+    BUFFER_TOKENS = 1 << 20
+
+    def __init__(self, folder, splits):
+        self.files = {s: [open(path, "wb") for path in split_files(folder, s)] for s in splits}
+        self.counts = {s: {"conversations": 0, "tokens": 0, "supervised_tokens": 0} for s in splits}
+        self.buffers = {s: ([], [], []) for s in splits}  # token ids, mask, conversation ends
+        self.meta = None
+        for token_file, mask_file, offset_file in self.files.values():
+            np.zeros(1, dtype=OFFSET_DTYPE).tofile(offset_file)
+
+    def add(self, split, ids, mask):
+        """One conversation: its token ids and loss mask (equal lengths)."""
+        if len(ids) != len(mask):
+            raise ValueError(f"{len(ids)} token ids but {len(mask)} mask values")
+        tokens, masks, ends = self.buffers[split]
+        counts = self.counts[split]
+        tokens.extend(ids)
+        masks.extend(mask)
+        counts["conversations"] += 1
+        counts["tokens"] += len(ids)
+        counts["supervised_tokens"] += sum(mask)
+        ends.append(counts["tokens"])
+        if len(tokens) >= self.BUFFER_TOKENS:
+            self._flush_split(split)
+
+    def flush(self):
+        for split in self.buffers:
+            self._flush_split(split)
+
+    def _flush_split(self, split):
+        tokens, masks, ends = self.buffers[split]
+        ids = np.array(tokens, dtype=np.int64)
+        if len(ids) and ids.max() >= np.iinfo(TOKEN_DTYPE).max:
+            raise GrafitoError(f"token id {int(ids.max())} does not fit the uint16 format (ids must be < 65535)")
+        token_file, mask_file, offset_file = self.files[split]
+        ids.astype(TOKEN_DTYPE).tofile(token_file)
+        np.array(masks, dtype=MASK_DTYPE).tofile(mask_file)
+        np.array(ends, dtype=OFFSET_DTYPE).tofile(offset_file)
+        for buffer in self.buffers[split]:
+            buffer.clear()
+
+    def close(self):
+        for files in self.files.values():
+            for f in files:
+                f.close()
 
 
 def resolve_dataset(name_or_path):
@@ -79,12 +148,21 @@ def resolve_dataset(name_or_path):
                        f"run a prepare script first, e.g. python prepare/grafito25k.py")
 
 
+def short_name(name_or_path):
+    """How logs and tables name a dataset: its folder's name."""
+    return Path(str(name_or_path).rstrip("/")).name or str(name_or_path)
+
+
 def load_meta(folder):
     return _read_meta(resolve_dataset(folder))
 
 
+KINDS = ("sft", "pairs", "text")
+
+
 def dataset_kind(meta):
-    """'sft' (conversations; meta.json without "kind") or 'pairs' (preference pairs, see load_pairs)."""
+    """'sft' (conversations; meta.json without "kind"), 'pairs' (preference pairs, see load_pairs)
+    or 'text' (documents, see load_text)."""
     return meta.get("kind", "sft")
 
 
@@ -93,8 +171,12 @@ def check_kind(meta, expected, folder="the dataset"):
     kind = dataset_kind(meta)
     if kind == expected:
         return
-    if kind not in ("sft", "pairs"):
-        raise GrafitoError(f"{folder}: dataset kind {kind!r} is not one this grafito reads (sft or pairs)")
+    if kind not in KINDS:
+        raise GrafitoError(f"{folder}: dataset kind {kind!r} is not one this grafito reads ({', '.join(KINDS)})")
+    if "text" in (kind, expected):
+        raise GrafitoError(f"{folder} is a {kind} dataset; " + (
+            "a text dataset trains with objective=lm (next-token on every token)" if kind == "text" else
+            "objective=lm trains on text datasets (python prepare/text.py --input=...)"))
     if kind == "pairs":
         raise GrafitoError(f"{folder} is a preference-pairs dataset (prepared with --pairs): read as conversations "
                            f"it would train on its rejected answers too; use it with a preference objective, or "
@@ -113,12 +195,20 @@ def _read_meta(folder):
         raise GrafitoError(f"{folder}: not a dataset this grafito reads (format version {version}, expected "
                            f"{FORMAT_VERSION}); rerun its prepare script")
     splits = meta.get("splits")
-    well_formed = isinstance(splits, dict) and all(
-        isinstance(counts, dict) and all(type(counts.get(k)) is int and counts[k] >= 0 for k in ("conversations", "tokens"))
-        for counts in splits.values())
+    counts = ("documents", "tokens") if isinstance(meta, dict) and meta.get("kind") == "text" else ("conversations", "tokens")
+
+    def counted(entry, keys):
+        return isinstance(entry, dict) and all(type(entry.get(k)) is int and entry[k] >= 0 for k in keys)
+
+    well_formed = isinstance(splits, dict) and all(counted(split, counts) for split in splits.values())
+    if well_formed and meta.get("kind") == "text":
+        well_formed = all(isinstance(split.get("shards"), list) and all(
+            counted(shard, ("documents", "tokens", "max_token_id")) and isinstance(shard.get("file"), str)
+            and Path(shard["file"]).name == shard["file"] for shard in split["shards"]) for split in splits.values())
     if not well_formed or type(meta.get("vocab_size", 0)) is not int:
-        raise GrafitoError(f"{folder / 'meta.json'} is damaged ('splits' needs conversations and tokens counts per split, "
-                           f"vocab_size an integer); rerun the prepare script")
+        raise GrafitoError(f"{folder / 'meta.json'} is damaged ('splits' needs {' and '.join(counts)} counts per split"
+                           f"{' and its shards' if counts[0] == 'documents' else ''}, vocab_size an integer); rerun "
+                           f"the prepare script")
     return meta
 
 
@@ -285,6 +375,9 @@ class PackedBatches:
     def load_state_dict(self, state):
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
+    rows_per_item = 1  # rows of a batch one item fills (Mixture assembles batches by it)
+    next_items = next_rows
+
 
 def inputs_and_targets(tokens, supervised):
     """(x, y) from rows of tokens: x all but the last token, y the next token where it is supervised, else -1."""
@@ -307,20 +400,22 @@ PAIRS_LAYOUT = ("pair i = conversations 2i (prompt + chosen answer) and 2i+1 (pr
 
 
 def write_pairs(folder, splits, meta):
-    """Write {split: [(prompt ids, chosen answer ids, rejected answer ids), ...]} as a pairs dataset.
+    """Write {split: [(prompt ids, chosen answer ids, rejected answer ids), ...]} as a pairs dataset."""
+    with dataset_writer(folder, meta, kind="pairs", splits=tuple(splits)) as writer:
+        for split, pairs in splits.items():
+            for prompt, chosen, rejected in pairs:
+                for ids, mask in pair_rows(prompt, chosen, rejected):
+                    writer.add(split, ids, mask)
+    return writer.meta
 
-    Both answers end with <|endoftext|>. The two rows of a pair are built from the one prompt
-    list, so they share its ids by construction.
-    """
-    rows = {}
-    for split, pairs in splits.items():
-        rows[split] = []
-        for prompt, chosen, rejected in pairs:
-            if not prompt or not chosen or not rejected or chosen[-1] != EOT or rejected[-1] != EOT:
-                raise GrafitoError("a pair needs a prompt and two answers that end with <|endoftext|>")
-            for answer in (chosen, rejected):
-                rows[split].append((list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)))
-    return write_dataset(folder, rows, {**meta, "kind": "pairs", "layout": PAIRS_LAYOUT})
+
+def pair_rows(prompt, chosen, rejected):
+    """The two rows of a pair, [(ids, mask), (ids, mask)]: prompt + chosen answer, then prompt
+    + rejected answer, the mask 1 on the answer only. Both answers end with <|endoftext|>;
+    both rows are built from the one prompt list, so they share its ids by construction."""
+    if not prompt or not chosen or not rejected or chosen[-1] != EOT or rejected[-1] != EOT:
+        raise GrafitoError("a pair needs a prompt and two answers that end with <|endoftext|>")
+    return [(list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)) for answer in (chosen, rejected)]
 
 
 @dataclass
@@ -452,6 +547,8 @@ class PairBatches:
         return inputs_and_targets(tokens, supervised)
 
     state_dict, load_state_dict = PackedBatches.state_dict, PackedBatches.load_state_dict  # the same (epoch, cursor)
+    rows_per_item = 2  # the chosen rows of a batch, then its rejected rows
+    next_items = next_pairs
 
 
 def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple=64):
@@ -467,3 +564,193 @@ def pair_eval_batches(split, block_size, batch_size, max_batches=0, pad_multiple
         pairs = np.arange(start, min(start + batch_size, split.num_pairs))
         batches.append((pairs, *batcher.batch(pairs)))
     return batches
+
+
+# ----------------------------------------------------------------------------- text (documents, for objective=lm)
+
+def shard_file(split, index):
+    return f"{split}-{index:05d}.bin"
+
+
+def write_text_dataset(folder, splits, meta):
+    """Write {split: [shard, ...]} (each shard a list of documents' token lists, each document
+    ending with <|endoftext|>) and meta.json atomically. prepare/text.py streams its shards
+    itself (text_shard_entry, text_meta); this writes small datasets in one go."""
+    folder = Path(folder)
+    check_replaceable(folder)
+    with atomic_dir(folder) as tmp:
+        entries = {}
+        for split, shards in splits.items():
+            entries[split] = []
+            for index, documents in enumerate(shards):
+                tokens = np.fromiter((t for doc in documents for t in doc), dtype=np.int64)
+                entries[split].append(write_text_shard(tmp, split, index, tokens, len(documents)))
+        (tmp / "meta.json").write_text(json.dumps(text_meta(meta, entries), indent=2) + "\n")
+
+
+def write_text_shard(folder, split, index, tokens, documents):
+    """One shard file from an int array of token ids; returns its meta.json entry."""
+    tokens = np.asarray(tokens)
+    if len(tokens) and (tokens.max() >= np.iinfo(TOKEN_DTYPE).max or tokens.min() < 0):
+        raise GrafitoError(f"token id {int(tokens.max())} does not fit the uint16 format (ids must be < 65535)")
+    name = shard_file(split, index)
+    tokens.astype(TOKEN_DTYPE).tofile(Path(folder) / name)
+    return {"file": name, "documents": int(documents), "tokens": len(tokens),
+            "max_token_id": int(tokens.max()) if len(tokens) else 0}
+
+
+def text_meta(meta, shards):
+    """meta.json of a text dataset: meta, and per split its shards (write_text_shard's entries) and totals."""
+    return {"format_version": FORMAT_VERSION, **meta, "kind": "text", "eot_token": EOT,
+            "splits": {split: {"documents": sum(e["documents"] for e in entries),
+                               "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+                       for split, entries in shards.items()}}
+
+
+@dataclass
+class TextSplit:
+    """One split of a text dataset: its shards, memory-mapped, and its largest token id."""
+    name: str
+    shards: list  # np.memmap uint16, one per shard file
+    documents: int
+    max_token_id: int
+
+    @property
+    def num_tokens(self):
+        return sum(len(shard) for shard in self.shards)
+
+
+def load_text(folder, split):
+    """One split of a text dataset, its shards memory-mapped (read lazily, whatever their size),
+    checked against meta.json; a dataset of another kind is refused."""
+    folder = resolve_dataset(folder)
+    meta = _read_meta(folder)
+    check_kind(meta, "text", folder)
+    if split not in meta["splits"]:
+        raise GrafitoError(f"{folder} has no {split!r} split (it has {', '.join(meta['splits'])})")
+    shards = []
+    for entry in meta["splits"][split]["shards"]:
+        path = folder / entry["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+            raise GrafitoError(f"{folder}: {entry['file']} " + ("is missing" if size is None else f"holds {size:,} bytes, "
+                               f"meta.json says {entry['tokens']:,} tokens") + "; rerun python prepare/text.py")
+        if entry["tokens"]:
+            shards.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
+    return TextSplit(split, shards, meta["splits"][split]["documents"],
+                     max((e["max_token_id"] for e in meta["splits"][split]["shards"]), default=0))
+
+
+class TextWindows:
+    """Training windows: block_size + 1 consecutive tokens at a random place of a text split
+    (any start in any shard, each equally likely), x the first block_size, y the next token at
+    each position. A window may cross a document boundary, as in GPT-2's own training.
+
+    The windows of a call are drawn from a generator seeded with (seed, windows drawn so far):
+    that count is all the state, and restoring it resumes the exact sequence."""
+
+    def __init__(self, split, block_size, seed=0):
+        starts = np.array([max(len(shard) - block_size, 0) for shard in split.shards], dtype=np.int64)
+        if not starts.sum():
+            raise GrafitoError(f"the {split.name} split has no shard of more than block_size = {block_size} tokens "
+                               f"({split.num_tokens:,} tokens in all); prepare more text or lower block_size")
+        self.split, self.block_size, self.seed, self.starts = split, block_size, seed, starts
+        self.ends = np.cumsum(starts)
+        self.drawn = 0
+
+    def next_windows(self, n):
+        """The next n windows as (shard, offset) pairs."""
+        picks = np.random.default_rng([self.seed, self.drawn]).integers(0, int(self.ends[-1]), size=n)
+        self.drawn += n
+        shards = np.searchsorted(self.ends, picks, side="right")
+        return list(zip(shards.tolist(), (picks - (self.ends[shards] - self.starts[shards])).tolist()))
+
+    def batch(self, windows):
+        return text_batch(self.split, windows, self.block_size)
+
+    def state_dict(self):
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        self.drawn = int(state["drawn"])
+
+    rows_per_item = 1
+    next_items = next_windows
+
+
+class TextEvalBatches:
+    """A text split's consecutive, non-overlapping windows, in file order, as (x, y) batches of
+    batch_size rows (the first max_batches if > 0); read from the shards as they are iterated,
+    so a large val split is never held in memory."""
+
+    def __init__(self, split, block_size, batch_size, max_batches=0):
+        self.split, self.block_size, self.batch_size = split, block_size, batch_size
+        self.windows = [(s, o) for s, shard in enumerate(split.shards)
+                        for o in range(0, len(shard) - block_size, block_size)]
+        if max_batches:
+            self.windows = self.windows[:max_batches * batch_size]
+
+    def __len__(self):
+        return -(-len(self.windows) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.windows), self.batch_size):
+            yield text_batch(self.split, self.windows[start:start + self.batch_size], self.block_size)
+
+
+def text_batch(split, windows, block_size):
+    """(x, y) int64 arrays (len(windows), block_size) from (shard, offset) windows of block_size + 1 tokens."""
+    rows = np.stack([split.shards[shard][offset:offset + block_size + 1] for shard, offset in windows]).astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]
+
+
+# ----------------------------------------------------------------------------- mixtures of datasets
+
+class Mixture:
+    """Training items from several datasets of one kind, in proportion to weights.
+
+    Item k of the run comes from dataset i with probability weights[i] (they sum to 1), drawn
+    by a generator seeded with (seed, items drawn so far); that dataset's own sampler (PackedBatches,
+    PairBatches or TextWindows) gives the item, so each dataset keeps its own position and
+    counts its own epochs. Items are (dataset index, that dataset's item). batch() asks each
+    sampler for its items' rows and puts them back in item order (for pairs: every chosen row,
+    then every rejected row), right-padded to the widest: x with pad_id, y with -1, which
+    changes no row's causal loss. The drawn count and every sampler's position are the state."""
+
+    def __init__(self, samplers, weights, seed=0, pad_id=EOT):
+        if len(samplers) != len(weights) or not samplers or any(w <= 0 for w in weights):
+            raise GrafitoError(f"a mixture needs one positive weight per dataset, got {list(weights)} for "
+                               f"{len(samplers)} dataset(s)")
+        self.samplers, self.seed, self.pad_id = samplers, seed, pad_id
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.rows_per_item = samplers[0].rows_per_item
+        self.drawn = 0
+
+    def next_items(self, n):
+        picks = np.random.default_rng([self.seed, self.drawn]).choice(len(self.samplers), size=n, p=self.weights)
+        self.drawn += n
+        taken = {int(i): iter(self.samplers[i].next_items(int((picks == i).sum()))) for i in np.unique(picks)}
+        return [(int(i), next(taken[int(i)])) for i in picks]
+
+    def batch(self, items):
+        parts = {}  # dataset -> (positions of its items, x, y)
+        for i in sorted({d for d, _ in items}):
+            where = [k for k, (d, _) in enumerate(items) if d == i]
+            parts[i] = (where, *self.samplers[i].batch([items[k][1] for k in where]))
+        width, n, per = max(x.shape[1] for _, x, _ in parts.values()), len(items), self.rows_per_item
+        x = np.full((per * n, width), self.pad_id, dtype=np.int64)
+        y = np.full((per * n, width), -1, dtype=np.int64)
+        for where, part_x, part_y in parts.values():
+            for r in range(per):  # the part's r-th block of rows goes to the r-th block of the batch
+                rows = np.asarray(where) + r * n
+                x[rows, :part_x.shape[1]] = part_x[r * len(where):(r + 1) * len(where)]
+                y[rows, :part_y.shape[1]] = part_y[r * len(where):(r + 1) * len(where)]
+        return x, y
+
+    def state_dict(self):
+        return {"drawn": self.drawn, "datasets": [sampler.state_dict() for sampler in self.samplers]}
+
+    def load_state_dict(self, state):
+        self.drawn = int(state["drawn"])
+        for sampler, sub in zip(self.samplers, state["datasets"]):
+            sampler.load_state_dict(sub)

@@ -24,7 +24,7 @@ import data
 import lora
 from common import GrafitoError, eval_mode, training_flops
 from loss import DPO_STATS, AnswerLogProbs, dpo_loss, dpo_stats, pair_log_probs
-from objective import Objective
+from objective import Objective, dataset_names
 
 REFERENCE_FILE = "reference_logps.pt"
 PAIR_LENGTH_GROUP = 64  # pairs of similar length share a batch: less padding (docs/preference_tuning.md)
@@ -34,12 +34,12 @@ def reference_fingerprint(resume_state, base_name, init_source, dtype, dataset):
     """What full fine-tuning's stored reference is made from: model, its weights' digest, dtype, dataset."""
     made_from = (resume_state.get("reference_fingerprint") or {} if resume_state is not None else
                  {"model": base_name, "weights": checkpoint.base_fingerprint(init_source), "dtype": dtype})
-    return {**made_from, "dataset": dataset_fingerprint(dataset)}
+    return {**made_from, "dataset": "+".join(dataset_fingerprint(name) for name in dataset.split(",") if name.strip())}
 
 
 def dataset_fingerprint(dataset):
     """sha256 of a prepared dataset's token, mask and offset files, both splits."""
-    folder = data.resolve_dataset(dataset)
+    folder = data.resolve_dataset(dataset.strip())
     digest = hashlib.sha256()
     for split in data.SPLITS:
         for path in data.split_files(folder, split):
@@ -68,29 +68,35 @@ def reference_needed(out_dir, fingerprint, resume):
     return True
 
 
-def reference_values(model, train_split, val_split, block_size, batch_size, device, dtype):
-    """The starting model's answer log-probabilities: {"train": (pairs, 2), "val": (pairs, 2)}."""
-    return {"train": every_pair_log_probs(model, train_split, block_size, batch_size, device, dtype),
+def reference_values(model, train_splits, val_splits, block_size, batch_size, device, dtype):
+    """The starting model's answer log-probabilities, one (pairs, 2) tensor per dataset:
+    {"train": [...], "val": [...]}."""
+    return {"train": [every_pair_log_probs(model, split, block_size, batch_size, device, dtype)
+                      for split in train_splits],
             # val batched as evaluations batch it: step 0's val rewards are exactly 0
-            "val": pair_log_probs(model, data.pair_eval_batches(val_split, block_size, batch_size), device, dtype)[0]}
+            "val": [pair_log_probs(model, data.pair_eval_batches(split, block_size, batch_size), device, dtype)[0]
+                    for split in val_splits]}
 
 
-def store_reference(out_dir, fingerprint, resume, model, train_split, val_split, block_size, batch_size, device, dtype,
-                    values=None):
+def store_reference(out_dir, fingerprint, resume, model, train_splits, val_splits, block_size, batch_size, device,
+                    dtype, values=None):
     """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
-    describes: kept when it does, else written from values (computed from model when not given)."""
+    describes: kept when it does, else written from values (reference_values, computed from model
+    when not given). One dataset's values are stored as tensors; a mixture's as lists of them."""
     path = out_dir / REFERENCE_FILE
     if not reference_needed(out_dir, fingerprint, resume):
         print(f"reference: the starting model's log-probabilities in {path}")
         return
     started = time.perf_counter()
     if values is None:
-        values = reference_values(model, train_split, val_split, block_size, batch_size, device, dtype)
+        values = reference_values(model, train_splits, val_splits, block_size, batch_size, device, dtype)
+    train, val = values["train"], values["val"]
+    one = len(train) == 1
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"fingerprint": fingerprint, **values}, tmp)
+    torch.save({"fingerprint": fingerprint, "train": train[0] if one else train, "val": val[0] if one else val}, tmp)
     os.replace(tmp, path)
-    print(f"reference: the starting model's log-probabilities of {len(values['train']):,} train and "
-          f"{len(values['val']):,} val pairs, {time.perf_counter() - started:.1f}s -> {path}")
+    print(f"reference: the starting model's log-probabilities of {sum(map(len, train)):,} train and "
+          f"{sum(map(len, val)):,} val pairs, {time.perf_counter() - started:.1f}s -> {path}")
 
 
 def every_pair_log_probs(model, split, block_size, batch_size, device, dtype):
@@ -107,25 +113,32 @@ def every_pair_log_probs(model, split, block_size, batch_size, device, dtype):
 
 
 def load_reference(out_dir):
-    """Full fine-tuning's stored reference: {"train": (pairs, 2), "val": (pairs, 2)}, columns chosen and rejected."""
+    """Full fine-tuning's stored reference: {"train": (pairs, 2), "val": (pairs, 2)}, columns chosen
+    and rejected (a mixture's: lists of them, one per dataset)."""
     stored = torch.load(Path(out_dir) / REFERENCE_FILE, map_location="cpu", weights_only=True)
     return {"train": stored["train"], "val": stored["val"]}
 
 
+def per_dataset(values):
+    """A stored reference's values as a list, one per dataset (one dataset's are stored bare)."""
+    return values if isinstance(values, (list, tuple)) else [values]
+
+
 class Reference:
     """The reference's answer log-probabilities, for a training micro-batch (rows(): chosen rows,
-    then rejected rows) and for the val pairs (val(): (pairs, 2)).
+    then rejected rows) and for a dataset's val pairs (val(): (pairs, 2)).
 
     LoRA (stored=None): model with its adapters switched off, through forward, the compiled but
     not DDP-wrapped callable returning each row's answer log-probability (with FSDP it runs
-    the sharded model, every rank taking part). Full fine-tuning:
-    stored, load_reference's values, or the run folder holding them (read at the first use)."""
+    the sharded model, every rank taking part). Full fine-tuning: stored, load_reference's
+    values, or the run folder holding them (read at the first use).
+    Items are pair indices, or (dataset, pair) for a mixture of datasets."""
 
     def __init__(self, model, forward, device, dtype, stored=None):
         if stored is None and not lora.lora_layers(model):
             raise GrafitoError("a DPO reference needs LoRA adapters to switch off, or stored log-probabilities")
         self.model, self.forward, self.device, self.dtype = model, forward, device, dtype
-        self._stored, self.train, self.val_log_probs = stored, None, None
+        self._stored, self.train, self.starts, self.val_log_probs = stored, None, None, {}
 
     @property
     def stored(self):
@@ -135,24 +148,29 @@ class Reference:
 
     def rows(self, pairs, x, y, supervised):
         if self.stored is not None:
-            if self.train is None:
-                self.train = self.stored["train"].to(self.device)
-            chosen_rejected = self.train[torch.from_numpy(np.asarray(pairs)).to(self.device)]
+            if self.train is None:  # every dataset's pairs in one tensor, dataset d's from starts[d]
+                train = per_dataset(self.stored["train"])
+                self.train = torch.cat(train).to(self.device)
+                self.starts = np.cumsum([0] + [len(t) for t in train[:-1]])
+            mixed = len(pairs) and isinstance(pairs[0], tuple)  # (dataset, pair) items of a mixture
+            index = np.asarray([self.starts[d] + p for d, p in pairs] if mixed else pairs, dtype=np.int64)
+            chosen_rejected = self.train[torch.from_numpy(index).to(self.device)]
             return torch.cat([chosen_rejected[:, 0], chosen_rejected[:, 1]])
         with torch.no_grad(), lora.adapters_off(self.model), eval_mode(self.model):  # eval mode: no dropout
             return self.forward(x, y, supervised)
 
-    def val(self, val_batches):
-        """The val pairs' values; a LoRA reference computes them at the first call (val_batches
-        are the same at every evaluation) and keeps them."""
-        if self.val_log_probs is None and self.stored is not None:
-            self.val_log_probs = self.stored.get("val")
-            if self.val_log_probs is None:
+    def val(self, val_batches, dataset=0):
+        """Dataset `dataset`'s val pairs' values; a LoRA reference computes them at the first call
+        (val_batches are the same at every evaluation) and keeps them."""
+        if dataset not in self.val_log_probs and self.stored is not None:
+            values = self.stored.get("val")
+            if values is None:
                 raise GrafitoError("the stored reference holds no val log-probabilities")
-        if self.val_log_probs is None:
+            self.val_log_probs[dataset] = per_dataset(values)[dataset]
+        if dataset not in self.val_log_probs:
             with lora.adapters_off(self.model):
-                self.val_log_probs = pair_log_probs(self.model, val_batches, self.device, self.dtype)[0]
-        return self.val_log_probs
+                self.val_log_probs[dataset] = pair_log_probs(self.model, val_batches, self.device, self.dtype)[0]
+        return self.val_log_probs[dataset]
 
 
 def step_loss(policy_rows, reference_rows, beta, label_smoothing):
@@ -183,19 +201,21 @@ class DPO(Objective):
     resume_keys = ("beta", "label_smoothing", "dpo_reference")  # they change what the loss means
 
     def __init__(self, config):
-        self.config = config
-        self.train_split = data.load_pairs(config["dataset"], "train")
-        self.val_split = data.load_pairs(config["dataset"], "val")
+        self.config, self.names = config, dataset_names(config)
+        self.train_splits = [data.load_pairs(name, "train") for name in self.names]
+        self.val_splits = [data.load_pairs(name, "val") for name in self.names]
         # whole pairs, never packed: a row's log-probabilities must depend on it alone
-        self.sampler = data.PairBatches(self.train_split, config["block_size"], seed=config["seed"],
-                                        length_group=PAIR_LENGTH_GROUP)
-        self.items_per_epoch = self.train_split.num_pairs
-        self.val_batches = (data.pair_eval_batches(self.val_split, config["block_size"], config["batch_size"],
-                                                   config["eval_iters"]) if self.val_split.num_pairs else [])
+        samplers = [data.PairBatches(split, config["block_size"], seed=config["seed"], length_group=PAIR_LENGTH_GROUP)
+                    for split in self.train_splits]
+        self.sizes = [split.num_pairs for split in self.train_splits]
+        self.mix(config, samplers, self.sizes)
+        self.val_sets = {name: data.pair_eval_batches(split, config["block_size"], config["batch_size"],
+                                                      config["eval_iters"])
+                         for name, split in zip(self.names, self.val_splits) if split.num_pairs}
         self.reference, self.fingerprint, self.lora, self.values = None, None, False, None
 
     def check_model(self, model):
-        for split in (self.train_split, self.val_split):
+        for split in self.train_splits + self.val_splits:
             data.check_token_ids(split.rows, model.config.vocab_size)
 
     def trained_module(self, model):
@@ -217,23 +237,17 @@ class DPO(Objective):
         self.reference = Reference(model, forward, device, dtype, stored=run.out_dir if stored else None)
         if stored and run.config.get("fsdp") and reference_needed(run.out_dir, self.fingerprint, run.resume):
             # a sharded model's forward passes need every rank: all compute now, rank 0 writes in start()
-            self.values = reference_values(model, self.train_split, self.val_split, self.config["block_size"],
+            self.values = reference_values(model, self.train_splits, self.val_splits, self.config["block_size"],
                                            self.config["batch_size"], device, dtype)
 
     def start(self, out_dir, resume):
         if self.fingerprint is not None:
-            store_reference(out_dir, self.fingerprint, resume, self.reference.model, self.train_split,
-                            self.val_split, self.config["block_size"], self.config["batch_size"],
+            store_reference(out_dir, self.fingerprint, resume, self.reference.model, self.train_splits,
+                            self.val_splits, self.config["block_size"], self.config["batch_size"],
                             self.reference.device, self.reference.dtype, self.values)
 
     def run_state(self):
         return {"reference_fingerprint": self.fingerprint}
-
-    def next_items(self, n):
-        return self.sampler.next_pairs(n)
-
-    def batch(self, items):
-        return self.sampler.batch(items)
 
     def weight(self, items, y):
         """Every pair weighs the same, however long its answers."""
@@ -244,8 +258,9 @@ class DPO(Objective):
                          self.config["beta"], self.config["label_smoothing"])
 
     def validate(self, model, device, dtype):
-        return validate(model, self.val_batches, self.reference.val(self.val_batches), self.config["beta"],
-                        self.config["label_smoothing"], device, dtype)
+        return self.combine({name: validate(model, batches, self.reference.val(batches, self.names.index(name)),
+                                            self.config["beta"], self.config["label_smoothing"], device, dtype)
+                             for name, batches in self.val_sets.items()})
 
     def describe(self, metrics):
         return describe(metrics)
@@ -262,8 +277,9 @@ class DPO(Objective):
     def describe_data(self, per_step, accumulation, max_iters):
         reference = ("this model with its adapters off" if self.fingerprint is None
                      else f"the starting model's log-probabilities ({REFERENCE_FILE})")
-        return [f"data: {self.train_split.num_pairs:,} train pairs (a chosen and a rejected row each, at most "
-                f"{int(self.train_split.row_lengths.max()):,} tokens)",
+        longest = max(int(split.row_lengths.max()) for split in self.train_splits)
+        return [f"data: {self.items_per_epoch:,} train pairs (a chosen and a rejected row each, at most "
+                f"{longest:,} tokens)", *self.describe_mixture("pairs", self.sizes),
                 f"objective: DPO, beta {self.config['beta']}, label smoothing {self.config['label_smoothing']}; "
                 f"reference: {reference}",
                 f"steps: {max_iters:,} of {per_step} pairs (gradient accumulation {accumulation}) = "

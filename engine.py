@@ -17,14 +17,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import tokenizer
-from common import GrafitoError, check_memory
+from common import DTYPES, GrafitoError, check_memory, setup
 from configurator import check_options, integer, number
 
 
@@ -46,14 +46,29 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = None  # the slots a prefill fills; None during a decode step
         self.window = max_len  # keys a decode step attends over (the longest slot's, or all)
+        self.static = False  # tensors marked static for CUDA graphs (their views too)
+        self._views = {}
+
+    def mark_static(self):
+        """Tell torch.compile these tensors keep their storage: CUDA graphs may then update them in place."""
+        self.static = True
+        for tensor in self.keys + self.values + [self.positions]:
+            torch._dynamo.mark_static_address(tensor)
 
     def first(self, n):
         """Slots 0..n-1 as a cache of n rows sharing this one's tensors and lengths (a decode
-        step over the busy slots only; the rows after them must be empty)."""
-        view = copy.copy(self)
-        view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
-        view.positions, view.batch_size = self.positions[:n], n
-        return view
+        step over the busy slots only; the rows after them must be empty). One view per n,
+        made once: a compiled step then sees the same tensors every time."""
+        if n == self.batch_size:
+            return self
+        if n not in self._views:
+            view = copy.copy(self)
+            view.keys, view.values = [k[:n] for k in self.keys], [v[:n] for v in self.values]
+            view.positions, view.batch_size, view._views = self.positions[:n], n, {}
+            if self.static:  # views of the same storage: without the mark, torch skips CUDA graphs
+                view.mark_static()
+            self._views[n] = view
+        return self._views[n]
 
     def layout(self, T):
         """(positions, attention mask) for the T tokens of the forward about to run."""
@@ -97,7 +112,7 @@ CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, top_p=1.0, r
 class Sampling:
     temperature: float = 1.0  # 0 is greedy
     top_k: int = 0  # 0 keeps every token
-    top_p: float = 1.0
+    top_p: float = 1.0  # the nucleus always keeps the most likely token, however small top_p is
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
@@ -108,28 +123,64 @@ class Sampling:
         }, where="sampling")
 
 
-def sample(logits, sampling, seen=None, generator=None):
-    """Next token ids (B,) from logits (B, V); seen (B, V) marks tokens the penalty pushes down."""
+BAD_LOGITS = -1  # what sample() gives a row whose logits are NaN or infinite
+NON_FINITE = ("the model produced NaN or infinite logits; its weights are damaged (or overflow in this dtype: try "
+              "--dtype=float32)")
+
+
+def sample(logits, sampling, seen=None, generators=None):
+    """Next token ids (B,) from logits (B, V), every row with its own settings, in one batched pass.
+
+    sampling: one Sampling for every row, or a list of one per row. seen (B, V): the tokens each
+    row's repetition penalty pushes down. generators: one torch.Generator for every row, a list
+    of one per row (each row then draws from its own only, so a seeded row's tokens do not depend
+    on its neighbours), or None (torch's global one). A row whose logits are NaN or infinite
+    (from the model, or after its penalty and temperature) gets BAD_LOGITS instead of a token:
+    the caller ends that row alone. Every step is row-wise, so a row's token is the same
+    whatever else is in the batch.
+    """
+    B, V = logits.shape
+    rows = sampling if isinstance(sampling, list) else [sampling] * B
+    per_row = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
     logits = logits.float()
-    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | torch.isneginf(logits).all(dim=-1).any()):
-        raise GrafitoError("the model produced NaN or infinite logits; its weights are damaged (or overflow in "
-                           "this dtype: try --dtype=float32)")
-    if seen is not None and sampling.repetition_penalty != 1.0:  # CTRL-style
-        penalty = sampling.repetition_penalty
+    penalties = [s.repetition_penalty for s in rows]
+    if seen is not None and any(p != 1.0 for p in penalties):  # CTRL-style; a penalty of 1 changes nothing exactly
+        penalty = per_row(penalties)
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
+    greedy = [s.temperature == 0 for s in rows]
+    if not all(greedy):
+        logits = logits / per_row([s.temperature or 1.0 for s in rows])
+    best, tokens = logits.max(dim=-1)  # the greedy tokens; NaN propagates into best
+    bad = ~torch.isfinite(best)
+    if all(greedy):
+        return tokens.masked_fill(bad, BAD_LOGITS)
+    top_k = [min(s.top_k, V) if not g else 0 for s, g in zip(rows, greedy)]
+    if any(top_k):
+        k = per_row(top_k, torch.long)
+        kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    top_p = [s.top_p if not g and s.top_p < 1 else 2.0 for s, g in zip(rows, greedy)]  # 2: keeps every token
+    if any(p < 1 for p in top_p):  # the smallest set of most likely tokens whose mass reaches top_p
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= sampling.top_p, float("-inf"))  # smallest nucleus
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+        outside = torch.cumsum(probs, dim=-1) - probs >= per_row(top_p)
+        outside[:, 0] = False  # a top_p that rounds to 0 in float32 keeps the most likely token
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    # inverse transform sampling: one uniform draw per row, looked up in the row's cumulative distribution
+    cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms(generators, B, logits.device)[:, None] * total,
+                           torch.nextafter(total, torch.zeros_like(total)))  # below the total: a token of mass > 0
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+    tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
+    return tokens.masked_fill(bad, BAD_LOGITS)
+
+
+def uniforms(generators, B, device):
+    """B uniform draws in [0, 1): from one generator (or torch's), or one from each row's."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.rand(B, generator=generators, device=device)
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
 
 
 class Engine:
@@ -160,9 +211,8 @@ class Engine:
         check_memory(needed, str(self.device), f"a KV cache for {batch_size} rows", "generate fewer rows at once")
         cache = KVCache(self.model.config, batch_size, min(tokens, self.model.config.block_size), self.device,
                         self.dtype)
-        if self.compiled and self.device.type == "cuda":  # CUDA graphs may then update them in place
-            for tensor in cache.keys + cache.values + [cache.positions]:
-                torch._dynamo.mark_static_address(tensor)
+        if self.compiled and self.device.type == "cuda":
+            cache.mark_static()
         return cache
 
     @torch.no_grad()
@@ -237,6 +287,8 @@ class Engine:
                 logits[:, vocab_limit:] = float("-inf")
             # 5. sample, record, stop
             tokens = sample(logits, sampling, seen, generator).tolist()
+            if any(token == BAD_LOGITS for token, on in zip(tokens, active) if on):
+                raise GrafitoError(NON_FINITE)
             out = []
             for row, token in enumerate(tokens):
                 if not active[row]:
@@ -293,16 +345,10 @@ def load_engine(options):
     """An Engine for the model options sample.py and serve.py share: init_from ('resume' is the
     training run in out_dir: its best weights, adapters merged), device, dtype (the weights
     are cast to it), compile."""
-    import checkpoint
-    from common import DTYPES, setup
-
-    source = options["init_from"]
-    if source == "resume":
-        source = options["out_dir"]
-        if not Path(source).expanduser().is_dir():
-            raise GrafitoError(f"no training run in out_dir={source}: train one (python train.py "
-                               f"config/ruby_002.py) or use another model, e.g. --init_from=gpt2 or "
-                               f"--init_from=path/to/model")
+    if options["init_from"] == "scratch":
+        raise GrafitoError("init_from=scratch: generation needs a trained model (a run's out_dir, a GPT-2 name, "
+                           "a hub id or a folder)")
+    source = checkpoint.model_source(options["init_from"], options["out_dir"])
     device, dtype = setup(options["device"], options["dtype"])
     model = checkpoint.load_model(source)
     return Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=options["compile"])
@@ -337,6 +383,50 @@ class QueueFull(Exception):
     """The Batcher's waiting line is full: the caller should come back later."""
 
 
+class StopStrings:
+    """Finds the first of some stop strings in text that arrives piece by piece, in time
+    linear in the text: one Knuth-Morris-Pratt automaton per string, fed each new character."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.fallback = [self._fallback(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # characters of each string the text ends with
+        self.fed = 0  # characters fed so far
+
+    @staticmethod
+    def _fallback(s):
+        """fallback[i]: the longest proper prefix of s[:i + 1] that is also its suffix."""
+        table, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = table[k - 1]
+            k += s[i] == s[k]
+            table[i] = k
+        return table
+
+    def feed(self, text):
+        """Where (in all the text fed) the first stop string to be completed starts, or None."""
+        for char in text:
+            self.fed += 1
+            found = None
+            for j, (s, table) in enumerate(zip(self.stops, self.fallback)):
+                k = self.matched[j]
+                while k and s[k] != char:
+                    k = table[k - 1]
+                k += s[k] == char
+                if k == len(s):
+                    found = min(found if found is not None else self.fed, self.fed - k)  # ties: the longest
+                    k = table[k - 1]
+                self.matched[j] = k
+            if found is not None:
+                return found
+        return None
+
+    def held(self):
+        """Characters at the end of the text that may be the start of a stop string."""
+        return max(self.matched, default=0)
+
+
 class Job:
     """One request the Batcher answers: a prompt (token ids), its own sampling settings, stop
     strings and seed, and deliver(text, finish_reason), which the engine thread calls with each
@@ -348,7 +438,8 @@ class Job:
         if not prompt:
             raise ValueError("a job needs at least one prompt token")
         self.prompt, self.max_new_tokens, self.sampling = list(prompt), max_new_tokens, sampling
-        self.deliver, self.stop, self.seed = deliver, [s for s in stop if s], seed
+        self.deliver, self.seed = deliver, seed
+        self.stop = StopStrings(stop)
         self.stream = tokenizer.AnswerStream(raw=raw)
         self.text = ""  # the answer so far, cut at a stop string once one appears
         self.sent = 0  # characters of text already delivered
@@ -356,25 +447,22 @@ class Job:
         self.finish_reason = None
         self.cancelled = False
         # set by the engine thread when the job takes a slot
-        self.history, self.seen, self.generator = None, None, None
+        self.history, self.generator = None, None
 
     def take(self, token):
         """Record one generated token and deliver the text it completes; True when the job is done."""
         self.generated += 1
-        self.text += self.stream.add(token)
+        new = self.stream.add(token)
         if self.stream.done:
             self.finish_reason = "stop"
         elif self.generated == self.max_new_tokens:
-            self.text += self.stream.finish()
+            new += self.stream.finish()
             self.finish_reason = "length"
-        # a stop string may straddle earlier pieces: search from just before the undelivered text
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
-        cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.finish_reason = self.text[:min(cuts)], "stop"
-        end = len(self.text)
-        if self.finish_reason is None:  # hold back a tail that may be the start of a stop string
-            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        self.text += new
+        cut = self.stop.feed(new)  # undelivered text never holds a stop string's start: held() keeps it back
+        if cut is not None:
+            self.text, self.finish_reason = self.text[:cut], "stop"
+        end = len(self.text) if self.finish_reason else len(self.text) - self.stop.held()
         piece, self.sent = self.text[self.sent:end], max(self.sent, end)
         if piece or self.finish_reason:
             self.send(piece, self.finish_reason)
@@ -387,22 +475,40 @@ class Job:
             self.cancelled = True
 
 
+def describe(err):
+    """An exception as the one line a job's client is told (a traceback in the log when unexpected)."""
+    if isinstance(err, GrafitoError):
+        return str(err)
+    traceback.print_exception(err)
+    return f"{type(err).__name__}: {err}"
+
+
 class Batcher:
     """Continuous batching: one engine thread owns the model and answers many Jobs at once.
 
     Every busy slot is a row of one KV cache (rows 0..n-1: a freed row is filled by the last
     busy one, so a decode step runs over exactly the busy rows). Each step decodes one token
-    for every busy slot; a new job is prefilled into a free row and joins at the next step;
-    a finished or cancelled job leaves at once. Each slot keeps its own sampling settings,
-    stop strings, torch.Generator (its seed) and positions, so a job's tokens do not depend on
-    the others: in float32, greedy answers equal Engine.generate's for the prompt alone.
+    for every busy slot and samples all of them in one batched call; a new job is prefilled
+    into a free row and joins at the next step; a finished or cancelled job leaves at once.
+    Each slot keeps its own sampling settings, stop strings, torch.Generator (its seed) and
+    positions, so a job's tokens do not depend on the others: in float32, greedy answers
+    equal Engine.generate's for the prompt alone. A failure that belongs to one job (a bad
+    prompt, NaN logits in its row, its stop strings or client) ends that job alone; only a
+    failed decode step, which is everyone's, ends them all.
     At most max_batch slots; up to max_queue more jobs wait, beyond that submit() refuses.
+    With a compiled engine, each decode step runs over a power of two of rows (few graphs),
+    and start() compiles every one of those sizes before the first job.
     """
 
     def __init__(self, engine, max_batch=16, max_queue=64):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.block_size = engine.model.config.block_size
+        config = engine.model.config
+        self.block_size, self.vocab_size = config.block_size, config.vocab_size
         self.cache = engine.new_cache(max_batch, self.block_size)
+        self.seen = torch.zeros(max_batch, config.vocab_size, dtype=torch.bool, device=engine.device)  # penalty marks
+        self.sizes = sorted({self.rows_for(n) for n in range(1, max_batch + 1)})  # decode step sizes
+        if engine.compiled:  # one graph per size: past torch's recompile limit it would silently run eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes) + 1)
         self.slots = []  # the busy jobs, slot i in cache row i (the engine thread's alone)
         self.waiting = collections.deque()
         self.peak_busy = 0  # the most slots ever busy at once
@@ -410,18 +516,33 @@ class Batcher:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="grafito-engine", daemon=True)
 
+    def rows_for(self, n):
+        """The rows a decode step over n busy slots runs on."""
+        return n if not self.engine.compiled else min(self.max_batch, 1 << (n - 1).bit_length())
+
     def start(self):
+        if self.engine.compiled:
+            self.warm_up()
         self._thread.start()
         return self
 
-    def close(self, timeout=30):
+    @torch.no_grad()
+    def warm_up(self):
+        """Compile the decode step for every size now, not on the first request that needs it
+        (which would stall every stream). No slot is busy: the steps move nothing."""
+        runs = 2 if self.engine.device.type == "cuda" else 1  # CUDA graphs are recorded on the second run
+        for rows in self.sizes:
+            for _ in range(runs):
+                self.engine.decode(self.cache.first(rows), [0] * rows, [False] * rows)
+
+    def close(self, timeout=30, message="the server is shutting down"):
         """Stop the engine thread; jobs still running or waiting end with an error."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join(timeout)
         for job in self.slots + list(self.waiting):
-            job.send("the server is shutting down", "error")
+            job.send(message, "error")
         self.slots, self.waiting = [], collections.deque()
 
     def submit(self, job):
@@ -455,14 +576,12 @@ class Batcher:
                 new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.slots)))]
             try:
                 self.step(new)
-            except Exception as err:  # the model failed (NaN logits, out of memory): every job ends with it
-                if not isinstance(err, GrafitoError):
-                    traceback.print_exc()
-                message = str(err) if isinstance(err, GrafitoError) else f"{type(err).__name__}: {err}"
+            except Exception as err:  # the decode step failed (out of memory...): it was every job's
+                message = describe(err)
                 for job in dict.fromkeys(self.slots + new):
                     job.send(message, "error")
                 self.slots = []
-                self.cache.lengths = [0] * self.max_batch
+                self.cache.lengths[:] = [0] * self.max_batch  # in place: the cache's views share the list
                 self.cache.positions.zero_()
 
     @torch.no_grad()
@@ -473,49 +592,86 @@ class Batcher:
         for row in reversed(range(len(self.slots))):
             if self.slots[row].cancelled:
                 self._leave(row)
-        new = [job for job in new if not job.cancelled]
-        # 2. new jobs take the next rows: their own history, penalty marks and generator; all but
-        #    the prompt's last token prefilled (that one is the first decode step's input)
-        for job in new:
-            job.history = job.prompt[-(self.block_size - 1):]
-            if job.sampling.repetition_penalty != 1.0:
-                job.seen = torch.zeros(1, self.engine.model.config.vocab_size, dtype=torch.bool,
-                                       device=self.engine.device)
-                job.seen[0, job.history] = True
-            job.generator = torch.Generator(device=self.engine.device)
-            job.generator.manual_seed(job.seed) if job.seed is not None else job.generator.seed()
-        if new:
-            rows = list(range(len(self.slots), len(self.slots) + len(new)))
-            self.slots += new
-            self.engine.prefill(cache, rows, [job.history[:-1] for job in new])
-            self.peak_busy = max(self.peak_busy, len(self.slots))
+        # 2. new jobs take the next rows
+        self._admit([job for job in new if not job.cancelled and self._prepare(job)])
+        # 3. a slot whose context is full restarts from its recent tokens, alone (as Engine.generate)
+        for row in reversed(range(len(self.slots))):
+            job = self.slots[row]
+            if cache.lengths[row] == cache.max_len:
+                keep = max(self.block_size // 2, self.block_size - (job.max_new_tokens - job.generated))
+                try:
+                    self.engine.prefill(cache, [row], [job.history[-keep:-1]])
+                except Exception as err:
+                    job.send(describe(err), "error")
+                    self._leave(row)
         n = len(self.slots)
         if not n:
             return
-        # 3. a slot whose context is full restarts from its recent tokens, alone (as Engine.generate)
-        for row, job in enumerate(self.slots):
-            if cache.lengths[row] == cache.max_len:
-                keep = max(self.block_size // 2, self.block_size - (job.max_new_tokens - job.generated))
-                self.engine.prefill(cache, [row], [job.history[-keep:-1]])
         # 4. one decode step over the busy rows (a compiled step over a power of two of them: few graphs)
-        rows = n if not self.engine.compiled else min(self.max_batch, 1 << (n - 1).bit_length())
+        rows = self.rows_for(n)
         tokens = [job.history[-1] for job in self.slots] + [0] * (rows - n)
         active = None if rows == n else [True] * n + [False] * (rows - n)
         logits = self.engine.decode(cache.first(rows), tokens, active)[:n]
         if logits.shape[-1] > tokenizer.VOCAB_SIZE:  # rows the tokenizer cannot decode
             logits[:, tokenizer.VOCAB_SIZE:] = float("-inf")
-        # 5. each slot samples with its own settings and generator
-        picks = [int(sample(logits[row:row + 1], job.sampling, job.seen, job.generator))
-                 for row, job in enumerate(self.slots)]
-        # 6. record each token, deliver the text, and free the rows of finished jobs
+        # 5. every slot samples with its own settings and generator, in one call and one transfer
+        penalized = any(job.sampling.repetition_penalty != 1.0 for job in self.slots)
+        picks = sample(logits, [job.sampling for job in self.slots], self.seen[:n] if penalized else None,
+                       [job.generator for job in self.slots])
+        if penalized:
+            self.seen[torch.arange(n, device=picks.device), picks.clamp(min=0)] = True
+        picks = picks.tolist()
+        # 6. record each token, deliver the text, and free the rows of finished (or failed) jobs
         for row in reversed(range(n)):
             job, token = self.slots[row], picks[row]
-            job.history.append(token)
-            del job.history[:-self.block_size]
-            if job.seen is not None:
-                job.seen[0, token] = True
-            if job.take(token) or job.cancelled:
+            try:
+                if token == BAD_LOGITS:
+                    raise GrafitoError(NON_FINITE)
+                job.history.append(token)
+                del job.history[:-self.block_size]
+                done = job.take(token)
+            except Exception as err:
+                job.send(describe(err), "error")
+                done = True
+            if done or job.cancelled:
                 self._leave(row)
+
+    def _prepare(self, job):
+        """A new job's own state (history, generator); False if it cannot run: it ended with an error."""
+        try:
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in job.prompt):
+                raise GrafitoError(f"the prompt holds token ids outside the model's vocabulary (0 to "
+                                   f"{self.vocab_size - 1})")
+            job.history = job.prompt[-(self.block_size - 1):]
+            job.generator = torch.Generator(device=self.engine.device)
+            job.generator.manual_seed(job.seed) if job.seed is not None else job.generator.seed()
+            return True
+        except Exception as err:
+            job.send(describe(err), "error")
+            return False
+
+    def _admit(self, jobs):
+        """Jobs take the next free rows: all but each prompt's last token prefilled together (that
+        one is the first decode step's input). If that fails, each is prefilled alone, so a job
+        that cannot be ends alone."""
+        groups = [jobs] if jobs else []
+        while groups:
+            group = groups.pop()
+            rows = list(range(len(self.slots), len(self.slots) + len(group)))
+            try:
+                self.engine.prefill(self.cache, rows, [job.history[:-1] for job in group])
+            except Exception as err:
+                if len(group) > 1:
+                    groups += [[job] for job in reversed(group)]
+                else:
+                    group[0].send(describe(err), "error")
+                continue
+            for row, job in zip(rows, group):
+                if job.sampling.repetition_penalty != 1.0:
+                    self.seen[row] = False
+                    self.seen[row, job.history] = True
+            self.slots += group
+        self.peak_busy = max(self.peak_busy, len(self.slots))
 
     def _leave(self, row):
         """Free a row: the last busy slot moves into it, so busy rows stay 0..n-1."""
@@ -526,6 +682,7 @@ class Batcher:
                 layer[row, :, :length] = layer[last, :, :length]
             cache.positions[row] = cache.positions[last]
             cache.lengths[row] = length
+            self.seen[row] = self.seen[last]
             self.slots[row] = self.slots[last]
         self.slots.pop()
         cache.lengths[last] = 0

@@ -54,7 +54,7 @@ DEFAULTS = dict(
     queries="",  # a text file with one query per line instead of the README's six
     out="eval/zero_shot.md",  # the table; the JSON with all numbers goes beside it (.json)
     max_new_tokens=48,
-    datasets="",  # comma-separated prepared datasets for val loss; empty: every SFT dataset in data/
+    datasets="",  # comma-separated prepared datasets for val loss; empty: every chat (SFT) and text dataset in data/
     pairs_datasets="",  # comma-separated preference-pairs datasets for preference accuracy; empty: every one in data/
     eval_iters=0,  # val batches per dataset, 0 for all
     accuracy_samples=200,  # short-answer questions from accuracy_dataset's val split, 0 to skip
@@ -143,27 +143,30 @@ def short_answer_questions(dataset, n):
 
 
 def prepared_datasets(names, kind="sft"):
-    """The datasets of a kind ('sft': val loss, 'pairs': preference accuracy) to measure: those
-    named, or every one of that kind in data/; those without a val split are skipped, with a note."""
+    """The datasets to measure: 'sft' val loss (chat and text datasets), 'pairs' preference
+    accuracy; those named, or every one of those kinds in data/. Those without a val split are
+    skipped, with a note."""
     option = "--pairs_datasets" if kind == "pairs" else "--datasets"
+    kinds = ("pairs",) if kind == "pairs" else ("sft", "text")
     if names:
         names = [n.strip() for n in names.split(",") if n.strip()]
         for name in names:
             found = data.dataset_kind(data.load_meta(name))
-            if found != kind and found not in ("sft", "pairs"):
-                raise GrafitoError(f"{option}: {name} is a {found} dataset, which eval.py does not measure yet")
-            if found != kind:
-                other = "--datasets (val loss)" if found == "sft" else "--pairs_datasets (preference accuracy)"
+            if found not in kinds and found not in data.KINDS:
+                raise GrafitoError(f"{option}: {name} is a {found} dataset, which eval.py does not measure")
+            if found not in kinds:
+                other = "--pairs_datasets (preference accuracy)" if found == "pairs" else "--datasets (val loss)"
                 raise GrafitoError(f"{option}: {name} is {'an SFT' if found == 'sft' else 'a ' + found} dataset; "
                                    f"give it in {other}")
     else:
         # x.old is x during (or after an interrupted) rewrite; hidden folders are half-written
         names = sorted({p.name.removesuffix(".old") for p in data.DATA_ROOT.glob("*")
                         if not p.name.startswith(".") and (p / "meta.json").is_file()})
-        names = [name for name in names if data.dataset_kind(data.load_meta(name)) == kind]
+        names = [name for name in names if data.dataset_kind(data.load_meta(name)) in kinds]
     kept = []
     for name in names:
-        if data.load_meta(name)["splits"].get("val", {}).get("conversations", 0):
+        val = data.load_meta(name)["splits"].get("val", {})
+        if val.get("conversations", 0) or val.get("documents", 0):
             kept.append(name)
         else:
             print(f"(no {'preference accuracy' if kind == 'pairs' else 'val loss'} on {name}: it was prepared "
@@ -198,10 +201,10 @@ def preference_accuracy(model, name, config, device, dtype):
 
 
 def val_batches(name, block_size, config):
-    """A dataset's val split as (x, y) batches, target -1 where nothing is measured: the one place
-    where each dataset kind's val-loss batches are made. Text datasets (prepare/text.py, kind
-    'text') join here once data.py reads their shards: batches whose every target counts, after
-    which val loss, perplexity, the token count and the table's column follow unchanged."""
+    """A dataset's val split as (x, y) batches, target -1 where nothing is measured: a chat
+    dataset's answers, every token of a text dataset (consecutive windows of its documents)."""
+    if data.dataset_kind(data.load_meta(name)) == "text":
+        return data.TextEvalBatches(data.load_text(name, "val"), block_size, config["batch_size"], config["eval_iters"])
     return data.eval_batches(data.load_split(name, "val"), block_size, config["batch_size"], config["eval_iters"])
 
 
@@ -211,7 +214,7 @@ def evaluate_model(label, source, config, queries, questions, datasets, pairs_da
     model = checkpoint.load_model(source).eval().to(device)
     result = {"label": label, "source": str(source), "dtype": dtype, "val": {}, "preference": {}}
     for name in datasets:  # float32 weights under autocast, as train.py evaluates: the same numbers
-        block = min(model.config.block_size, data.load_meta(name)["block_size"])
+        block = min(model.config.block_size, data.load_meta(name).get("block_size", model.config.block_size))
         batches = val_batches(name, block, config)
         loss = masked_val_loss(model, batches, device, dtype)
         result["val"][name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),

@@ -29,11 +29,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import data
+import engine
 import lora
 import tokenizer
 from common import GrafitoError, atomic_dir, run_cli
 from configurator import load_config
-from model import TANH_GELUS
+from model import TANH_GELUS, hf_config
 
 DEFAULTS = dict(
     out_dir="out/ruby_002",  # the training run to export
@@ -50,6 +52,7 @@ DEFAULTS = dict(
     private=False,  # with --push: create the repo private
 )
 FORMATS = ("hf", "gguf", "peft")
+EXPORT_MARK = ".grafito-export"  # in every folder export.py writes: --overwrite replaces only folders holding it
 OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 HUB_DATASETS = {"hh_rlhf": "Anthropic/hh-rlhf", "dolly": "databricks/databricks-dolly-15k"}
@@ -143,8 +146,6 @@ def read_run_info(source, eval_path=""):
 
 def _dataset_facts(dataset):
     """Where the run's dataset came from, when its prepared folder is on this machine."""
-    import data
-
     try:
         meta = data.load_meta(dataset) if dataset else None
     except GrafitoError:
@@ -187,8 +188,6 @@ def _read_json(path):
 
 def sampling_defaults():
     """The generation settings the exported model ships with: those sample.py and serve.py use."""
-    import engine
-
     return dict(engine.CHAT_DEFAULTS)
 
 
@@ -258,10 +257,8 @@ def write_hf(model, folder, outtype):
     """config.json, model.safetensors and generation_config.json in transformers' GPT-2 format."""
     from safetensors.torch import save_file
 
-    import model as grafito_model
-
     dtype = HF_DTYPES[outtype]
-    config = grafito_model.hf_config(model.config)
+    config = hf_config(model.config)
     config["dtype"] = str(dtype).removeprefix("torch.")
     folder.joinpath("config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {name: tensor.to(dtype).contiguous()
@@ -604,7 +601,8 @@ def push(folder, repo_id, token, private):
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload grafito export")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload grafito export",
+                          ignore_patterns=[EXPORT_MARK])
     except Exception as err:
         raise GrafitoError(f"--push={repo_id}: upload failed ({type(err).__name__}: {err}); the folder is "
                            f"complete at {folder}: retry with hf upload {repo_id} {folder}") from None
@@ -628,13 +626,9 @@ def parse_options(config):
                            "Hugging Face folder")
     hf_type = "f32" if outtype == "auto" else outtype
     gguf_type = "f16" if outtype == "auto" else outtype
-    if config["init_from"] == "resume":
-        spec = config["out_dir"]
-        if not Path(spec).is_dir():
-            raise GrafitoError(f"no training run in out_dir={spec}: pass the run's folder (--out_dir=out/ruby_002), "
-                               f"or export another model with --init_from=...")
-    else:
-        spec = config["init_from"]
+    if config["init_from"] == "scratch":
+        raise GrafitoError("--init_from=scratch: there is no model to export; name a trained one")
+    spec = checkpoint.model_source(config["init_from"], config["out_dir"]).name
     folder = Path(spec.rstrip("/"))
     if folder.name in (checkpoint.BEST, checkpoint.LATEST, checkpoint.MERGED) and (folder.parent / "train_config.json").is_file():
         folder = folder.parent  # a run's weights folder: named after the run
@@ -645,8 +639,6 @@ def parse_options(config):
         Path(spec) / "export" if config["init_from"] == "resume" else Path("export") / name)
     if dest.exists() and not dest.is_dir():
         raise GrafitoError(f"--dest={dest} is a file; give a folder to write the export into")
-    if dest.is_dir() and any(dest.iterdir()) and not config["overwrite"]:
-        raise GrafitoError(f"--dest={dest} already holds files; pass --overwrite to replace it, or another --dest")
     target = dest.resolve()
     if target == Path.cwd() or target in Path.cwd().parents:
         raise GrafitoError(f"--dest={dest} is this folder or one above it; the export replaces dest as a whole, "
@@ -659,6 +651,13 @@ def parse_options(config):
         if target == source or target in source.parents or any(w == target or w in target.parents for w in weights):
             raise GrafitoError(f"--dest={dest} would replace or write into the weights being exported; "
                                f"choose a folder outside them (the default is <out_dir>/export)")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not (dest / EXPORT_MARK).is_file():  # a training run, another tool's output, someone's files
+            raise GrafitoError(f"--dest={dest} holds files export.py did not write (it marks its own folders with "
+                               f"{EXPORT_MARK}): it is never replaced, --overwrite or not; choose another --dest")
+        if not config["overwrite"]:
+            raise GrafitoError(f"--dest={dest} holds an earlier export; pass --overwrite to replace it, or another "
+                               f"--dest")
     return formats, hf_type, gguf_type, spec, name, dest
 
 
@@ -689,7 +688,8 @@ def main(argv=None):
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         card = model_card(any_model, info, facts, formats, files, config["license"])
         tmp.joinpath("README.md").write_text(card, encoding="utf-8")
-    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+        tmp.joinpath(EXPORT_MARK).write_text(json.dumps({"written_by": "grafito export.py", "source": spec}) + "\n")
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != EXPORT_MARK)
     print(f"wrote {dest}: {', '.join(files)}")
     if config["push"]:
         push(dest, config["push"], token, config["private"])

@@ -12,7 +12,13 @@ model.forward(..., fused=False) is the plain F.cross_entropy reference it is tes
 import torch
 import torch.nn.functional as F
 
+from common import autocast, eval_mode
+
 CHUNK_ROWS = 1024  # rows of logits alive at once: bounds memory whatever the batch
+# d loss / d logits lies in [-1, 1]; scaled by 2^15 it stays below float16's largest value (65504)
+# while probabilities down to about 1e-12 keep a gradient (float16's smallest number is 6e-8)
+FLOAT16_GRADIENT_SCALE = 2.0 ** 15
+MM_WRITES_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8: torch.mm(..., out_dtype=torch.float32)
 
 
 @torch.compiler.disable  # the supervised count changes every batch: compiled, it would recompile
@@ -31,63 +37,132 @@ def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=Non
 
 
 def _output_layer_settings(h, weight):
-    """(matmul dtype, gradient matmul dtype, whether to make gradients) for a fused output layer:
-    the autocast dtype when autocast is on, but gradients in float32 under float16, whose range
-    they would leave before the grad scaler can help; gradients only when autograd will ask."""
+    """(matmul dtype, whether to make gradients) for a fused output layer: the autocast dtype
+    when autocast is on; gradients only when autograd will ask for them."""
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    grad_dtype = torch.float32 if dtype == torch.float16 else dtype
-    return dtype, grad_dtype, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return dtype, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
 
 
 def linear_cross_entropy(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
     """Equal to F.cross_entropy(F.linear(h, weight)[:, :vocab_size], targets, reduction='sum'),
-    gradients included. Matmuls run in the autocast dtype when autocast is on (in float32
-    when that is float16, whose range the gradient matmuls would leave before the grad
-    scaler can help); softmax and loss in float32. Gradients are made in the forward pass
-    only when autograd will ask for them."""
+    gradients included. Precision and padding as _OutputLayer says; gradients are made in
+    the forward pass only when autograd will ask for them."""
     return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_rows, *_output_layer_settings(h, weight))
 
 
-def _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype):
-    """The weight's real-vocabulary rows in the matmul dtype and in the gradient dtype; h in the matmul dtype."""
-    w = weight[:vocab_size].to(dtype)
-    return w, w if grad_dtype == dtype else weight[:vocab_size].to(grad_dtype), h.to(dtype)
+class _OutputLayer:
+    """One call's operands of the fused output layer (h @ weight.T, then softmax), and the chunk
+    loop both fused layers run.
+
+    Padding: the weight's rows past vocab_size (the embedding is padded to a multiple of 64,
+    which suits the matmul kernels) take part in every product, and their logits are set to
+    -inf: probability 0 and gradient 0, exactly as if those rows were cut off.
+    Precision: logits in the matmul dtype (autocast's), softmax and log-sum-exp in float32.
+    The gradient products take their inputs in the matmul dtype and accumulate in float32,
+    writing float32 where cuBLAS can (CUDA, torch >= 2.8; elsewhere float16 inputs are widened
+    to float32, exactly, and bfloat16 products written in bfloat16). Under float16, d loss /
+    d logits is multiplied by FLOAT16_GRADIENT_SCALE before its rounding and divided after the
+    products (in float32), so that improbable tokens keep their gradient: the grad scaler's
+    scale reaches this gradient only in the backward, after it is made.
+    """
+
+    def __init__(self, h, weight, vocab_size, dtype):
+        self.vocab_size, self.h_shape, self.h_dtype, self.weight_shape = vocab_size, h.shape, h.dtype, weight.shape
+        self.h_source, self.h, self.w = h, h.to(dtype), weight.to(dtype)
+        self.writes_float32 = MM_WRITES_FLOAT32 and h.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        self.widens = dtype == torch.float16 and not self.writes_float32
+        self.gradient_scale = FLOAT16_GRADIENT_SCALE if dtype == torch.float16 else 1.0
+        self.gradient_dtype = dtype
+
+    def product(self, a, b):
+        """a @ b, accumulated in float32: written in float32 where cuBLAS can or the inputs are
+        widened, else (bfloat16 off CUDA) in the matmul dtype."""
+        if self.writes_float32:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float() if self.widens else a @ b
+
+    def chunks(self, targets, chunk_rows, grad_h=False, grad_w=False, row_factors=None, lse=None):
+        """(lse, target_logits, grad_h, grad_w): each row's log-sum-exp of its logits and its
+        target's logit (float32); if asked, the gradients of the rows' cross-entropies
+        (lse - target logit), for h (h's dtype) and, each row weighted by its row_factor (1
+        without), for the weight (float32, zero in the padding rows). lse given (from an earlier
+        pass): the probabilities are exp(logits - lse), without the softmax's reductions.
+        """
+        rows_total, device = self.h_shape[0], self.h.device
+        target_logits = torch.empty(rows_total, dtype=torch.float32, device=device)
+        find_lse = lse is None
+        if find_lse:
+            lse = torch.empty(rows_total, dtype=torch.float32, device=device)
+        grad_h = torch.empty(self.h_shape, dtype=self.h_dtype, device=device) if grad_h else None
+        w_for_grads = self.w.float() if self.widens and grad_h is not None else self.w
+        h_for_grads, h_unscale = self._weighted_rows(row_factors) if grad_w else (None, None)
+        scale = self.gradient_scale
+        weight_sum = None
+        for start in range(0, rows_total, chunk_rows):
+            end = start + chunk_rows
+            rows, t = self.h[start:end], targets[start:end]
+            logits = rows @ self.w.t()
+            logits[:, self.vocab_size:] = float("-inf")  # the padding: probability 0, gradient 0
+            target_logits[start:end] = logits.gather(1, t[:, None]).squeeze(1)
+            if find_lse:
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                # log-sum-exp, exactly, from the largest logit and its probability (never below 1/vocab)
+                top, top_index = logits.max(dim=-1, keepdim=True)
+                lse[start:end] = (top.float() - probs.gather(1, top_index).log()).squeeze(1)
+            else:
+                probs = logits.float().sub_(lse[start:end, None]).exp_()
+            if grad_h is None and not grad_w:
+                continue
+            probs[torch.arange(len(t), device=device), t] -= 1.0  # d (lse - target logit) / d logits
+            if scale == 1.0:
+                g = probs.to(self.gradient_dtype)
+            else:  # scaled and rounded in one pass
+                g = torch.mul(probs, scale, out=torch.empty_like(probs, dtype=self.gradient_dtype))
+            if grad_h is not None:
+                chunk_grad = self.product(g, w_for_grads)
+                grad_h[start:end] = chunk_grad if scale == 1.0 else chunk_grad.mul_(1.0 / scale)
+            if grad_w:
+                update = self.product(g.t(), h_for_grads[start:end])
+                weight_sum = update.float() if weight_sum is None else weight_sum.add_(update)
+        if not grad_w:
+            return lse, target_logits, grad_h, None
+        weight_sum = self._whole_weight_gradient(weight_sum)
+        if h_unscale is not None or scale != 1.0:
+            weight_sum.mul_((1.0 if h_unscale is None else h_unscale) / scale)
+        return lse, target_logits, grad_h, weight_sum
+
+    def _weighted_rows(self, row_factors):
+        """(h's rows as the weight's gradient product takes them, the factor undoing their scaling
+        or None): each weighted by its row_factor if given; under float16 then scaled so that the
+        largest entry is FLOAT16_GRADIENT_SCALE, whatever the factors' range (DPO's carry the
+        grad scaler's scale)."""
+        if row_factors is None:
+            return self.h, None
+        weighted = self.h_source.float() * row_factors[:, None]
+        if self.gradient_scale == 1.0:
+            return weighted.to(self.gradient_dtype), None
+        top = weighted.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        return (weighted * (FLOAT16_GRADIENT_SCALE / top)).to(self.gradient_dtype), top / FLOAT16_GRADIENT_SCALE
+
+    def _whole_weight_gradient(self, weight_sum):
+        """The weight's gradient, all rows: zeros without any row, and zero rows past those multiplied."""
+        if weight_sum is None:
+            return torch.zeros(self.weight_shape, dtype=torch.float32, device=self.h.device)
+        missing = self.weight_shape[0] - weight_sum.shape[0]
+        return F.pad(weight_sum, (0, 0, 0, missing)) if missing else weight_sum
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads):
-        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grads):
         with torch.autocast(device_type=h.device.type, enabled=False):
-            w, w_grad, hc = _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype)
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-            if need_w:  # the first chunk writes the real rows; padding rows (and all, without chunks) stay zero
-                (grad_w if h.shape[0] == 0 else grad_w[vocab_size:]).zero_()
-            for start in range(0, h.shape[0], chunk_rows):
-                rows, t = hc[start:start + chunk_rows], targets[start:start + chunk_rows]
-                logits = rows @ w.t()
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-                # log-sum-exp, exactly, from the largest logit and its probability (never below 1/vocab)
-                top, top_index = logits.max(dim=-1, keepdim=True)
-                lse = top.float() - probs.gather(1, top_index).log()
-                loss += (lse - logits.gather(1, t[:, None]).float()).sum()
-                if need_h or need_w:
-                    probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
-                    g = probs.to(grad_dtype)
-                    if need_h:
-                        grad_h[start:start + chunk_rows] = g @ w_grad
-                    if need_w:
-                        update = g.t() @ rows.to(grad_dtype)
-                        if start == 0:
-                            grad_w[:vocab_size] = update
-                        else:
-                            grad_w[:vocab_size] += update
+            layer = _OutputLayer(h, weight, vocab_size, dtype)
+            lse, target_logits, grad_h, grad_w = layer.chunks(targets, chunk_rows, grad_h=grads and ctx.needs_input_grad[0],
+                                                              grad_w=grads and ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss
+        return (lse - target_logits).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -97,15 +172,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 @torch.no_grad()
 def masked_val_loss(model, batches, device, dtype):
     """Mean cross-entropy over every supervised token of (x, y) numpy batches, in eval mode
     under the dtype's autocast: what train.py logs and eval.py reports."""
-    from common import autocast, eval_mode
-
     total, count = torch.zeros((), device=device), 0
     with eval_mode(model):
         for x, y in batches:
@@ -139,7 +212,7 @@ def linear_log_probs(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
     gradients included, for any upstream gradient (DPO weighs each answer's tokens by its
     own factor, known only after the forward).
 
-    Precision as linear_cross_entropy. The gradient for h, d log p / d h, is made in the
+    Precision and padding as _OutputLayer says. The gradient for h, d log p / d h, is made in the
     forward pass, chunk by chunk as its softmax goes by; the backward only scales its rows by
     the upstream gradient. The weight's gradient sums over rows with different upstream
     factors, so when the weight is trained (full fine-tuning) the backward recomputes each
@@ -152,50 +225,29 @@ def linear_log_probs(h, weight, targets, vocab_size, chunk_rows=CHUNK_ROWS):
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grad_dtype, grads):
+    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, dtype, grads):
         need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            w, w_grad, hc = _output_layer_operands(h, weight, vocab_size, dtype, grad_dtype)
-            log_probs = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if need_h else None
-            for start in range(0, h.shape[0], chunk_rows):
-                rows, t = hc[start:start + chunk_rows], targets[start:start + chunk_rows]
-                logits = rows @ w.t()
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-                top, top_index = logits.max(dim=-1, keepdim=True)  # log-sum-exp as linear_cross_entropy takes it
-                chunk_lse = (top.float() - probs.gather(1, top_index).log()).squeeze(1)
-                lse[start:start + chunk_rows] = chunk_lse
-                log_probs[start:start + chunk_rows] = logits.gather(1, t[:, None]).float().squeeze(1) - chunk_lse
-                if need_h:
-                    probs[torch.arange(len(t), device=t.device), t] -= 1.0  # -(d log p / d logits)
-                    grad_h[start:start + chunk_rows] = -(probs.to(grad_dtype) @ w_grad)
+            lse, target_logits, grad_h, _ = _OutputLayer(h, weight, vocab_size, dtype).chunks(targets, chunk_rows, grad_h=need_h)
+        # grad_h holds d (-log p) / d h, row by row
         ctx.save_for_backward(grad_h, h if need_w else None, weight if need_w else None, targets, lse)
-        ctx.settings = vocab_size, chunk_rows, dtype, grad_dtype
-        return log_probs
+        ctx.settings = vocab_size, chunk_rows, dtype
+        return target_logits - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_log_probs):
         grad_h, h, weight, targets, lse = ctx.saved_tensors
-        vocab_size, chunk_rows, dtype, grad_dtype = ctx.settings
+        vocab_size, chunk_rows, dtype = ctx.settings
         if grad_h is not None:
-            grad_h = grad_h.mul_(grad_log_probs[:, None].to(grad_h.dtype))  # made for this backward: scaled in place
+            grad_h = grad_h.mul_(-grad_log_probs[:, None].to(grad_h.dtype))  # made for this backward: scaled in place
         grad_w = None
-        if weight is not None:
+        if weight is not None:  # recomputed from h and the saved log-sum-exp, weighted by the upstream gradient
             with torch.autocast(device_type=h.device.type, enabled=False):
-                w = weight[:vocab_size].to(dtype)
-                hc, hg = h.to(dtype), h.to(grad_dtype)
-                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-                for start in range(0, h.shape[0], chunk_rows):
-                    end = start + chunk_rows
-                    t = targets[start:end]
-                    probs = torch.exp((hc[start:end] @ w.t()).float() - lse[start:end, None])
-                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                    g = (probs * -grad_log_probs[start:end, None].float()).to(grad_dtype)
-                    grad_w[:vocab_size] += g.t() @ hg[start:end]
+                layer = _OutputLayer(h, weight, vocab_size, dtype)
+                _, _, _, grad_w = layer.chunks(targets, chunk_rows, grad_w=True, row_factors=-grad_log_probs.float(), lse=lse)
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing=0.0):
@@ -244,8 +296,6 @@ def pair_log_probs(model, batches, device, dtype):
     count of each pair's chosen and rejected answer, in the batches' order, in eval mode under the
     dtype's autocast. batches: (pairs, x, y) as data.pair_eval_batches gives them. What DPO's
     reference and evaluation read, and eval.py's preference accuracy."""
-    from common import autocast, eval_mode
-
     log_probs, lengths = [torch.zeros(0, 2)], [torch.zeros(0, 2, dtype=torch.int64)]
     with eval_mode(model):
         for _, x, y in batches:

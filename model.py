@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import loss
 from common import GrafitoError
 from configurator import check_options, integer, number, one_of
 
@@ -214,8 +215,6 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x), None
         if fused:
-            import loss
-
             logits = None
             total = loss.supervised_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, supervised)
         else:

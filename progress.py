@@ -30,7 +30,7 @@ def announce(run, objective, model, per_step, max_iters):
               f"{run.world} processes (every process runs the same number)")
     for line in objective.describe_data(per_step, run.accumulation, max_iters):
         print(line)
-    n_val = len(objective.val_batches)
+    n_val = sum(len(batches) for batches in objective.val_sets.values())
     print(f"val: {n_val} batches" if n_val else
           "val: none (no val split: evaluations only save, and best/ follows the latest)")
 

@@ -9,20 +9,28 @@ Endpoints: GET / (the chat page), GET /health (503 while the model loads, then 2
 GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Requests and replies have
 OpenAI's shapes, so its clients work unchanged; errors too: {"error": {"message", "type",
 "param", "code"}}. Every request becomes an engine.Job; one engine.Batcher thread answers
-them all together (docs/serve.md says more).
+them all together. Slow or stalled requests are closed, open connections are bounded, and
+SIGTERM lets running answers finish before it stops (docs/serve.md says more).
 """
 
 import asyncio
+import errno
 import hmac
 import ipaddress
 import json
+import logging
 import os
+import resource
+import socket
+import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,11 +38,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import checkpoint
 import engine
 import tokenizer
 from common import GrafitoError, run_cli
-from configurator import check_options, integer, load_config
+from configurator import check_options, integer, load_config, number
 
 DEFAULTS = dict(
     init_from="resume",  # resume (the run in out_dir) | gpt2, gpt2-medium, ... | hub repo id | model folder
@@ -55,12 +66,17 @@ DEFAULTS = dict(
     max_message_chars=8000,  # characters per message (or completion prompt)
     max_conversation_chars=32000,  # characters of all messages together
     max_body_bytes=1_000_000,  # request body size
+    max_stop_chars=200,  # characters per stop string (a request gives at most 4)
+    request_timeout=10.0,  # seconds a request's headers and body have to arrive; then the connection is closed
+    max_connections=1000,  # open connections; past it a new one replaces the oldest idle one, or is refused
+    drain_seconds=20.0,  # on SIGTERM or SIGINT: time running answers get to finish before they end with an error
     log_level="info",  # uvicorn's: debug, info, warning, error
 )
 RULES = {
     "port": integer(1, 65535), "max_batch": integer(1, 1024), "max_queue": integer(0), "max_new_tokens": integer(1),
     "max_tokens_limit": integer(1), "max_messages": integer(1), "max_message_chars": integer(1),
-    "max_conversation_chars": integer(1), "max_body_bytes": integer(1024),
+    "max_conversation_chars": integer(1), "max_body_bytes": integer(1024), "max_stop_chars": integer(1),
+    "request_timeout": number(0.1, 3600.0), "max_connections": integer(16), "drain_seconds": number(0.0, 3600.0),
     "log_level": (lambda v: v in ("critical", "error", "warning", "info", "debug", "trace"),
                   "one of critical, error, warning, info, debug, trace"),
 }
@@ -94,13 +110,22 @@ def not_json(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def json_body(request, schema):
-    """The request's JSON body checked against a schema; every way it can be wrong is a 400 (or 415)."""
+async def json_body(request, schema, work):
+    """The request's JSON body checked against a schema (parsed in the `work` thread pool, not on
+    the event loop); every way it can be wrong is a 400 (or 415)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise APIError(415, "send the body as JSON with 'Content-Type: application/json'",
                        code="unsupported_media_type")
     try:
-        data = json.loads(await request.body(), parse_constant=not_json)
+        raw = await request.body()
+    except ClientDisconnect:  # the client left, or its body did not arrive within request_timeout
+        raise APIError(408, "the request body did not arrive", code="request_timeout") from None
+    return await asyncio.get_running_loop().run_in_executor(work, parse_body, raw, schema)
+
+
+def parse_body(raw, schema):
+    try:
+        data = json.loads(raw, parse_constant=not_json)
     except (ValueError, RecursionError) as err:
         raise APIError(400, f"the body is not valid JSON ({err})", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -242,6 +267,15 @@ def sampling_of(body, config):
         raise APIError(400, str(err), code="invalid_value") from None
 
 
+def stop_of(body, config):
+    """The request's stop strings, each at most max_stop_chars long."""
+    for i, stop in enumerate(body.stop or ()):
+        if len(stop) > config["max_stop_chars"]:
+            raise APIError(400, f"stop string {i} has {len(stop):,} characters: at most {config['max_stop_chars']:,} "
+                                f"per stop string", code="stop_too_long", param="stop")
+    return body.stop or ()
+
+
 def max_tokens_of(body, config):
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or config["max_new_tokens"]
     if max_tokens > config["max_tokens_limit"]:
@@ -297,14 +331,15 @@ def sse(data):
 class Reply:
     """One request's job in the batcher, and the chunks of its answer as the engine delivers them."""
 
-    def __init__(self, batcher, model, kind, ids, max_tokens, sampling, body, raw, dropped=0):
+    def __init__(self, batcher, model, kind, ids, max_tokens, sampling, stop, body, raw, dropped=0, draining=None):
         self.batcher, self.model, self.kind, self.dropped = batcher, model, kind, dropped
+        self.draining = draining or (lambda: False)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created, self.prompt_tokens = int(time.time()), len(ids)
         self.include_usage = bool((body.stream_options or {}).get("include_usage"))
         loop, self.pieces = asyncio.get_running_loop(), asyncio.Queue()
         deliver = lambda text, finish: loop.call_soon_threadsafe(self.pieces.put_nowait, (text, finish))
-        self.job = engine.Job(ids, max_tokens, sampling, deliver, stop=body.stop or (), seed=body.seed, raw=raw)
+        self.job = engine.Job(ids, max_tokens, sampling, deliver, stop=stop, seed=body.seed, raw=raw)
         try:
             batcher.submit(self.job)
         except engine.QueueFull as err:
@@ -321,6 +356,8 @@ class Reply:
         try:
             while True:
                 text, finish = await self.pieces.get()
+                if finish == "error" and self.draining():
+                    raise APIError(503, text, type="server_error", code="shutting_down")
                 if finish == "error":
                     raise APIError(500, f"generation failed: {text}", type="server_error", code="engine_error")
                 yield text, finish
@@ -390,8 +427,8 @@ class Reply:
 def model_name_of(config):
     if config["model_name"]:
         return config["model_name"]
-    source = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
-    return Path(source).name if Path(source).expanduser().exists() else source
+    source = checkpoint.model_source(config["init_from"], config["out_dir"])
+    return source.path.name if source.path is not None else source.name
 
 
 def is_loopback(host):
@@ -402,10 +439,11 @@ def is_loopback(host):
 
 
 class SimpleState:
-    """What the app shares between the loading thread and the handlers."""
+    """What the app shares between the loading thread, the handlers and the server."""
 
     def __init__(self, model):
         self.model, self.batcher, self.error, self.server = model, None, None, None
+        self.draining = False  # a stop signal came: new requests are refused, running ones finish
 
 
 def create_app(config, load=engine.load_engine):
@@ -414,11 +452,15 @@ def create_app(config, load=engine.load_engine):
 
     def load_model():
         try:
+            tokenizer.get_encoding()  # the BPE files, read now rather than by the first request
             state.batcher = engine.Batcher(load(config), config["max_batch"], config["max_queue"]).start()
         except Exception as err:  # the server stops and main() reports it
             state.error = str(err) if isinstance(err, GrafitoError) else f"{type(err).__name__}: {err}"
             if state.server is not None:
                 state.server.should_exit = True
+
+    # requests are parsed, rendered and tokenized here, not on the event loop, which stays free for the others
+    work = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grafito-prompt")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -426,6 +468,7 @@ def create_app(config, load=engine.load_engine):
         yield
         if state.batcher is not None:
             state.batcher.close()
+        work.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="grafito", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.grafito = state
@@ -442,6 +485,9 @@ def create_app(config, load=engine.load_engine):
         code=f"http_{err.status_code}").response())
 
     def ready_batcher():
+        if state.draining:
+            raise APIError(503, "the server is shutting down; try another one", type="server_error",
+                           code="shutting_down")
         if state.batcher is None:
             raise APIError(503, "the model is still loading; try again shortly (GET /health says when it is ready)",
                            type="server_error", code="model_loading", headers={"Retry-After": "5"})
@@ -467,6 +513,8 @@ def create_app(config, load=engine.load_engine):
 
     @app.get("/health")
     def health():
+        if state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if state.batcher is None:
             status = {"status": "failed", "error": state.error} if state.error else {"status": "loading"}
             return JSONResponse(status, status_code=503)
@@ -482,23 +530,27 @@ def create_app(config, load=engine.load_engine):
         ready_batcher()
         return {"object": "list", "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": "grafito"}]}
 
+    async def off_loop(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(work, function, *args)
+
     @api.post("/chat/completions")
     async def chat_completions(request: Request):
         batcher = ready_batcher()
-        body = await json_body(request, ChatBody)
-        max_tokens = max_tokens_of(body, config)
-        ids, dropped = chat_prompt(body, config, batcher.block_size, max_tokens)
-        reply = Reply(batcher, state.model, "chat", ids, max_tokens, sampling_of(body, config), body, raw=False,
-                      dropped=dropped)
+        body = await json_body(request, ChatBody, work)
+        max_tokens, stop, sampling = max_tokens_of(body, config), stop_of(body, config), sampling_of(body, config)
+        ids, dropped = await off_loop(chat_prompt, body, config, batcher.block_size, max_tokens)
+        reply = Reply(ready_batcher(), state.model, "chat", ids, max_tokens, sampling, stop, body, raw=False,
+                      dropped=dropped, draining=lambda: state.draining)
         return await respond(reply, body, request)
 
     @api.post("/completions")
     async def completions(request: Request):
         batcher = ready_batcher()
-        body = await json_body(request, CompletionBody)
-        max_tokens = max_tokens_of(body, config)
-        ids = completion_prompt(body, config, batcher.block_size, max_tokens)
-        reply = Reply(batcher, state.model, "text", ids, max_tokens, sampling_of(body, config), body, raw=True)
+        body = await json_body(request, CompletionBody, work)
+        max_tokens, stop, sampling = max_tokens_of(body, config), stop_of(body, config), sampling_of(body, config)
+        ids = await off_loop(completion_prompt, body, config, batcher.block_size, max_tokens)
+        reply = Reply(ready_batcher(), state.model, "text", ids, max_tokens, sampling, stop, body, raw=True,
+                      draining=lambda: state.draining)
         return await respond(reply, body, request)
 
     async def respond(reply, body, request):
@@ -511,6 +563,178 @@ def create_app(config, load=engine.load_engine):
     return app
 
 
+# ----------------------------------------------------------------------------- the server: connections, logs, stopping
+
+def guarded_protocol(request_timeout, max_connections):
+    """uvicorn's HTTP/1.1 protocol, guarded against clients that hold connections open.
+
+    uvicorn closes an idle keep-alive connection, but waits forever for a request whose headers
+    never end. Here a request whose headers and body have not all arrived within request_timeout
+    seconds is closed, and past max_connections open connections a new one replaces the oldest
+    that is not being answered (a request half sent, or an idle keep-alive), or is closed at once
+    when every one is: never queued, so the file-descriptor limit is never reached.
+    """
+    open_connections = {}  # protocol -> None, oldest first
+
+    class GuardedProtocol(H11Protocol):
+        deadline = None
+        counts = {"closed_for_timeout": 0, "replaced": 0, "refused": 0}
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(open_connections) >= max_connections:
+                oldest = next((c for c in open_connections if not c.being_answered()), None)
+                if oldest is None:
+                    self.counts["refused"] += 1
+                    transport.abort()
+                    return
+                self.counts["replaced"] += 1
+                oldest.transport.abort()
+                open_connections.pop(oldest, None)
+            open_connections[self] = None
+            self.watch()
+
+        def connection_lost(self, exc):
+            open_connections.pop(self, None)
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data):
+            super().data_received(data)
+            self.watch()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.watch()
+
+        def being_answered(self):
+            return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) and not self.transport.is_closing()
+
+        def watch(self):
+            """The clock runs from a request's first wait until it has all arrived."""
+            arrived = self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.ERROR, h11.CLOSED)
+            if arrived and self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+            elif not arrived and self.deadline is None and not self.transport.is_closing():
+                self.deadline = self.loop.call_later(request_timeout, self.too_slow)
+
+        def too_slow(self):
+            self.deadline = None
+            if not self.transport.is_closing() and self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
+                self.counts["closed_for_timeout"] += 1
+                self.transport.abort()
+
+    GuardedProtocol.open_connections = open_connections
+    return GuardedProtocol
+
+
+class RepeatsCounted(logging.Filter):
+    """A message logged again within `window` seconds is dropped and counted; when it comes
+    after that, a line says how many times it was dropped. (An accept loop failing for want of
+    file descriptors would otherwise write the same traceback thousands of times a second.)"""
+
+    def __init__(self, handler, window=60.0):
+        super().__init__()
+        self.handler, self.window, self.lock = handler, window, threading.Lock()
+        self.recent = {}  # message -> [when first logged, times dropped since]
+
+    def filter(self, record):
+        key = (record.name, record.levelno, record.getMessage(), record.exc_info and repr(record.exc_info[1]))
+        now = time.monotonic()
+        with self.lock:
+            first, dropped = self.recent.get(key, (None, 0))
+            if first is not None and now - first < self.window:
+                self.recent[key][1] += 1
+                return False
+            if len(self.recent) > 1000:
+                self.recent = {k: v for k, v in self.recent.items() if now - v[0] < self.window}
+            self.recent[key] = [now, 0]
+        if dropped:
+            note = logging.makeLogRecord({"name": record.name, "levelno": record.levelno,
+                                          "levelname": record.levelname, "msg": f"(the next message was also logged "
+                                                                                f"{dropped} more times, not shown)"})
+            with self.handler.lock:
+                self.handler.emit(note)
+        return True
+
+
+def count_repeated_logs():
+    """uvicorn's log and asyncio's (where a failing accept loop reports) each say a repeated message once."""
+    for handler in logging.getLogger("uvicorn").handlers:
+        if not any(isinstance(f, RepeatsCounted) for f in handler.filters):
+            handler.addFilter(RepeatsCounted(handler))
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(any(isinstance(f, RepeatsCounted) for f in h.filters) for h in asyncio_log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+        handler.addFilter(RepeatsCounted(handler))
+        asyncio_log.addHandler(handler)
+        asyncio_log.propagate = False
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for the app, with guarded connections and logs, and a graceful stop: on
+    SIGTERM or SIGINT new requests get 503, running answers get drain_seconds to finish, then
+    each one left ends with an error event (and [DONE] when streamed), and the process exits 0.
+    A second signal stops at once."""
+
+    def __init__(self, app, config, grace_seconds=5):
+        self.protocol = guarded_protocol(config["request_timeout"], config["max_connections"])
+        super().__init__(uvicorn.Config(app, log_level=config["log_level"], http=self.protocol, backlog=ACCEPT_BURST,
+                                        timeout_graceful_shutdown=grace_seconds))  # once drained, for the last bytes
+        count_repeated_logs()
+        self.state, self.drain_seconds = app.state.grafito, config["drain_seconds"]
+        self.state.server = self
+
+    def handle_exit(self, sig, frame):  # uvicorn's would re-raise the signal once stopped: an exit status not 0
+        if self.state.draining or self.state.batcher is None:
+            self.force_exit = self.state.draining
+            self.should_exit = True
+            return
+        self.state.draining = True
+        threading.Thread(target=self.drain, name="grafito-drain", daemon=True).start()
+
+    def drain(self):
+        batcher, deadline = self.state.batcher, time.monotonic() + self.drain_seconds
+        while (batcher.busy or batcher.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        batcher.close(message=f"the server is shutting down: this answer did not finish within its "
+                              f"{self.drain_seconds:g} s")
+        self.should_exit = True
+
+
+def listening_socket(host, port):
+    """A socket listening on host:port, or one clear error if another process holds the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=ACCEPT_BURST)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise GrafitoError(f"port {port} on {host} is already in use (another server?): stop that one or "
+                               f"choose another --port") from None
+        raise GrafitoError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+FILES_KEPT = 128  # file descriptors the server keeps for itself: model files, logs, threads' pipes
+# connections waiting to be accepted, and accepted at once in one turn of the event loop (asyncio takes
+# the listen backlog for both); a refused or replaced one holds its descriptor for a few more turns
+ACCEPT_BURST = 128
+IN_FLIGHT = 4 * ACCEPT_BURST
+
+
+def allowed_connections(wanted):
+    """The open-file limit raised (up to its hard limit) for `wanted` connections, a burst of
+    new ones and the server's own files; the number of connections it then allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + IN_FLIGHT + FILES_KEPT
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return wanted if soft == resource.RLIM_INFINITY else min(wanted, soft - IN_FLIGHT - FILES_KEPT)
+
+
 def main():
     config = load_config(DEFAULTS)
     check_options(config, RULES)
@@ -519,17 +743,23 @@ def main():
     config["api_key"] = config["api_key"] or os.environ.get("GRAFITO_API_KEY", "")
     if not PAGE.is_file():
         raise GrafitoError(f"the chat page {PAGE} is missing; restore it from the repository")
+    allowed = allowed_connections(config["max_connections"])
+    if allowed < 16:
+        raise GrafitoError(f"the open-file limit (ulimit -n) leaves room for {allowed} connections; raise it")
+    if allowed < config["max_connections"]:
+        print(f"warning: the open-file limit (ulimit -n) allows {allowed} connections, not --max_connections="
+              f"{config['max_connections']}", flush=True)
+        config["max_connections"] = allowed
+    sock = listening_socket(config["host"], config["port"])  # before saying we serve: the port may be taken
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config["host"], port=config["port"],
-                                           log_level=config["log_level"], timeout_graceful_shutdown=5))
+    server = Server(app, config)
     state = app.state.grafito
-    state.server = server
     shown = f"[{config['host']}]" if ":" in config["host"] else config["host"]
     print(f"serving {state.model}: chat page at http://{shown}:{config['port']}/, OpenAI API under /v1"
           f"{' (API key required)' if config['api_key'] else ''}", flush=True)
     if not is_loopback(config["host"]) and not config["api_key"]:
         print("warning: the server is open to the network without an API key (set GRAFITO_API_KEY)", flush=True)
-    server.run()
+    server.run(sockets=[sock])
     if state.error:
         raise GrafitoError(state.error)
 

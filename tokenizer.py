@@ -28,7 +28,8 @@ import sys
 
 import tiktoken
 
-from common import GrafitoError
+import data
+from common import GrafitoError, run_cli
 
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
@@ -339,8 +340,6 @@ def main():
     parser.add_argument("-n", type=int, default=3, help="conversations to show from --dataset")
     args = parser.parse_args()
     if args.dataset:
-        import data
-
         split = data.load_split(args.dataset, args.split)
         for i in range(min(args.n, split.num_conversations)):
             ids, mask = split.conversation(i)
@@ -355,6 +354,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import run_cli
-
     run_cli(main)

@@ -42,12 +42,14 @@ from distributed import (check_shared_folder, close_distributed, gather_rng_stat
                          model_work, on_first_rank, set_rng_state, setup_distributed, share_from_first_rank,
                          shard_model, wrap_ddp)
 from dpo import DPO
+from lm import LM
 from model import GPT, GPTConfig
+from objective import dataset_names, mixture_weights
 from optim import learning_rate, make_optimizer
 from progress import Window, announce, log_window, write_log
 from sft import SFT
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO}
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "lm": LM}
 
 DEFAULTS = dict(
     # where things go and how often
@@ -60,7 +62,8 @@ DEFAULTS = dict(
     early_stop_patience=0,  # stop after this many evaluations without a better val loss; 0 never
     plot=True,  # out_dir/loss.png at the end, if matplotlib is installed
     # data
-    dataset="grafito25k",  # folder under data/ or a path to a prepared folder
+    dataset="grafito25k",  # folder under data/ or a path to a prepared folder; "a,b" mixes several of one kind
+    dataset_weights="",  # a mixture's shares, e.g. "3,1"; empty: in proportion to the datasets' sizes
     block_size=1024,
     batch_size=8,  # rows per micro-batch, per process (objective=dpo: pairs, two rows each)
     gradient_accumulation_steps=1,  # micro-batches per step over all processes (nanoGPT's meaning)
@@ -68,6 +71,7 @@ DEFAULTS = dict(
     max_iters=1000,
     epochs=0.0,  # > 0: sets max_iters to this many passes over the packed training rows or pairs (the later wins)
     # objective: sft (cross-entropy of the answers) | dpo (preference pairs against the starting model)
+    # | lm (next-token on every token of a text dataset: pretraining)
     objective="sft",
     beta=0.1,  # dpo: how far from the reference the policy may go; a reward is beta * (log pi - log pi_ref)
     label_smoothing=0.0,  # dpo: > 0 is conservative DPO, the share of pairs taken to be mislabelled
@@ -120,7 +124,7 @@ RULES = {
     "beta1": number(0.0, 1.0, high_open=True), "beta2": number(0.0, 1.0, high_open=True),
     "grad_clip": (lambda v: v >= 0, "0 (no clipping) or positive"), "lr_schedule": one_of("cosine", "constant"),
     "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
-    "objective": one_of("sft", "dpo"), "beta": (lambda v: v > 0, "positive"),
+    "objective": one_of("sft", "dpo", "lm"), "beta": (lambda v: v > 0, "positive"),
     "label_smoothing": number(0.0, 0.5, high_open=True), "dpo_reference": one_of("auto", "stored"),
     "plan_world": integer(0, 1 << 20),
 }
@@ -145,6 +149,8 @@ def check_config(config):
         raise invalid("init_from", "scratch", "a model to tune with objective=dpo (it is also the reference)")
     if config["lora_r"]:
         lora_settings(config)  # raises on unknown targets
+    names = dataset_names(config)
+    mixture_weights(config, names, [1] * len(names))  # raises on weights that do not fit the datasets
 
 
 def lora_settings(config):
@@ -275,7 +281,7 @@ def start_run(run, objective, model, per_step, max_iters):
 def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, train_loss=None):
     """Rank 0 (with FSDP every rank): evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
     improved = run.step > 0
-    if objective.val_batches:
+    if objective.val_sets:
         metrics = objective.validate(model, run.device, run.dtype)
         if run.config["fsdp"]:  # every rank evaluated: rank 0's figures decide for all
             metrics = share_from_first_rank(metrics)
@@ -312,7 +318,7 @@ def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, trai
 def finish(run, objective, model):
     """Rank 0, after the last step: the summary, a LoRA run's merged/ folder, loss.png."""
     run.log.close()
-    best = objective.describe_best(run.best_val) if objective.val_batches else "no val split"
+    best = objective.describe_best(run.best_val) if objective.val_sets else "no val split"
     print(f"done: {run.step} steps, {best}; weights in {run.out_dir / checkpoint.BEST}")
     if lora.lora_layers(model) and run.config["lora_merge"]:  # into a fresh float32 base, not the training copy
         merged = checkpoint.load_model(run.out_dir / checkpoint.BEST)

@@ -16,7 +16,8 @@ because without it the many "Given this paragraph..." rows ask about text the mo
 sees (--context drop reproduces the original; such rows are then dropped and counted).
 """
 
-from pipeline import Record, Report, build_dataset, check_args, fetch_hub_dataset, parser, read_json_lines, sha256_of
+from pipeline import Conversations, Record, Report, build, check_args, parser, read_records
+from sources import fetch_hub_file, sha256_of
 
 from common import GrafitoError, run_cli
 from configurator import check_options, integer
@@ -29,7 +30,7 @@ CATEGORIES = ["brainstorming", "classification", "closed_qa", "creative_writing"
 
 
 def select(rows, report, categories, max_response_chars, context):
-    records = []
+    """A Record per row that the options select (streamed)."""
     for line, row in rows:
         if categories and row["category"] not in categories:
             report.drop("category_not_selected", line)
@@ -43,8 +44,7 @@ def select(rows, report, categories, max_response_chars, context):
             continue
         if has_context and context == "keep":
             instruction = f"{instruction}\n\nContext: {row['context'].strip()}"
-        records.append(Record(line, [(instruction, row["response"])]))
-    return records
+        yield Record(line, [(instruction, row["response"])])
 
 
 def main():
@@ -61,14 +61,13 @@ def main():
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise GrafitoError(f"--categories: unknown {', '.join(unknown)}; choose from {', '.join(CATEGORIES)}")
-    path = args.input or fetch_hub_dataset(REPO_ID, FILENAME)
+    path = args.input or fetch_hub_file(REPO_ID, FILENAME)
     report = Report(str(path), strict=args.strict)
-    rows = read_json_lines(path, report, KEYS)
-    records = select(rows, report, categories, args.max_response_chars, args.context)
-    build_dataset(args, "dolly", records, report, check_context=True,
-                  source={"hub_dataset": REPO_ID, "file": FILENAME, "path": str(path), "sha256": sha256_of(path)},
-                  extra_meta={"subset": {"max_response_chars": args.max_response_chars,
-                                         "categories": categories or "all", "context": args.context}})
+    records = select(read_records(path, report, KEYS), report, categories, args.max_response_chars, args.context)
+    build(args, Conversations(check_context=True), records, report, "dolly",
+          source={"hub_dataset": REPO_ID, "file": FILENAME, "path": str(path), "sha256": sha256_of(path)},
+          extra_meta={"subset": {"max_response_chars": args.max_response_chars,
+                                 "categories": categories or "all", "context": args.context}})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ one conversation.
 
 import re
 
-from pipeline import Record, Report, build_dataset, check_args, fetch_url, parser, sha256_of  # puts the root on sys.path
+from pipeline import Conversations, Record, Report, build, check_args, parser  # puts the root on sys.path
+from sources import fetch_url, sha256_of
 
 from common import GrafitoError, run_cli
 
@@ -91,8 +92,8 @@ def main():
     except UnicodeDecodeError as err:
         raise GrafitoError(f"{path}: not UTF-8 text ({err})") from None
     records = parse(text, report)
-    build_dataset(args, "grafito25k", records, report, source={"url": URL, "path": str(path), "sha256": digest},
-                  detokenize=not args.no_detokenize, check_context=not args.keep_missing_context)
+    kind = Conversations(detokenize=not args.no_detokenize, check_context=not args.keep_missing_context)
+    build(args, kind, records, report, "grafito25k", source={"url": URL, "path": str(path), "sha256": digest})
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ last Assistant turn, and the two last answers (see data.py for the format).
 import argparse
 import re
 
-from pipeline import (Pair, Record, Report, build_dataset, build_pairs, check_args, clean_turns, fetch_hub_dataset,
-                      parser, read_json_lines, sha256_of)
+from pairs import Pairs, pair_from_turns
+from pipeline import Conversations, Record, Report, build, check_args, parser, read_records
+from sources import fetch_hub_file, sha256_of
 
 from common import GrafitoError, run_cli
 
@@ -36,20 +37,18 @@ def split_turns(text):
 
 
 def parse(rows, report, field):
-    records = []
+    """A Record per row whose transcript `field` is well formed (streamed)."""
     for line, obj in rows:
         turns, problem = split_turns(obj[field])
         if problem:
             report.skip(problem[0], line, problem[1])
             continue
-        records.append(Record(line, turns))
-    return records
+        yield Record(line, turns)
 
 
 def parse_pairs(rows, report):
-    """A Pair per record whose two transcripts are the same conversation up to their last answer
-    (equal as written, or once cleaned)."""
-    pairs = []
+    """A Pair per row whose two transcripts are the same conversation up to their last answer
+    (streamed)."""
     for line, obj in rows:
         chosen, problem = split_turns(obj["chosen"])
         rejected, rejected_problem = split_turns(obj["rejected"])
@@ -57,12 +56,9 @@ def parse_pairs(rows, report):
             reason, detail = problem or rejected_problem
             report.skip(reason, line, f"{'chosen' if problem else 'rejected'} transcript: {detail}")
             continue
-        prompt, rejected_prompt = chosen[:-1] + [(chosen[-1][0], "")], rejected[:-1] + [(rejected[-1][0], "")]
-        if prompt != rejected_prompt and clean_turns(prompt)[0] != clean_turns(rejected_prompt)[0]:
-            report.skip("chosen_and_rejected_differ_before_last_answer", line)
-            continue
-        pairs.append(Pair(line, chosen[:-1], chosen[-1][0], chosen[-1][1], rejected[-1][1]))
-    return pairs
+        pair = pair_from_turns(line, chosen, rejected, report)
+        if pair:
+            yield pair
 
 
 def main():
@@ -81,16 +77,16 @@ def main():
         raise GrafitoError("--field picks one transcript for SFT; --pairs uses both, so leave --field out")
     check_args(args)
     filename = f"{args.split}.jsonl.gz"
-    path = args.input or fetch_hub_dataset(REPO_ID, filename)
+    path = args.input or fetch_hub_file(REPO_ID, filename)
     report = Report(str(path), strict=args.strict)
     source = {"hub_dataset": REPO_ID, "file": filename, "path": str(path), "sha256": sha256_of(path)}
     if args.pairs:
-        pairs = parse_pairs(read_json_lines(path, report, ["chosen", "rejected"]), report)
-        build_pairs(args, name, pairs, report, source={**source, "fields": ["chosen", "rejected"]})
+        pairs = parse_pairs(read_records(path, report, ["chosen", "rejected"]), report)
+        build(args, Pairs(), pairs, report, name, source={**source, "fields": ["chosen", "rejected"]})
         return
     field = args.field or "chosen"
-    records = parse(read_json_lines(path, report, [field]), report, field)
-    build_dataset(args, "hh_rlhf", records, report, source={**source, "field": field})
+    records = parse(read_records(path, report, [field]), report, field)
+    build(args, Conversations(), records, report, "hh_rlhf", source={**source, "field": field})
 
 
 if __name__ == "__main__":

@@ -1,24 +1,39 @@
-"""What the prepare scripts share: the command line, fetching the source (download or
---input), reading JSON lines, cleaning, the report, tokenising and writing the dataset.
+"""What the prepare scripts share: the command line, the report, cleaning, and build(),
+which turns parsed records into a written dataset.
 
-A script parses its source into Records (the source line and a list of (instruction,
-answer) turns), counting what it skips, and hands them to build_dataset().
+A script reads its source (sources.py) and parses it into items, Records (a conversation:
+(instruction, answer) turns) or pairs.Pair, counting what it skips; it hands them, as a
+list or a stream, to build() with the kind of dataset to make:
+
+    items -> chunks -> kind.process(chunk)   clean, drop by rule, render, fit block_size, pick the
+                                             split: each item on its own, in worker processes
+          -> outcomes, in source order
+          -> admit()                         count repairs and drops in the report, drop duplicates
+          -> writer.add()                    append the rows to the split files (data.py)
+          -> Tally                           counts and lengths for the summary
+
+A kind (Conversations below, pairs.Pairs) says how a chunk of items becomes Outcomes; the
+report, duplicates, the empty-result check, the summary and its printout are written once,
+here. Memory stays bounded whatever the source's size: items stream through a few chunks
+at a time, and what is kept of each is a few numbers (digests, lengths).
 """
 
 import argparse
-import gzip
-import http.client
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
-import urllib.request
-import zlib
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from array import array
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,17 +44,19 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
+import sources  # noqa: E402
 import tokenizer  # noqa: E402
 from common import GrafitoError  # noqa: E402
 from configurator import SEED, check_options, integer, number  # noqa: E402
 
-DOWNLOAD_CACHE = Path.home() / ".cache" / "grafito"
 FIRST_LINES = 5  # line numbers kept per skip/drop reason in the report
+CHUNK = 1024  # items a worker process handles at a time
+INLINE_CHUNKS = 32  # chunks handled before worker processes start
 
 
 @dataclass
 class Record:
-    line: int  # where the record starts in the source (1-based)
+    line: object  # where the record starts in the source: its line (1-based), or "file:line"
     turns: list  # [(instruction, answer), ...]
 
 
@@ -57,7 +74,8 @@ class Report:
     def skip(self, reason, line, detail=""):
         """A malformed record: counted, or with --strict the end of the run."""
         if self.strict:
-            raise GrafitoError(f"{self.source}, line {line}: {reason.replace('_', ' ')}"
+            where = f"line {line}" if isinstance(line, int) else line
+            raise GrafitoError(f"{self.source}, {where}: {reason.replace('_', ' ')}"
                                f"{': ' + detail if detail else ''} (without --strict such records are skipped and counted)")
         self._count(self.skipped, reason, line)
 
@@ -75,17 +93,33 @@ class Report:
 
 # ----------------------------------------------------------------------------- command line
 
-def parser(description, name, block_size):
+def parser(description, name, block_size, sources_input=False, item="conversation"):
+    """The options every prepare script takes. name is out_dir's default under data/ (None:
+    the script derives it from the source). sources_input=True: --input takes a SOURCE as
+    sources.py reads it (files, a folder, a glob, hub:ORG/NAME) with --split and --subset;
+    else one local file in the script's own format. block_size=None: items are documents
+    (prepare/text.py), with no --block_size or --overlong."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--input", type=user_path, help="a local file in the source's format, instead of downloading")
-    p.add_argument("--out_dir", type=user_path, default=data.DATA_ROOT / name, help=f"default: data/{name}")
-    p.add_argument("--block_size", type=int, default=block_size,
-                   help="longest conversation in tokens, end-of-text included (default %(default)s)")
-    p.add_argument("--overlong", choices=["drop", "truncate"], default="truncate",
-                   help="over-long conversations: drop them, or keep the turns that fit (default %(default)s)")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of conversations in val (default %(default)s)")
+    if sources_input:
+        formats = ".jsonl, .jsonl.gz, .json, .parquet, .csv" + (", .txt: one document a file" if item == "document" else "")
+        p.add_argument("--input", nargs="+", required=True, metavar="SOURCE",
+                       help=f"files, a folder or a glob ({formats}), or hub:ORG/NAME[@REVISION]")
+        p.add_argument("--split", help="the split of a hub dataset to read (default train)")
+        p.add_argument("--subset", help="the subset (configuration) of a hub dataset, if it has several")
+    else:
+        p.add_argument("--input", type=user_path, help="a local file in the source's format, instead of downloading")
+    p.add_argument("--out_dir", type=user_path, default=data.DATA_ROOT / name if name else None,
+                   help=f"default: data/{name or '<name of the source>'}")
+    if block_size is not None:
+        p.add_argument("--block_size", type=int, default=block_size,
+                       help="longest conversation in tokens, end-of-text included (default %(default)s)")
+        p.add_argument("--overlong", choices=["drop", "truncate"], default="truncate",
+                       help="over-long conversations: drop them, or keep the turns that fit (default %(default)s)")
+    p.add_argument("--val_fraction", type=float, default=0.05, help=f"share of {item}s in val (default %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="salts the hash that assigns the val split")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it (repairs, e.g. of mojibake, are still made and counted)")
+    p.add_argument("--workers", type=int, default=available_cores(),
+                   help="processes that clean and tokenise (default: the cores available, %(default)s)")
     return p
 
 
@@ -93,10 +127,15 @@ def user_path(text):
     return Path(text).expanduser()
 
 
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_args(args):
-    check_options(vars(args), {"block_size": integer(8, 1 << 20), "val_fraction": number(0.0, 1.0, high_open=True),
-                               "seed": SEED})
-    if args.input is not None and not args.input.is_file():
+    sizes = {"block_size": integer(8, 1 << 20)} if hasattr(args, "block_size") else {}  # documents have no block_size
+    check_options(vars(args), {**sizes, "val_fraction": number(0.0, 1.0, high_open=True), "seed": SEED,
+                               "workers": integer(1, 1024)})
+    if isinstance(args.input, Path) and not args.input.is_file():
         raise GrafitoError(f"--input {args.input}: no such file")
     # before a download and minutes of cleaning, not after
     data.check_replaceable(args.out_dir)
@@ -115,87 +154,23 @@ def check_writable_parent(folder):
                            f"--out_dir") from None
 
 
-# ----------------------------------------------------------------------------- sources
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fetch_url(url, sha256, filename):
-    """Download url into ~/.cache/grafito (once), verify its sha256, return the path."""
-    DOWNLOAD_CACHE.mkdir(parents=True, exist_ok=True)
-    path = DOWNLOAD_CACHE / filename
-    if path.exists() and sha256_of(path) == sha256:
-        return path
-    partial = path.with_suffix(path.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {filename}") as bar:
-                for chunk in iter(lambda: response.read(1 << 16), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as err:  # HTTPException: e.g. the connection dropped mid-file
-        partial.unlink(missing_ok=True)
-        raise GrafitoError(f"cannot download {url} ({type(err).__name__}: {err}); offline, pass a local copy "
-                           f"with --input PATH") from None
-    actual = sha256_of(partial)
-    if actual != sha256:
-        partial.unlink()
-        raise GrafitoError(f"{url}: sha256 {actual} does not match the pinned {sha256}")
-    partial.replace(path)
-    return path
-
-
-def fetch_hub_dataset(repo_id, filename):
-    import hub
-
-    return hub.download(repo_id, filename, repo_type="dataset",
-                        local_hint="Pass a local copy of the file with --input PATH.")
-
-
-def read_json_lines(path, report, required_keys):
-    """(line number, object) for every JSON line of a .jsonl or .jsonl.gz file.
-
-    Bad JSON, non-UTF-8 and records missing a required key are counted skips; a file that is
-    empty, truncated, or where no record has the required keys is an error.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    opener = gzip.open if compressed else open
-    records, line_no = [], 0
-    try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                report.read += 1
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    report.skip("invalid_utf8", line_no)
-                    continue
-                except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep to read
-                    report.skip("bad_json", line_no, f"{type(err).__name__}: {err}"[:200])
-                    continue
-                if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in required_keys):
-                    report.skip("missing_key", line_no, f"needs string fields {', '.join(required_keys)}")
-                    continue
-                records.append((line_no, obj))
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-        raise GrafitoError(f"{path}: unreadable, corrupt or truncated after line {line_no} ({type(err).__name__}: "
-                           f"{err}); download it again") from None
+def read_records(path, report, required_keys):
+    """(line, object) for every JSON line of a .jsonl(.gz) file that holds the required string
+    fields, streamed. Bad JSON, non-UTF-8 and records missing a required key are counted
+    skips; a file that is empty, truncated, or where no record has the required keys is an
+    error (raised once it is read)."""
+    found = 0
+    for line, value in sources.read_json_lines(Path(path), report):
+        if not isinstance(value, dict) or any(not isinstance(value.get(k), str) for k in required_keys):
+            report.skip("missing_key", line, f"needs string fields {', '.join(required_keys)}")
+            continue
+        found += 1
+        yield line, value
     if report.read == 0:
         raise GrafitoError(f"{path}: no records (empty file)")
-    if not records:
+    if not found:
         raise GrafitoError(f"{path}: none of {report.read} records has the fields {', '.join(required_keys)}; "
                            f"is this the right file?")
-    return records
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -262,6 +237,11 @@ def dedup_key(turns):
     return "\x1f".join(f"{tokenizer.squash(q)}\x1e{tokenizer.squash(a)}" for q, a in turns)
 
 
+def digest(text):
+    """A 64-bit digest of text: what duplicate checks keep of each item instead of its text."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
 NOUN = r"(?:passages?|paragraphs?|(?:reference |refrence |referenced )?text|article|document|excerpt|bio|biography|(?:blob|block|piece) of text)"
 DET = r"(?:(?:the|a|an|this|these|that|following|above|below|provided|given|reference|referenced|refrence|background|short|attached|included|wikipedia|some)\s+)*"
 REFERS_TO_TEXT = re.compile(
@@ -282,34 +262,6 @@ ROLE_MARKER = re.compile(r"### (?:Instruction|Answer):|(?:^|\s)(?:Human|Assistan
 FRAGMENT = re.compile(r"[\s()\[\]{}\"'`.,;:-]*")
 
 
-def clean_records(records, report, detokenize=False, check_context=False):
-    """Normalise every turn, then drop what should not be trained on; duplicates last."""
-    kept, seen_exact, seen_normalized = [], set(), set()
-    for record in tqdm(records, desc="cleaning", unit="conv", leave=False, mininterval=0.5):
-        turns, changed = clean_turns(record.turns, detokenize)
-        for name in sorted(changed):
-            report.repair(name, record.line)
-        if len(turns) > 1 and not turns[-1][1]:
-            turns = turns[:-1]
-            report.repair("empty_last_answer_removed", record.line)
-        reason = _drop_reason(turns, check_context)
-        if reason:
-            report.drop(reason, record.line)
-            continue
-        exact = tuple(turns)
-        if exact in seen_exact:
-            report.drop("duplicate_exact", record.line)
-            continue
-        key = dedup_key(turns)
-        if key in seen_normalized:
-            report.drop("duplicate_normalized", record.line)
-            continue
-        seen_exact.add(exact)
-        seen_normalized.add(key)
-        kept.append(Record(record.line, turns))
-    return kept
-
-
 def _drop_reason(turns, check_context):
     for q, a in turns:
         if not q:
@@ -327,37 +279,274 @@ def _drop_reason(turns, check_context):
     return None
 
 
-# ----------------------------------------------------------------------------- tokenise, split, write
-
 def in_val(turns, fraction, seed):
     """Deterministic split by a hash of the conversation: reruns and new data never move a sample."""
-    digest = hashlib.sha256(f"{seed}\x1d{dedup_key(turns)}".encode()).digest()
+    return hashed_in_val(dedup_key(turns), fraction, seed)
+
+
+def hashed_in_val(key, fraction, seed):
+    """Whether the item whose text is key goes to val: a hash of seed and key, read as a number
+    in [0, 1), below fraction. prepare/text.py's key is a document's text."""
+    digest = hashlib.sha256(f"{seed}\x1d{key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 
-def tokenize(records, block_size, overlong, report):
-    """(record, ids, mask) per record; over-long ones dropped or cut at a turn boundary."""
-    rendered = []
-    chunk = 2048
-    with tqdm(total=len(records), desc="tokenizing", unit="conv", mininterval=0.5) as bar:
-        for start in range(0, len(records), chunk):
-            part = records[start:start + chunk]
-            rendered += tokenizer.render_batch([r.turns for r in part])
-            bar.update(len(part))
+# ----------------------------------------------------------------------------- one item's outcome
+
+@dataclass
+class Outcome:
+    """What became of one item, worked out apart from the others (in a worker process);
+    admit() counts it in the report in the order of the steps, and build() writes its rows."""
+    line: object
+    repairs: list  # cleaning repairs, counted whatever happens next
+    drop: str = None  # the cleaning rule it breaks
+    keys: tuple = None  # (exact, normalised) digests, for the duplicate check
+    fit_repair: str = None  # how it was cut to fit block_size
+    fit_drop: str = None  # why it could not fit
+    val: bool = False
+    rows: list = ()  # [(ids, mask), ...]: what the dataset gets
+    turns: int = 0
+    lengths: dict = field(default_factory=dict)  # {series: [token counts]}, for the summary
+
+
+class Seen:
+    """Digests of the items kept so far, as written and up to case, spacing and punctuation."""
+
+    def __init__(self):
+        self.exact, self.normalized = set(), set()
+
+    def duplicate(self, keys):
+        """The drop reason if these keys were seen, else None (and they are remembered)."""
+        exact, normalized = keys
+        if exact in self.exact:
+            return "duplicate_exact"
+        if normalized in self.normalized:
+            return "duplicate_normalized"
+        self.exact.add(exact)
+        self.normalized.add(normalized)
+        return None
+
+
+def admit(outcome, report, seen):
+    """Count an outcome as its steps ran: repairs, then a drop (a cleaning rule, a duplicate of
+    an item kept before, or no fit in block_size), then the repair that made it fit. True if
+    its rows are to be written."""
+    for name in outcome.repairs:
+        report.repair(name, outcome.line)
+    reason = outcome.drop or seen.duplicate(outcome.keys) or outcome.fit_drop
+    if reason:
+        report.drop(reason, outcome.line)
+        return False
+    if outcome.fit_repair:
+        report.repair(outcome.fit_repair, outcome.line)
+    return True
+
+
+# ----------------------------------------------------------------------------- conversations (SFT)
+
+@dataclass
+class Settings:
+    """The options a kind's process() reads."""
+    block_size: int
+    overlong: str
+    val_fraction: float
+    seed: int
+
+
+class Kind:
+    """What build() needs of a kind of dataset. A kind's process() must be a pure function of
+    its items (it runs in worker processes); Conversations and pairs.Pairs are the two."""
+    name = "sft"  # data.dataset_writer's kind
+    item = "conversation"  # one prepared item, in messages and the summary's keys
+    series = ("length",)  # token counts summarised as "<series>_percentiles"
+
+    def process(self, items, settings):
+        """[Outcome] for a chunk of items, one each, in order."""
+        raise NotImplementedError
+
+    def writer(self, folder, meta):
+        return data.dataset_writer(folder, meta, kind=self.name)
+
+
+@dataclass
+class Conversations(Kind):
+    """SFT conversations: the whole conversation in a row, every answer supervised."""
+    detokenize: bool = False  # undo Penn Treebank spacing (grafito-25k)
+    check_context: bool = False  # drop instructions about a passage the record does not hold
+
+    def process(self, records, settings):
+        cleaned = [clean_conversation(r.turns, self.detokenize, self.check_context) for r in records]
+        fitted = iter(fit_conversations([turns for turns, _, drop in cleaned if not drop], settings.block_size,
+                                        settings.overlong))
+        outcomes = []
+        for record, (turns, repairs, drop) in zip(records, cleaned):
+            outcome = Outcome(record.line, repairs, drop)
+            if not drop:
+                outcome.keys = conversation_keys(turns)
+                kept, ids, mask, outcome.fit_repair, outcome.fit_drop = next(fitted)
+                if not outcome.fit_drop:
+                    outcome.val = in_val(kept, settings.val_fraction, settings.seed)
+                    outcome.rows, outcome.turns, outcome.lengths = [(ids, mask)], len(kept), {"length": [len(ids)]}
+            outcomes.append(outcome)
+        return outcomes
+
+
+def clean_conversation(turns, detokenize=False, check_context=False):
+    """(cleaned turns, the repairs made, the rule it breaks or None)."""
+    turns, changed = clean_turns(turns, detokenize)
+    repairs = sorted(changed)
+    if len(turns) > 1 and not turns[-1][1]:
+        turns = turns[:-1]
+        repairs.append("empty_last_answer_removed")
+    return turns, repairs, _drop_reason(turns, check_context)
+
+
+def conversation_keys(turns):
+    return digest(json.dumps(turns)), digest(dedup_key(turns))
+
+
+def fit_conversations(conversations, block_size, overlong):
+    """(turns, ids, mask, repair, drop) per conversation: over-long ones lose their last turns
+    until they fit (overlong='truncate'), else are dropped."""
     out = []
-    for record, (ids, mask) in zip(records, rendered):
+    for turns, (ids, mask) in zip(conversations, tokenizer.render_batch(conversations)):
+        repair = drop = None
         if len(ids) > block_size:
-            turns = record.turns
             while overlong == "truncate" and len(turns) > 1 and len(ids) > block_size:
                 turns = turns[:-1]
                 ids, mask = tokenizer.render(turns)
             if len(ids) > block_size:
-                report.drop("longer_than_block_size", record.line)
-                continue
-            report.repair("truncated_at_turn_to_fit_block_size", record.line)
-            record = Record(record.line, turns)
-        out.append((record, ids, mask))
+                drop = "longer_than_block_size"
+            else:
+                repair = "truncated_at_turn_to_fit_block_size"
+        out.append((turns, ids, mask, repair, drop))
     return out
+
+
+def clean_records(records, report, detokenize=False, check_context=False):
+    """The cleaning step alone, for a list: normalise every record, then drop what should not
+    be trained on; duplicates last."""
+    kept, seen = [], Seen()
+    for record in records:
+        turns, repairs, drop = clean_conversation(record.turns, detokenize, check_context)
+        if admit(Outcome(record.line, repairs, drop, None if drop else conversation_keys(turns)), report, seen):
+            kept.append(Record(record.line, turns))
+    return kept
+
+
+def tokenize(records, block_size, overlong, report):
+    """The fitting step alone, for a list: (record, ids, mask) per record that fits block_size."""
+    out = []
+    for record, (turns, ids, mask, repair, drop) in zip(records, fit_conversations([r.turns for r in records],
+                                                                                    block_size, overlong)):
+        if drop:
+            report.drop(drop, record.line)
+            continue
+        if repair:
+            report.repair(repair, record.line)
+        out.append((Record(record.line, turns), ids, mask))
+    return out
+
+
+# ----------------------------------------------------------------------------- build: the whole run
+
+def build(args, kind, items, report, name, source, extra_meta=None):
+    """Clean, tokenise, split and write items (a list or a stream, in source order) as a
+    dataset of this kind; print the report and save it beside the data. Nothing is written
+    unless the train split gets an item."""
+    started = time.perf_counter()
+    settings = Settings(args.block_size, args.overlong, args.val_fraction, args.seed)
+    seen, tally = Seen(), Tally(kind.series)
+    total = len(items) if hasattr(items, "__len__") else None  # a stream has the reading bar of sources.py
+    with kind.writer(args.out_dir, dataset_meta(name, source, args, extra_meta)) as writer, \
+            tqdm(total=total, disable=total is None, desc="preparing", unit=kind.item, mininterval=0.5) as bar:
+        for outcome in outcomes(kind, settings, items, args.workers):
+            bar.update()
+            if admit(outcome, report, seen):
+                split = "val" if outcome.val else "train"
+                for ids, mask in outcome.rows:
+                    writer.add(split, ids, mask)
+                tally.add(split, outcome)
+        check_train_split(tally.items["train"], report, args, kind.item)
+    summary = make_summary(report, kind, tally, writer.meta, time.perf_counter() - started)
+    (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, kind, args.out_dir)
+    return summary
+
+
+def outcomes(kind, settings, items, workers):
+    """kind.process over chunks of items: every item's Outcome, in item order."""
+    for chunk_outcomes in ordered_map(kind.process, chunked(items, CHUNK), workers, settings):
+        yield from chunk_outcomes
+
+
+def chunked(items, size):
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def ordered_map(function, chunks, workers, *args):
+    """function(chunk, *args) for every chunk, results in chunk order: the first INLINE_CHUNKS
+    in this process (starting processes costs seconds, more than small work takes), the rest,
+    given several workers, in worker processes a few chunks ahead of the caller (never the
+    whole input: memory stays bounded)."""
+    chunks = iter(chunks)
+    for chunk in chunks if workers == 1 else itertools.islice(chunks, INLINE_CHUNKS):
+        yield function(chunk, *args)
+    rest = list(itertools.islice(chunks, 1))
+    if not rest:
+        return
+    # forkserver: a fork of this process could inherit a lock held by one of its threads
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=end_with, initargs=(os.getpid(),))
+    try:
+        pending = deque()
+        for chunk in itertools.chain(rest, chunks):
+            pending.append(pool.submit(function, chunk, *args))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def end_with(pid):
+    """A worker's start: it ends when process pid (the pool's owner) is gone. An owner killed
+    outright (SIGKILL) cannot stop its workers, and they would wait for work forever."""
+    def watch():
+        while process_running(pid):
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def process_running(pid):
+    """False once the process has ended, even while it waits for its parent to collect it (a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took the pid
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): a shell collects its children at once
+        return True
+
+
+class Tally:
+    """What was written, for the summary: items per split, turns, and each series of lengths."""
+
+    def __init__(self, series):
+        self.items, self.turns = Counter(), 0
+        self.series = {name: array("q") for name in series}
+
+    def add(self, split, outcome):
+        self.items[split] += 1
+        self.turns += outcome.turns
+        for name, values in outcome.lengths.items():
+            self.series[name].extend(values)
 
 
 def dataset_meta(name, source, args, extra_meta):
@@ -370,9 +559,9 @@ def dataset_meta(name, source, args, extra_meta):
     }
 
 
-def check_train_split(splits, report, args, item):
+def check_train_split(train_items, report, args, item):
     """Never replace a dataset with nothing: stop, saying where the records went."""
-    if splits["train"]:
+    if train_items:
         return
     lost = {**report.skipped, **report.dropped}
     reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1]))
@@ -381,28 +570,11 @@ def check_train_split(splits, report, args, item):
                        f"written, {args.out_dir} is unchanged")
 
 
-def build_dataset(args, name, records, report, source, detokenize=False, check_context=False, extra_meta=None):
-    """Clean, tokenise, split and write; print the report and save it beside the data."""
-    started = time.perf_counter()
-    kept = clean_records(records, report, detokenize, check_context)
-    tokenized = tokenize(kept, args.block_size, args.overlong, report)
-    splits = {"train": [], "val": []}
-    for record, ids, mask in tokenized:
-        splits["val" if in_val(record.turns, args.val_fraction, args.seed) else "train"].append((record, ids, mask))
-    meta = dataset_meta(name, source, args, extra_meta)
-    check_train_split(splits, report, args, "conversation")
-    written = data.write_dataset(args.out_dir, {s: [(ids, mask) for _, ids, mask in rows] for s, rows in splits.items()}, meta)
-    summary = make_summary(report, splits, written, time.perf_counter() - started)
-    (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary, args.out_dir)
-    return summary
-
-
-def make_summary(report, splits, meta, seconds):
-    rows = [row for split in splits.values() for row in split]
-    lengths = np.array([len(ids) for _, ids, _ in rows]) if rows else np.zeros(1)
-    tokens = int(lengths.sum()) if rows else 0
-    supervised = sum(sum(mask) for _, _, mask in rows)
+def make_summary(report, kind, tally, meta, seconds):
+    items = f"{kind.item}s"
+    splits = meta["splits"]
+    tokens = sum(counts["tokens"] for counts in splits.values())
+    supervised = sum(counts["supervised_tokens"] for counts in splits.values())
     return {
         "source": report.source,
         "records_read": report.read,
@@ -410,14 +582,19 @@ def make_summary(report, splits, meta, seconds):
         "repaired": dict(report.repaired),
         "dropped": dict(report.dropped),
         "first_lines": {k: v for k, v in report.lines.items()},
-        "conversations": len(rows),
-        "turns": sum(len(record.turns) for record, _, _ in rows),
+        items: sum(tally.items.values()),
+        "turns": tally.turns,
         "tokens": tokens,
         "supervised_fraction": round(supervised / max(tokens, 1), 4),
-        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
-        "splits": meta["splits"],
+        **{f"{name}_percentiles": percentiles(values) for name, values in tally.series.items()},
+        "splits": {split: {items: tally.items[split], **counts} for split, counts in splits.items()},
         "seconds": round(seconds, 2),
     }
+
+
+def percentiles(values):
+    values = np.array(values) if len(values) else np.zeros(1)
+    return {f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 99)} | {"max": int(values.max())}
 
 
 def print_reasons(s):
@@ -429,173 +606,15 @@ def print_reasons(s):
             print(f"  {title:20s} {reason:44s} {n:7,}   first lines: {lines}")
 
 
-def print_summary(s, out_dir):
+
+def print_summary(s, kind, out_dir):
     print_reasons(s)
-    sp = s["splits"]
-    print(f"kept {s['conversations']:,} conversations ({s['turns']:,} turns), {s['tokens']:,} tokens, "
-          f"{s['supervised_fraction']:.1%} supervised; length p50/p90/p99/max "
-          f"{'/'.join(str(v) for v in s['length_percentiles'].values())}")
-    print(f"train {sp['train']['conversations']:,} conversations / {sp['train']['tokens']:,} tokens, "
-          f"val {sp['val']['conversations']:,} / {sp['val']['tokens']:,}")
-    print(f"wrote {out_dir} in {s['seconds']:.1f}s (report.json beside the bins)")
-
-
-# ----------------------------------------------------------------------------- preference pairs
-
-@dataclass
-class Pair:
-    """A preference record: the conversation both transcripts share, and their two final answers."""
-    line: int  # where the record starts in the source (1-based)
-    history: list  # [(instruction, answer), ...] before the last instruction
-    instruction: str  # the last instruction, which both final answers answer
-    chosen: str
-    rejected: str
-
-    def turns(self, answer):
-        return self.history + [(self.instruction, answer)]
-
-
-def clean_pairs(pairs, report):
-    """clean_records for pairs: both transcripts normalised, the chosen one held to every rule
-    of clean_records, the rejected answer only to the format's (a rejected answer that parrots
-    the instruction or has no words is what the pair teaches against); then pairs without a
-    preference and duplicates dropped."""
-    kept, seen_exact, seen_normalized = [], set(), set()
-    for pair in tqdm(pairs, desc="cleaning", unit="pair", leave=False, mininterval=0.5):
-        chosen, changed = clean_turns(pair.turns(pair.chosen))
-        rejected, rejected_changed = clean_turns(pair.turns(pair.rejected))
-        for name in sorted(changed | rejected_changed):
-            report.repair(name, pair.line)
-        reason = _drop_reason(chosen, False) or _rejected_drop_reason(rejected[-1][1])
-        if not reason and tokenizer.squash(chosen[-1][1]) == tokenizer.squash(rejected[-1][1]):
-            reason = "same_answers_up_to_case_or_punctuation"  # nothing to prefer
-        if reason:
-            report.drop(reason, pair.line)
-            continue
-        cleaned = Pair(pair.line, chosen[:-1], chosen[-1][0], chosen[-1][1], rejected[-1][1])
-        exact = (tuple(chosen), cleaned.rejected)
-        if exact in seen_exact:
-            report.drop("duplicate_exact", pair.line)
-            continue
-        key = f"{dedup_key(chosen)}\x1d{tokenizer.squash(cleaned.rejected)}"
-        if key in seen_normalized:
-            report.drop("duplicate_normalized", pair.line)
-            continue
-        seen_exact.add(exact)
-        seen_normalized.add(key)
-        kept.append(cleaned)
-    return kept
-
-
-def _rejected_drop_reason(answer):
-    if not answer:
-        return "empty_answer"
-    if ROLE_MARKER.search(answer):
-        return "role_marker_inside_text"
-    return None
-
-
-def pair_in_val(pair, fraction, seed):
-    """in_val by the whole prompt (before any cut): pairs that share a prompt share a split."""
-    return in_val(pair.turns(""), fraction, seed)
-
-
-def tokenize_pairs(pairs, block_size, overlong, report):
-    """(pair, prompt ids, chosen answer ids, rejected answer ids) per pair, each answer ending
-    with <|endoftext|>. A pair with a row over block_size loses its oldest turns until both
-    rows fit (overlong='truncate'; both final answers stay whole), or is dropped."""
-    rendered = []
-    chunk = 1024
-    with tqdm(total=len(pairs), desc="tokenizing", unit="pair", mininterval=0.5) as bar:
-        for start in range(0, len(pairs), chunk):
-            part = pairs[start:start + chunk]
-            rendered += tokenizer.render_batch([turns for p in part for turns in (p.turns(p.chosen), p.turns(p.rejected))])
-            bar.update(len(part))
-    out = []
-    for k, pair in enumerate(pairs):
-        chosen, rejected = rendered[2 * k], rendered[2 * k + 1]
-        longest, cut = max(len(chosen[0]), len(rejected[0])), False
-        while overlong == "truncate" and pair.history and longest > block_size:
-            pair = replace(pair, history=pair.history[1:])
-            chosen, rejected = tokenizer.render_batch([pair.turns(pair.chosen), pair.turns(pair.rejected)])
-            longest, cut = max(len(chosen[0]), len(rejected[0])), True
-        if longest > block_size:
-            report.drop("longer_than_block_size", pair.line)
-            continue
-        if cut:
-            report.repair("oldest_turns_cut_to_fit_block_size", pair.line)
-        out.append((pair, *split_pair(pair, chosen, rejected)))
-    return out
-
-
-def split_pair(pair, chosen, rejected):
-    """(prompt ids, chosen answer ids, rejected answer ids) from the two rendered rows, whose
-    final answers (with their end-of-text) are the last run of supervised tokens."""
-    halves = []
-    for ids, mask in (chosen, rejected):
-        answer_start = len(mask) - mask[::-1].index(0)
-        halves.append((ids[:answer_start], ids[answer_start:]))
-    (prompt, chosen_answer), (rejected_prompt, rejected_answer) = halves
-    if prompt != rejected_prompt:  # render() encodes a prompt apart from its answer, so this cannot differ
-        raise GrafitoError(f"line {pair.line}: the chosen and the rejected row do not start with the same prompt "
-                           f"ids; tokenizer.render no longer cuts a prompt from its answer")
-    return prompt, chosen_answer, rejected_answer
-
-
-def build_pairs(args, name, pairs, report, source, extra_meta=None):
-    """build_dataset for preference pairs: clean, tokenise, split by prompt and write through
-    data.write_pairs; print the report and save it beside the data."""
-    started = time.perf_counter()
-    kept = clean_pairs(pairs, report)
-    val = {pair.line: pair_in_val(pair, args.val_fraction, args.seed) for pair in kept}
-    splits = {"train": [], "val": []}
-    for row in tokenize_pairs(kept, args.block_size, args.overlong, report):
-        splits["val" if val[row[0].line] else "train"].append(row)
-    meta = dataset_meta(name, source, args, extra_meta)
-    check_train_split(splits, report, args, "pair")
-    written = data.write_pairs(args.out_dir, {s: [row[1:] for row in rows] for s, rows in splits.items()}, meta)
-    summary = make_pairs_summary(report, splits, written, time.perf_counter() - started)
-    (Path(args.out_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_pairs_summary(summary, args.out_dir)
-    return summary
-
-
-def make_pairs_summary(report, splits, meta, seconds):
-    rows = [row for split in splits.values() for row in split]
-
-    def percentiles(lengths):
-        lengths = np.array(lengths) if lengths else np.zeros(1)
-        return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())}
-
-    prompts = [len(prompt) for _, prompt, _, _ in rows]
-    answers = [len(answer) for _, _, chosen, rejected in rows for answer in (chosen, rejected)]
-    tokens, supervised = 2 * sum(prompts) + sum(answers), sum(answers)
-    return {
-        "source": report.source,
-        "records_read": report.read,
-        "skipped_malformed": dict(report.skipped),
-        "repaired": dict(report.repaired),
-        "dropped": dict(report.dropped),
-        "first_lines": {k: v for k, v in report.lines.items()},
-        "pairs": len(rows),
-        "turns": sum(len(pair.history) + 1 for pair, _, _, _ in rows),
-        "tokens": tokens,
-        "supervised_fraction": round(supervised / max(tokens, 1), 4),
-        "row_length_percentiles": percentiles([len(p) + len(a) for _, p, c, r in rows for a in (c, r)]),
-        "prompt_length_percentiles": percentiles(prompts),
-        "answer_length_percentiles": percentiles(answers),
-        "splits": {s: {"pairs": len(splits[s]), **meta["splits"][s]} for s in splits},
-        "seconds": round(seconds, 2),
-    }
-
-
-def print_pairs_summary(s, out_dir):
-    print_reasons(s)
-    sp = s["splits"]
-    print(f"kept {s['pairs']:,} pairs ({s['turns']:,} turns), {s['tokens']:,} tokens in their {2 * s['pairs']:,} rows, "
-          f"{s['supervised_fraction']:.1%} supervised")
-    for what in ("row", "prompt", "answer"):
-        print(f"  {what} length p50/p90/p99/max {'/'.join(str(v) for v in s[f'{what}_length_percentiles'].values())}")
-    print(f"train {sp['train']['pairs']:,} pairs / {sp['train']['tokens']:,} tokens, "
-          f"val {sp['val']['pairs']:,} / {sp['val']['tokens']:,}")
+    items, sp = f"{kind.item}s", s["splits"]
+    rows = sum(counts["conversations"] for counts in sp.values())
+    print(f"kept {s[items]:,} {items} ({s['turns']:,} turns), {s['tokens']:,} tokens"
+          f"{f' in their {rows:,} rows' if rows != s[items] else ''}, {s['supervised_fraction']:.1%} supervised")
+    for name in kind.series:
+        print(f"  {name.replace('_', ' ')} p50/p90/p99/max {'/'.join(str(v) for v in s[f'{name}_percentiles'].values())}")
+    print(f"train {sp['train'][items]:,} {items} / {sp['train']['tokens']:,} tokens, "
+          f"val {sp['val'][items]:,} / {sp['val']['tokens']:,}")
     print(f"wrote {out_dir} in {s['seconds']:.1f}s (report.json beside the bins)")

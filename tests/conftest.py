@@ -1,7 +1,13 @@
-"""Test set-up: repository root on sys.path, offline hub, tokenizer cache from ../shared."""
+"""Test set-up: repository root on sys.path, offline hub, tokenizer cache from ../shared; fixtures:
+tiny datasets and models, an emulated GPU, and a local stand-in for the hub (fake_hub)."""
 
+import hashlib
+import http.server
+import json
 import os
 import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -121,3 +127,75 @@ def emulated_gpu(monkeypatch):
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield emulate
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # setup() turned TF32 on
+
+
+# ----------------------------------------------------------------------------- a hub dataset, through a local stand-in
+
+COMMIT = "c0ffee" + "0" * 34
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's dataset API as huggingface_hub calls it: the file list of the default branch or
+    a revision (/api/datasets/{repo}[/revision/{rev}]) and the files (/datasets/{repo}/resolve/{rev}/{path})."""
+    repos = {}  # "owner/name" -> folder
+    requests = []
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        path = urllib.parse.unquote(self.path.split("?")[0])
+        self.requests.append(path)
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "datasets"] and (len(parts) == 4 or len(parts) == 6 and parts[4] == "revision"):
+            folder = self.repos.get("/".join(parts[2:4]))
+            if folder is None:
+                return self.missing("RepoNotFound")
+            if len(parts) == 6 and parts[5] not in ("main", "v1", COMMIT):
+                return self.missing("RevisionNotFound")
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            siblings = [{"rfilename": str(p.relative_to(folder)), "size": p.stat().st_size} for p in files]
+            return self.send(json.dumps({"id": "/".join(parts[2:4]), "sha": COMMIT, "siblings": siblings}).encode(), body)
+        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+            folder = self.repos.get("/".join(parts[1:3]))
+            if folder is None:
+                return self.missing("RepoNotFound")
+            file = folder / "/".join(parts[5:])
+            if not file.is_file():
+                return self.missing("EntryNotFound")
+            return self.send(file.read_bytes(), body)
+        self.missing("RepoNotFound")
+
+    def send(self, payload, body):
+        self.send_response(200)
+        self.send_header("ETag", f'"{hashlib.sha256(payload).hexdigest()}"')
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def missing(self, code):
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A local hub serving FakeHub.repos; yields the environment of a subprocess that downloads from it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeHub.requests = []
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    yield env
+    server.shutdown()
+    server.server_close()

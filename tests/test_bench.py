@@ -1,17 +1,21 @@
-"""bench.py smoke test: a tiny shape, every row, transformers beside it; the JSON line holds every field."""
+"""bench.py smoke tests: a tiny shape, every row, transformers beside it; the JSON line holds every
+field; each row is reported the moment it is measured, so a run stopped early keeps its rows."""
 
 import json
+import re
 import subprocess
 import sys
 
 from conftest import ROOT
 
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=2", "--repeats=2", "--warmup=1",
+        "--dtype=float32", "--device=cpu"]
+
 
 def test_bench_runs_and_reports_every_field(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench.py"), "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
-         "--batch_size=2", "--repeats=2", "--warmup=1", "--prompt_tokens=8", "--decode_tokens=6", "--decode_batch=2",
-         "--lora_r=4", "--compare=hf", "--dtype=float32", f"--dataset={tmp_path / 'none'}",
+        [sys.executable, str(ROOT / "bench.py"), *TINY, "--prompt_tokens=8", "--decode_tokens=6", "--decode_batch=2",
+         "--lora_r=4", "--compare=hf", f"--dataset={tmp_path / 'none'}",
          "--rows=train,masked,lora,decode,configs", "--configs=ruby_002,lazuli_001"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,7 +37,37 @@ def test_bench_runs_and_reports_every_field(tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
         if r["impl"] == "grafito" and "LoRA" not in r["row"] and "as full" not in r["row"]:
             assert r["ratio_vs_transformers"] > 0
+        assert f"row: {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} tokens/s" in result.stderr
     lora_row = next(r for r in report["rows"] if r["row"] == "train LoRA, masked SFT")
     assert lora_row["ratio_vs_full"] > 0
     assert "synthetic, 40% supervised" in next(r["batch"] for r in report["rows"] if r["row"] == "train full, masked SFT")
     assert "| train full, plain LM | grafito |" in result.stdout
+
+
+def test_a_run_stopped_after_its_first_row_has_reported_that_row(tmp_path):
+    """The process is killed (as a time limit kills it) when the second row starts: the first row's
+    figures are on stderr and in the --jsonl file, and no final table was printed."""
+    jsonl = tmp_path / "rows.jsonl"
+    argv = ["bench.py", *TINY, f"--dataset={tmp_path / 'none'}", "--rows=train,masked", f"--jsonl={jsonl}"]
+    stop_at_the_second_row = f"""
+import os, signal, sys
+import bench
+measure, started = bench.training_row, []
+def training_row(*args, **kwargs):
+    if started:
+        os.kill(os.getpid(), signal.SIGKILL)
+    started.append(True)
+    return measure(*args, **kwargs)
+bench.training_row = training_row
+sys.argv = {argv!r}
+bench.run_cli(bench.main)
+"""
+    result = subprocess.run([sys.executable, "-c", stop_at_the_second_row], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert re.search(r"^row: train full, plain LM \| grafito \| 2x64, all supervised \| [\d,.]+ tokens/s, "
+                     r"[\d,.]+ ms/step, MFU [\d.]+%", result.stderr, re.M), result.stderr[-3000:]
+    assert "masked SFT |" not in result.stderr and "| row | impl |" not in result.stdout
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines[0]["header"].startswith("grafito bench: gpt2 shape") and lines[0]["dtype"] == "float32"
+    assert [(r["row"], r["impl"]) for r in lines[1:]] == [("train full, plain LM", "grafito")]
+    assert lines[1]["tokens_per_s"] > 0 and lines[1]["mfu"] > 0

@@ -294,3 +294,102 @@ def test_the_memory_plan_against_the_measured_peak(case):
           f"{plan.gradients / 2 ** 30:.2f}, optimizer {plan.optimizer / 2 ** 30:.2f}, activations "
           f"{plan.activations / 2 ** 30:.2f}), measured peak {peak / 2 ** 30:.2f} GiB")
     assert abs(peak - plan.total) < 0.15 * plan.total, (case, peak, plan)
+
+
+@pytest.fixture
+def float32_matmuls():
+    """float32 references computed in float32, not TF32, whatever set-up ran before."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_output_layer_gradient_products_write_float32_on_the_gpu(dtype, float32_matmuls):
+    """loss.py's gradient products on CUDA: 16-bit inputs, float32 accumulation and output in one
+    cuBLAS call (torch >= 2.8), gradients close to float32's over GPT-2's padded vocabulary."""
+    import torch.nn.functional as F
+
+    import loss
+
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs sm80 or newer")
+    if not loss.MM_WRITES_FLOAT32:
+        pytest.skip("torch < 2.8: no float32-output 16-bit products")
+    torch.manual_seed(0)
+    h = (torch.randn(3000, 256, device="cuda") * 3).to(dtype).float().requires_grad_()  # values the dtype holds
+    weight = torch.randn(50304, 256, device="cuda") * 0.05
+    weight[50257:] = 0  # the embedding's padding rows
+    weight = weight.to(dtype).float().requires_grad_()
+    targets = torch.randint(0, 50257, (3000,), device="cuda")
+
+    layer = loss._OutputLayer(h, weight, 50257, dtype)
+    a, b = h.detach()[:512].to(dtype), weight.detach()[:4096].t().to(dtype)
+    product = layer.product(a, b)
+    assert layer.writes_float32 == loss.MM_WRITES_FLOAT32 and product.dtype == torch.float32
+    exact = a.float() @ b.float()
+    assert ((product - exact).norm() / exact.norm()).item() < 5e-5  # a 16-bit output would be ~1e-4 off
+
+    F.cross_entropy(F.linear(h, weight)[:, :50257], targets, reduction="sum").backward()
+    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    with torch.autocast("cuda", dtype=dtype):
+        value = loss.linear_cross_entropy(h, weight, targets, 50257)
+    value.backward()
+    relative_error = lambda x, y: ((x - y).norm() / y.norm()).item()
+    assert h.grad.dtype == weight.grad.dtype == torch.float32
+    assert torch.isfinite(h.grad).all() and torch.isfinite(weight.grad).all() and (weight.grad[50257:] == 0).all()
+    tolerance = 1e-3 if dtype == torch.float16 else 1e-2  # float16 holds 3 more bits
+    assert relative_error(h.grad, expected_h) < tolerance and relative_error(weight.grad, expected_w) < tolerance
+
+
+def test_fused_output_layer_fp16_weight_gradient_stays_finite_on_the_gpu(float32_matmuls):
+    """Summed over many rows of large hidden states, d loss / d weight leaves float16's range: the
+    float32-written products keep it finite (a float16 output would be inf)."""
+    import torch.nn.functional as F
+
+    import loss
+
+    torch.manual_seed(0)
+    h = (torch.rand(4096, 64, device="cuda") * 100 + 150).half().float().requires_grad_()
+    weight = (torch.randn(128, 64, device="cuda") * 0.01).half().float().requires_grad_()
+    targets = torch.randint(0, 4, (4096,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss.linear_cross_entropy(h, weight, targets, 100).backward()
+    expected = torch.autograd.grad(F.cross_entropy(F.linear(h, weight)[:, :100], targets, reduction="sum"), weight)[0]
+    assert expected.abs().max() > 65504 and torch.isfinite(weight.grad).all()
+    assert ((weight.grad - expected).norm() / expected.norm()).item() < 1e-3
+
+
+def test_serve_batcher_replays_cuda_graphs_through_its_cache_views():
+    """serve --compile: the batcher decodes through views of its cache (the busy rows, padded to a
+    power of two). Marked static like the cache itself, they let every step replay a CUDA graph
+    (torch skips graphs for inputs a step writes that are not static); every size is compiled and
+    recorded by warm_up(), before the first job."""
+    import tokenizer
+    from torch._dynamo.utils import counters
+
+    try:
+        tokenizer.get_encoding()  # a job's text is decoded as it goes
+    except Exception as err:
+        pytest.skip(f"needs the GPT-2 BPE files (TIKTOKEN_CACHE_DIR): {err}")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt().eval()
+    greedy = engine.Sampling(temperature=0)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (7, 3, 20)]
+    batcher = engine.Batcher(engine.Engine(model, compile=True), max_batch=4)
+    assert batcher.sizes == [1, 2, 4]
+    batcher.warm_up()
+    jobs = [engine.Job(p, n, greedy, lambda text, finish: None, raw=True) for p, n in zip(prompts, (24, 8, 16))]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # monkeypatch's undo would hide the setting
+        for step in range(40):
+            batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    assert batcher.busy == 0 and batcher.peak_busy == 3
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for prompt, job in zip(prompts, jobs):
+        alone = [tokens[0] for tokens in engine.Engine(model).generate([prompt], job.max_new_tokens, greedy)]
+        generated = job.history[len(prompt):]  # all of them, unless end-of-text came first
+        assert generated == alone[:len(generated)]
+        assert len(generated) == job.max_new_tokens or generated[-1] == tokenizer.EOT

@@ -18,9 +18,14 @@ import dolly  # noqa: E402
 import grafito25k  # noqa: E402
 import hh_rlhf  # noqa: E402
 import pipeline  # noqa: E402
+import sources  # noqa: E402
 import tokenizer  # noqa: E402
 from common import GrafitoError  # noqa: E402
 from pipeline import Record, Report  # noqa: E402
+
+
+def read_records(path, report, keys):
+    return list(pipeline.read_records(path, report, keys))
 
 
 def args_for(out_dir, block_size=1024, **extra):
@@ -106,9 +111,9 @@ def test_grafito_script_writes_the_format_and_report(tmp_path):
 @needs_shared
 def test_hh_rlhf_reads_every_record_and_supervises_only_assistant_text():
     report = Report(str(HH_RLHF_TEST))
-    rows = pipeline.read_json_lines(HH_RLHF_TEST, report, ["chosen"])
+    rows = read_records(HH_RLHF_TEST, report, ["chosen"])
     assert report.read == len(rows) == 2312
-    records = hh_rlhf.parse(rows, report, "chosen")
+    records = list(hh_rlhf.parse(rows, report, "chosen"))
     assert len(records) + sum(report.skipped.values()) == 2312
     kept = pipeline.clean_records(records, report)
     by_line = {line: obj["chosen"] for line, obj in rows}
@@ -130,11 +135,11 @@ def test_hh_rlhf_turns_map_and_bad_transcripts_are_counted():
             (2, {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c"}),
             (3, {"chosen": "preamble\n\nHuman: a\n\nAssistant: b"})]
     report = Report("x")
-    records = hh_rlhf.parse(rows, report, "chosen")
+    records = list(hh_rlhf.parse(rows, report, "chosen"))
     assert [r.turns for r in records] == [[(" hi", " hello"), (" bye", " see you")]]
     assert report.skipped == {"turns_do_not_alternate": 1, "text_before_first_turn": 1}
     with pytest.raises(GrafitoError, match="line 2: turns do not alternate"):
-        hh_rlhf.parse(rows, Report("x", strict=True), "chosen")
+        list(hh_rlhf.parse(rows, Report("x", strict=True), "chosen"))
 
 
 # ----------------------------------------------------------------------------- dolly (synthetic file)
@@ -202,7 +207,7 @@ def test_dolly_category_filter_and_unknown_category(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [dolly_row("A?", "a", category="open_qa"),
                                                dolly_row("B?", "b", category="classification")])
     report = Report("d")
-    records = dolly.select(pipeline.read_json_lines(path, report, dolly.KEYS), report, ["classification"], 84, "keep")
+    records = list(dolly.select(read_records(path, report, dolly.KEYS), report, ["classification"], 84, "keep"))
     assert [r.turns[0][0] for r in records] == ["B?"] and report.dropped == {"category_not_selected": 1}
     result = subprocess.run([sys.executable, str(ROOT / "prepare" / "dolly.py"), "--input", str(path),
                              "--categories", "poetry"], capture_output=True, text=True, cwd=ROOT)
@@ -216,19 +221,19 @@ def test_truncated_gzip_empty_file_and_wrong_schema_are_clear_errors(tmp_path):
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(full.read_bytes()[:-30])
     with pytest.raises(GrafitoError, match="truncated"):
-        pipeline.read_json_lines(cut, Report("cut"), ["chosen"])
+        read_records(cut, Report("cut"), ["chosen"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(GrafitoError, match="empty file"):
-        pipeline.read_json_lines(empty, Report("empty"), ["chosen"])
+        read_records(empty, Report("empty"), ["chosen"])
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "x"}, {"prompt": "y"}])
     with pytest.raises(GrafitoError, match="none of 2 records has the fields chosen"):
-        pipeline.read_json_lines(wrong, Report("wrong"), ["chosen"])
+        read_records(wrong, Report("wrong"), ["chosen"])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}, "{oops", {"chosen": "y"}])
     report = Report("bad")
-    assert len(pipeline.read_json_lines(bad, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
+    assert len(read_records(bad, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
     with pytest.raises(GrafitoError, match=r"line 2: bad json"):
-        pipeline.read_json_lines(bad, Report("bad", strict=True), ["chosen"])
+        read_records(bad, Report("bad", strict=True), ["chosen"])
 
 
 def test_scripts_offline_name_the_input_option(tmp_path):
@@ -241,16 +246,16 @@ def test_scripts_offline_name_the_input_option(tmp_path):
 
 
 def test_grafito_download_path_checks_the_pinned_hash(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "DOWNLOAD_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(sources, "DOWNLOAD_CACHE", tmp_path / "cache")
     source = tmp_path / "grafito-25k"
     source.write_text("### Instruction: a\n\n### Answer: b\n")
-    good = pipeline.sha256_of(source)
-    path = pipeline.fetch_url(source.as_uri(), good, "g")
+    good = sources.sha256_of(source)
+    path = sources.fetch_url(source.as_uri(), good, "g")
     assert path.read_text() == source.read_text()
     with pytest.raises(GrafitoError, match="does not match the pinned"):
-        pipeline.fetch_url(source.as_uri(), "0" * 64, "other")
+        sources.fetch_url(source.as_uri(), "0" * 64, "other")
     with pytest.raises(GrafitoError, match="--input PATH"):
-        pipeline.fetch_url((tmp_path / "missing").as_uri(), good, "missing")
+        sources.fetch_url((tmp_path / "missing").as_uri(), good, "missing")
 
     class DroppedConnection:  # the server closes the connection before Content-Length bytes came
         headers = {"Content-Length": "100"}
@@ -262,9 +267,9 @@ def test_grafito_download_path_checks_the_pinned_hash(tmp_path, monkeypatch):
             import http.client
             raise http.client.IncompleteRead(b"partial", 93)
 
-    monkeypatch.setattr(pipeline.urllib.request, "urlopen", lambda *a, **k: DroppedConnection())
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda *a, **k: DroppedConnection())
     with pytest.raises(GrafitoError, match="IncompleteRead.*--input PATH"):
-        pipeline.fetch_url("https://example.invalid/g", good, "dropped")
+        sources.fetch_url("https://example.invalid/g", good, "dropped")
     assert not list((tmp_path / "cache").glob("dropped*"))  # no partial file left behind
 
 
@@ -439,7 +444,7 @@ def test_corrupt_compressed_input_is_one_error(tmp_path):
 def test_a_json_line_nested_too_deep_is_a_counted_skip(tmp_path):
     path = write_jsonl(tmp_path / "deep.jsonl", [{"chosen": "x"}, "[" * 100000 + "]" * 100000, {"chosen": "y"}])
     report = Report("deep")
-    assert len(pipeline.read_json_lines(path, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
+    assert len(read_records(path, report, ["chosen"])) == 2 and report.skipped == {"bad_json": 1}
 
 
 def test_prepare_refuses_an_out_dir_it_cannot_write_before_any_work(tmp_path):

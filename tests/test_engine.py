@@ -11,9 +11,26 @@ from model import GPT, GPTConfig
 GREEDY = Sampling(temperature=0)
 
 
+def attention_decides(model):
+    """A random tiny GPT-2 barely uses attention: its next token hardly depends on the keys it
+    reads, so a KV cache holding the wrong keys (stale lengths, rows mixed up) would still give
+    the right answers. Queries and keys scaled by 8 make its attention sharp, values and the
+    attention output by 5 make what it reads outweigh the MLP and the embeddings: the answer
+    then depends on the context, token by token."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            C = block.attn.c_attn.weight.shape[1]
+            for part, scale in ((slice(0, 2 * C), 8.0), (slice(2 * C, 3 * C), 5.0)):  # (q, k), v
+                block.attn.c_attn.weight[part] *= scale
+                block.attn.c_attn.bias[part] *= scale
+            block.attn.c_proj.weight *= 5.0
+    return model
+
+
 def tiny_gpt(seed=0, **config):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 60, **config})).eval()
+    model = GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 60, **config}))
+    return attention_decides(model).eval()
 
 
 def rows_of(steps, row):
@@ -38,6 +55,7 @@ def test_rows_of_different_lengths_decode_as_each_row_alone():
     for row, prompt in enumerate(prompts):
         alone = list(Engine(model).generate([prompt], 12, GREEDY))
         assert rows_of(batched, row) == rows_of(alone, 0)
+    assert len({tuple(rows_of(batched, row)) for row in range(3)}) == 3  # each row's own answer
 
 
 @pytest.mark.parametrize("variant", [{}, {"activation_function": "gelu", "n_inner": 96}])  # GPT-2; Cerebras-GPT-like
@@ -107,12 +125,54 @@ def test_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     gen = lambda seed: torch.Generator().manual_seed(seed)
-    assert torch.equal(sample(logits, Sampling(top_k=1), generator=gen(2)), logits.argmax(-1))
+    assert torch.equal(sample(logits, Sampling(top_k=1), generators=gen(2)), logits.argmax(-1))
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # top-p keeps the smallest set reaching p
-    assert {int(sample(probs.log(), Sampling(top_p=0.8), generator=gen(s))) for s in range(200)} == {0, 1}
-    assert {int(sample(probs.log(), Sampling(top_p=0.81), generator=gen(s))) for s in range(200)} == {0, 1, 2}
+    assert {int(sample(probs.log(), Sampling(top_p=0.8), generators=gen(s))) for s in range(200)} == {0, 1}
+    assert {int(sample(probs.log(), Sampling(top_p=0.81), generators=gen(s))) for s in range(200)} == {0, 1, 2}
+    assert {int(sample(probs.log(), Sampling(top_k=2), generators=gen(s))) for s in range(200)} == {0, 1}
     seen = torch.tensor([[True, False, False, False]])
     assert int(sample(probs.log() + 5, Sampling(temperature=0, repetition_penalty=2.0), seen=seen)) == 1
+
+
+def test_samples_follow_the_distribution_and_temperature_sharpens_it():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])
+    draws = sample(probs.log().expand(20000, 5), Sampling(), generators=torch.Generator().manual_seed(0))
+    assert (torch.bincount(draws, minlength=5) / 20000 - probs[0]).abs().max() < 0.015
+    cold = sample(probs.log().expand(20000, 5), Sampling(temperature=0.5), generators=torch.Generator().manual_seed(0))
+    sharpened = probs[0] ** 2 / (probs[0] ** 2).sum()
+    assert (torch.bincount(cold, minlength=5) / 20000 - sharpened).abs().max() < 0.015
+
+
+MIXED = [Sampling(temperature=0), Sampling(temperature=0.8, top_k=5), Sampling(temperature=1.2, top_p=0.7),
+         Sampling(temperature=1.0, repetition_penalty=1.5), Sampling(temperature=0, repetition_penalty=1.3),
+         Sampling(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=0.8), Sampling(temperature=2.0)]
+
+
+def test_one_batched_call_gives_every_row_the_token_it_gets_alone():
+    """Per-row settings and generators: a row's tokens never depend on its neighbours' settings or draws."""
+    torch.manual_seed(0)
+    B, V, steps = len(MIXED), 40, 30
+    logits, seen = torch.randn(steps, B, V) * 3, torch.rand(B, V) < 0.3
+    batched_generators = [torch.Generator().manual_seed(100 + row) for row in range(B)]
+    batched = [sample(logits[t], MIXED, seen, batched_generators) for t in range(steps)]
+    for row in range(B):
+        generator = torch.Generator().manual_seed(100 + row)
+        alone = [sample(logits[t, row:row + 1], MIXED[row], seen[row:row + 1], [generator]) for t in range(steps)]
+        assert [int(b[row]) for b in batched] == [int(a) for a in alone]
+    assert len({int(b[2]) for b in batched}) > 3  # the sampled rows do sample
+
+
+def test_a_row_with_non_finite_logits_is_flagged_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30)
+    logits[1, 3] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 7] = 1e36  # finite, but overflows once divided by its temperature
+    rows = [Sampling(temperature=0.7), Sampling(temperature=0.7), Sampling(), Sampling(temperature=0.001),
+            Sampling(temperature=0.9, top_p=1e-300)]  # top_p is 0 in float32: the nucleus keeps the top token
+    tokens = sample(logits, rows, generators=[torch.Generator().manual_seed(i) for i in range(5)]).tolist()
+    assert tokens[1:4] == [engine.BAD_LOGITS] * 3
+    assert 0 <= tokens[0] < 30 and tokens[4] == int(logits[4].argmax())
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=float("nan")), dict(temperature=1e-45), dict(temperature=-1),
@@ -131,13 +191,34 @@ def test_non_finite_logits_are_one_clear_error():
         list(Engine(model).generate([[1, 2]], 3, Sampling(temperature=1.0)))
 
 
-def test_compiled_decode_step_gives_the_same_tokens():
-    model = tiny_gpt(block_size=300, vocab_size=64)
-    prompts = [torch.randint(0, 64, (7,)).tolist(), [5, 6]]
-    eager = list(Engine(model).generate(prompts, 12, GREEDY))
+def test_compiled_decode_steps_give_the_eager_tokens_and_a_batcher_compiles_every_size_before_its_jobs():
+    model = tiny_gpt(block_size=256, vocab_size=64)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (7, 2, 12)]
+    eager = list(Engine(model).generate(prompts[:2], 12, GREEDY))
     compiled = Engine(model, compile=True)
-    assert list(compiled.generate(prompts, 12, GREEDY)) == eager
-    assert compiled.new_cache(1, 19).max_len == 256 and compiled.new_cache(1, 290).max_len == 300  # bucketed, capped
+    assert list(compiled.generate(prompts[:2], 12, GREEDY)) == eager
+    assert compiled.new_cache(1, 19).max_len == 256 and compiled.new_cache(1, 250).max_len == 256  # bucketed, capped
+    # the batcher (serve --compile): steps over 1, 2 or 4 rows, the rows past the busy ones idle
+    batcher = engine.Batcher(compiled, max_batch=4)
+    assert batcher.sizes == [1, 2, 4]
+    batcher.warm_up()
+    jobs = [engine.Job(p, n, GREEDY, lambda text, finish: None, raw=True) for p, n in zip(prompts, (20, 6, 14))]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # every size is compiled already
+        for step in range(40):
+            batcher.step(jobs[:2] if step == 0 else jobs[2:] if step == 3 else ())
+    assert batcher.busy == 0 and batcher.peak_busy == 3
+    for prompt, job in zip(prompts, jobs):
+        alone = [tokens[0] for tokens in Engine(model).generate([prompt], job.max_new_tokens, GREEDY)]
+        assert job.history[len(prompt):] == alone
+
+
+def test_a_compiled_batcher_has_one_graph_per_power_of_two_and_a_recompile_limit_that_holds_them():
+    # config.patch, not monkeypatch: pytest's undo deletes the attribute, which hides torch's own setting
+    with torch._dynamo.config.patch(recompile_limit=8):  # torch's default: 128 rows at most
+        batcher = engine.Batcher(Engine(tiny_gpt(), compile=True), max_batch=1000)  # nothing compiles yet
+        assert batcher.sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+        assert torch._dynamo.config.recompile_limit > len(batcher.sizes)
+    assert engine.Batcher(Engine(tiny_gpt()), max_batch=5).sizes == [1, 2, 3, 4, 5]  # eager: any count
 
 
 def test_one_row_matrix_vector_path_equals_the_linear_layer():

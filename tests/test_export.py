@@ -4,6 +4,7 @@ and run by llama.cpp when llama-cpp-python is installed), publishing and option 
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -523,8 +524,9 @@ def test_push_creates_the_repo_and_uploads_the_finished_folder(run, tmp_path, mo
             calls.append(("create", repo_id, private, exist_ok))
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(self, repo_id, folder_path, commit_message=None):
-            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir())))
+        def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=()):
+            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir()
+                                                    if p.name not in ignore_patterns)))
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
@@ -533,6 +535,7 @@ def test_push_creates_the_repo_and_uploads_the_finished_folder(run, tmp_path, mo
     assert ("create", "someone/ruby-002", True, True) in calls and ("token", "hf_test") in calls
     [upload] = [c for c in calls if c[0] == "upload"]
     assert upload[1] == "someone/ruby-002" and {"README.md", "config.json", "model.safetensors"} <= set(upload[2])
+    assert export.EXPORT_MARK not in upload[2]  # the mark stays local
     assert 'model="someone/ruby-002"' in (tmp_path / "x" / "README.md").read_text()
 
 
@@ -564,6 +567,24 @@ def test_a_missing_run_or_a_file_as_dest_is_one_clear_error(run, tmp_path):
         with pytest.raises(GrafitoError, match="weights being exported"):
             run_export(f"--out_dir={run[0]}", f"--dest={dest}", "--overwrite")
     assert (run[0] / "best" / "model.safetensors").is_file()
+
+
+def test_overwrite_replaces_an_earlier_export_but_never_a_training_run_or_other_files(run, tmp_path):
+    first = tmp_path / "export"
+    run_export(f"--out_dir={run[0]}", "--to=gguf", f"--dest={first}")
+    assert (first / export.EXPORT_MARK).is_file()
+    run_export(f"--out_dir={run[0]}", "--to=hf", f"--dest={first}", "--overwrite")  # its own: replaced
+    assert (first / "config.json").is_file() and not list(first.glob("*.gguf"))
+    other_run = tmp_path / "runs" / "emerald_003"  # another training run, beside the one exported
+    shutil.copytree(run[0], other_run)
+    others = tmp_path / "notes"
+    others.mkdir()
+    (others / "README.md").write_text("mine")
+    for dest in (other_run, others):
+        with pytest.raises(GrafitoError, match="export.py did not write"):
+            run_export(f"--out_dir={run[0]}", f"--dest={dest}", "--overwrite")
+    assert sorted(p.name for p in other_run.iterdir()) == sorted(p.name for p in run[0].iterdir())
+    assert (others / "README.md").read_text() == "mine"
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):

@@ -1,5 +1,6 @@
 """loss.py: the fused output layer + cross-entropy equals the plain reference, values and gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -184,3 +185,91 @@ def test_a_compiled_model_does_not_recompile_for_new_supervised_counts():
         if step == 0:
             after_first = len(graphs)
     assert len(graphs) == after_first
+
+
+def padded_layer_inputs(seed=0):
+    """h, a weight of 100 real rows and 28 padding rows (garbage, not zeros: masking must not
+    rely on them being zero), targets."""
+    torch.manual_seed(seed)
+    weight = torch.randn(128, 32)
+    weight[100:] = torch.randn(28, 32) * 5
+    return torch.randn(300, 32), weight, torch.randint(0, 100, (300,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", ["cross_entropy", "log_probs"])
+def test_padded_output_layer_equals_the_unpadded_one(dtype, layer):
+    """The matmuls run over the padding rows; their masked columns change no value or gradient."""
+    h, weight, targets = padded_layer_inputs()
+    upstream = torch.randn(300)
+    results = []
+    for rows in (weight, weight[:100]):
+        h_leaf, weight_leaf = h.clone().requires_grad_(), rows.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if layer == "cross_entropy":
+                value = loss.linear_cross_entropy(h_leaf, weight_leaf, targets, 100, chunk_rows=64)
+                value.backward()
+            else:
+                value = loss.linear_log_probs(h_leaf, weight_leaf, targets, 100, chunk_rows=64)
+                (value * upstream).sum().backward()
+        results.append((value, h_leaf.grad, weight_leaf.grad))
+    (padded, padded_h, padded_w), (unpadded, unpadded_h, unpadded_w) = results
+    assert torch.equal(padded, unpadded) and torch.equal(padded_h, unpadded_h)
+    assert torch.equal(padded_w[:100], unpadded_w) and (padded_w[100:] == 0).all()
+
+
+def test_fp16_gradients_of_large_hidden_states_stay_finite_and_accurate():
+    """Summed over many rows, d loss / d weight leaves float16's range (65504): the products must
+    accumulate and write float32, whatever the scaling inside."""
+    torch.manual_seed(0)
+    h = (torch.rand(2048, 64) * 100 + 150).half().float().requires_grad_()  # one sign: the row sums grow
+    weight = (torch.randn(160, 64) * 0.01).half().float().requires_grad_()
+    targets = torch.randint(0, 4, (2048,))  # few targets: each of their weight rows sums 500 rows of h
+    F.cross_entropy(F.linear(h, weight)[:, :150], targets, reduction="sum").backward()
+    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
+    assert expected_w.abs().max() > 65504
+    h.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss.linear_cross_entropy(h, weight, targets, 150).backward()
+    relative_error = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(weight.grad).all()
+    assert relative_error(h.grad, expected_h) < 1e-2 and relative_error(weight.grad, expected_w) < 1e-2
+
+
+def test_fp16_log_probs_weight_gradient_keeps_every_row_under_any_upstream_scale():
+    """DPO's upstream factors carry the grad scaler's scale (here up to 1e4 and down to 1e-4): the
+    float16 gradient products must neither overflow on the large rows nor lose improbable tokens."""
+    torch.manual_seed(0)
+    h = (torch.rand(64, 32) + 0.5).half().float().requires_grad_()
+    weight = torch.randn(128, 32) * 0.3
+    weight[100:120] = -0.6  # these tokens' probabilities are about 1e-9
+    weight = weight.half().float().requires_grad_()
+    targets, upstream = torch.randint(0, 100, (64,)), torch.randn(64) * 10.0 ** torch.randint(-4, 5, (64,))
+    expected = F.log_softmax(F.linear(h, weight)[:, :120], dim=-1).gather(1, targets[:, None])[:, 0]
+    (expected * upstream).sum().backward()
+    expected_h, expected_w = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        fused = loss.linear_log_probs(h, weight, targets, 120, chunk_rows=16)
+    (fused * upstream).sum().backward()
+    relative_error = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert relative_error(h.grad, expected_h) < 1e-2 and relative_error(weight.grad, expected_w) < 1e-2
+    improbable, improbable_expected = weight.grad[100:120], expected_w[100:120]
+    assert improbable_expected.abs().max() > 0 and relative_error(improbable, improbable_expected) < 0.05
+    assert (weight.grad[120:] == 0).all()
+
+
+@pytest.mark.parametrize("layer", ["cross_entropy", "log_probs"])
+def test_a_second_backward_through_the_fused_layer_is_refused(layer):
+    """Its gradients are made in the forward and scaled in place by the backward (saved tensors,
+    whose version autograd checks): a second backward (retain_graph=True) must fail, not scale
+    them twice."""
+    h, weight, targets = padded_layer_inputs()
+    h.requires_grad_()
+    if layer == "cross_entropy":
+        value = loss.linear_cross_entropy(h, weight, targets, 100)
+    else:
+        value = loss.linear_log_probs(h, weight, targets, 100).sum()
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()

@@ -19,7 +19,8 @@ import hh_rlhf  # noqa: E402
 import pipeline  # noqa: E402
 import tokenizer  # noqa: E402
 from common import GrafitoError  # noqa: E402
-from pipeline import Pair, Report  # noqa: E402
+from pairs import Pair, clean_pairs, pair_in_val, tokenize_pairs  # noqa: E402
+from pipeline import Report  # noqa: E402
 
 EOT = tokenizer.EOT
 
@@ -38,8 +39,8 @@ def record(history, instruction, chosen, rejected):
 def prepare(records, block_size=512, overlong="truncate"):
     """parse, clean and tokenize records as --pairs does; returns (report, [(pair, prompt, chosen, rejected)])."""
     report = Report("test")
-    pairs = hh_rlhf.parse_pairs(list(enumerate(records, start=1)), report)
-    return report, pipeline.tokenize_pairs(pipeline.clean_pairs(pairs, report), block_size, overlong, report)
+    parsed = list(hh_rlhf.parse_pairs(list(enumerate(records, start=1)), report))
+    return report, tokenize_pairs(clean_pairs(parsed, report), block_size, overlong, report)
 
 
 def final_answer(text):
@@ -81,13 +82,13 @@ def test_real_split_counts_add_up(real_pairs):
 def test_real_split_rows_share_the_prompt_and_supervise_only_the_final_answers(real_pairs):
     out, _, _ = real_pairs
     report = Report(str(HH_RLHF_TEST))
-    rows = pipeline.read_json_lines(HH_RLHF_TEST, report, ["chosen", "rejected"])
+    rows = list(pipeline.read_records(HH_RLHF_TEST, report, ["chosen", "rejected"]))
     raw = dict(rows)
-    kept = pipeline.clean_pairs(hh_rlhf.parse_pairs(rows, report), report)
+    kept = clean_pairs(hh_rlhf.parse_pairs(rows, report), report)
     uncut = {pair.line: pair for pair in kept}
     expected = {"train": [], "val": []}
-    for pair, _, _, _ in pipeline.tokenize_pairs(kept, 512, "truncate", report):  # split by the whole prompt, before a cut
-        expected["val" if pipeline.pair_in_val(uncut[pair.line], 0.05, 1337) else "train"].append(pair)
+    for pair, _, _, _ in tokenize_pairs(kept, 512, "truncate", report):  # split by the whole prompt, before a cut
+        expected["val" if pair_in_val(uncut[pair.line], 0.05, 1337) else "train"].append(pair)
     checked = 0
     for split in data.SPLITS:
         pairs = data.load_pairs(out, split)
@@ -123,9 +124,9 @@ def test_transcripts_that_differ_before_the_last_answer_are_skipped():
 def test_transcripts_that_do_not_alternate_are_skipped_naming_the_side():
     rows = [(1, {"chosen": transcript("a", "b"), "rejected": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c"})]
     report = Report("x")
-    assert hh_rlhf.parse_pairs(rows, report) == [] and report.skipped == {"turns_do_not_alternate": 1}
+    assert list(hh_rlhf.parse_pairs(rows, report)) == [] and report.skipped == {"turns_do_not_alternate": 1}
     with pytest.raises(GrafitoError, match="line 1: turns do not alternate: rejected transcript"):
-        hh_rlhf.parse_pairs(rows, Report("x", strict=True))
+        list(hh_rlhf.parse_pairs(rows, Report("x", strict=True)))
 
 
 def test_pairs_without_a_preference_are_dropped():
@@ -181,11 +182,11 @@ def test_overlong_pairs_lose_their_oldest_turns_and_keep_both_answers():
 
 def test_val_split_follows_the_prompt_and_is_stable():
     pairs = [Pair(i, [], f"question {i // 2}", f"yes {i}", f"no {i}") for i in range(800)]
-    in_val = [pipeline.pair_in_val(p, 0.1, 1337) for p in pairs]
+    in_val = [pair_in_val(p, 0.1, 1337) for p in pairs]
     assert 30 < sum(in_val) < 130
     assert in_val[0::2] == in_val[1::2]  # two pairs with one prompt never straddle train and val
-    assert in_val == [pipeline.pair_in_val(p, 0.1, 1337) for p in pairs]
-    assert in_val != [pipeline.pair_in_val(p, 0.1, 7) for p in pairs]
+    assert in_val == [pair_in_val(p, 0.1, 1337) for p in pairs]
+    assert in_val != [pair_in_val(p, 0.1, 7) for p in pairs]
 
 
 def test_script_pairs_options(tmp_path):

@@ -4,6 +4,7 @@ disconnects, the queue, the command. Servers run on 127.0.0.1 in a daemon thread
 process) and stop with their test."""
 
 import contextlib
+import copy
 import json
 import random
 import signal
@@ -22,6 +23,7 @@ import serve
 import tokenizer
 from conftest import ROOT
 from model import GPT, GPTConfig
+from test_engine import attention_decides
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -35,7 +37,7 @@ BLOCK = 128
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("serve") / "tiny"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).save_pretrained(folder)
+    attention_decides(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))).save_pretrained(folder)
     return folder
 
 
@@ -102,13 +104,14 @@ def running(model_dir, load=engine.load_engine, wait=True, **options):
     app = serve.create_app(config, load)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = serve.Server(app, config, grace_seconds=1)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.01)
     run = Running(app, sock.getsockname()[1])
+    run.server = server
     try:
         if wait:
             run.wait_until(lambda h: h["status"] == "ok", seconds=60)
@@ -134,16 +137,63 @@ def slow_server(model_dir):
 
 # ----------------------------------------------------------------------------- the batcher, driven step by step
 
+class CheckedEngine:
+    """The reference engine, with every decode step of a Batcher checked against the sequences
+    alone: each busy slot's next-token logits equal a plain forward of the tokens its cache
+    should hold (float32, tight tolerance). check(batcher) then checks the bookkeeping."""
+
+    def __init__(self, reference):
+        self.model, self.inner = reference.model, reference
+        self.device, self.dtype, self.compiled = reference.device, reference.dtype, reference.compiled
+        self.batcher, self.steps_checked = None, 0
+
+    def new_cache(self, *args):
+        return self.inner.new_cache(*args)
+
+    def prefill(self, *args):
+        return self.inner.prefill(*args)
+
+    def decode(self, cache, tokens, active=None):
+        held = [(list(job.history), self.batcher.cache.lengths[row]) for row, job in enumerate(self.batcher.slots)]
+        logits = self.inner.decode(cache, tokens, active)
+        for row, (history, length) in enumerate(held):
+            sequence = torch.tensor([history[-(length + 1):]])  # what the cache holds, and this step's input
+            with torch.no_grad():
+                alone = self.model.logits(self.model.hidden_states(sequence)[:, -1])[0]
+            assert (logits[row] - alone).abs().max() < 1e-5, f"slot {row}"  # float32 rounding stays far below
+        self.steps_checked += 1
+        return logits
+
+    @staticmethod
+    def check(batcher):
+        """Busy rows' lengths equal their positions (the cache's fill); the rows after them are empty."""
+        cache, n = batcher.cache, batcher.busy
+        assert cache.lengths[:n] == cache.positions[:n].tolist()
+        for row, job in enumerate(batcher.slots):
+            if len(job.prompt) + job.generated < BLOCK:  # no restart yet: all of its history but the next input
+                assert cache.lengths[row] == len(job.history) - 1
+        assert cache.lengths[n:] == [0] * (batcher.max_batch - n) and not cache.positions[n:].any()
+
+
+def checked_batcher(reference, max_batch=8):
+    checked = CheckedEngine(reference)
+    checked.batcher = engine.Batcher(checked, max_batch=max_batch)
+    return checked.batcher
+
+
 def batcher_answers(reference, prompts, max_tokens, arrivals, sampling=GREEDY, seeds=None, max_batch=8):
-    """Answers of jobs that join a Batcher at the given steps (no thread: step() by hand)."""
-    batcher = engine.Batcher(reference, max_batch=max_batch)
+    """Answers of jobs that join a Batcher at the given steps (no thread: step() by hand), its
+    invariants checked at every step."""
+    batcher = checked_batcher(reference, max_batch)
     results = [[] for _ in prompts]
-    jobs = [engine.Job(p, n, sampling, lambda text, finish, out=out: out.append((text, finish)),
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    jobs = [engine.Job(p, n, s, lambda text, finish, out=out: out.append((text, finish)),
                        seed=seeds[i] if seeds else None)
-            for i, (p, n, out) in enumerate(zip(prompts, max_tokens, results))]
+            for i, (p, n, s, out) in enumerate(zip(prompts, max_tokens, samplings, results))]
     step = 0
     while any(not out or not out[-1][1] for out in results):
         batcher.step([job for job, arrival in zip(jobs, arrivals) if arrival == step])
+        CheckedEngine.check(batcher)
         step += 1
         assert step < 2000
     return ["".join(text for text, _ in out) for out in results], jobs, batcher
@@ -171,6 +221,7 @@ def test_batched_greedy_answers_equal_each_answer_alone_whatever_the_arrival_ord
     for prompt, n, answer in zip(prompts, max_tokens, answers):
         assert answer == answer_alone(reference, prompt, n)
     assert batcher.busy == 0 and batcher.peak_busy >= 3
+    assert len(set(answers)) == len(answers)  # the model reads its prompt: a mixed-up cache would show
 
 
 def test_a_slot_whose_context_fills_restarts_as_generate_does(reference):
@@ -207,6 +258,28 @@ def test_a_cancelled_job_leaves_at_once_and_the_others_go_on_unchanged(reference
         assert "".join(t for t, _ in out) == answer_alone(reference, prompt, 30)
 
 
+def test_stop_strings_are_found_where_a_plain_search_finds_them():
+    """The incremental matcher against str.find and str.endswith, on text fed in random pieces."""
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("aab") for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        ends = [text.find(s) + len(s) for s in stops if s in text]  # the first stop string to be completed
+        expected = min(ends) - max(len(s) for s in stops if s in text and text.find(s) + len(s) == min(ends)) \
+            if ends else None
+        matcher, fed, found = engine.StopStrings(stops), "", None
+        for piece in pieces:
+            found = matcher.feed(piece)
+            fed += piece
+            if found is not None:
+                break
+            assert matcher.held() == max((k for s in stops for k in range(1, len(s)) if fed.endswith(s[:k])),
+                                         default=0)
+        assert found == expected, (stops, text, pieces)
+
+
 def test_stop_strings_are_held_back_until_they_are_ruled_out(reference):
     pieces = []
     job = engine.Job([1], 100, GREEDY, lambda text, finish: pieces.append((text, finish)), stop=["t sa", "zzz"])
@@ -217,6 +290,68 @@ def test_stop_strings_are_held_back_until_they_are_ruled_out(reference):
     assert "".join(t for t, _ in pieces) == "The ca" and pieces[-1][1] == "stop"
     assert tokenizer.decode(tokens[:count]).endswith(" sat")  # stopped by the token that completed "t sa"
     assert all("t" not in text[-1:] for text, finish in pieces if not finish)  # "t" waited
+
+
+def run_jobs(batcher, arrivals, steps=2000):
+    """Step a batcher by hand, jobs joining at their steps, its invariants checked after every step."""
+    for step in range(steps):
+        batcher.step([job for job, arrival in arrivals if arrival == step])
+        CheckedEngine.check(batcher)
+        if step > max(arrival for _, arrival in arrivals) and not batcher.busy:
+            return
+    raise AssertionError("the jobs did not finish")
+
+
+def recorded(prompt, max_tokens, sampling=GREEDY, **options):
+    out = []
+    job = engine.Job(prompt, max_tokens, sampling, lambda text, finish: out.append((text, finish)), **options)
+    job.out = out
+    return job
+
+
+def test_a_poisoned_request_ends_alone_and_its_neighbours_answer_as_alone(reference):
+    """Every way one job can fail inside the engine ends that job alone, never its neighbours."""
+    prompts = prompts_of(3)
+    neighbours = [recorded(p, 30) for p in prompts]
+    nan_temperature = engine.Sampling(temperature=0.7)
+    nan_temperature.temperature = float("nan")  # past validation: its logits turn NaN in the batched sampler
+    poisoned = {
+        "NaN logits": recorded(prompts[0], 10, nan_temperature),
+        "a seed torch refuses": recorded(prompts[1], 10, engine.Sampling(temperature=0.7), seed=2 ** 70),
+        "token ids outside the vocabulary": recorded([5, 10 ** 6, 7], 10),
+        "its stop-string check raises": recorded(prompts[2], 10, stop=["x"]),
+    }
+    poisoned["its stop-string check raises"].stop.feed = lambda text: 1 / 0
+    leaver = recorded(prompts[1], 10)
+    leaver.send = lambda text, finish: setattr(leaver, "cancelled", True)  # its client is gone
+    tiny_top_p = recorded(prompts[2], 20, engine.Sampling(temperature=0.9, top_p=1e-300))  # 0 in float32
+    batcher = checked_batcher(reference)
+    run_jobs(batcher, [(neighbours[0], 0), (neighbours[1], 0), (neighbours[2], 2), (leaver, 2), (tiny_top_p, 3)]
+             + [(job, 3 + i) for i, job in enumerate(poisoned.values())])
+    for prompt, job in zip(prompts, neighbours):
+        assert "".join(text for text, _ in job.out) == answer_alone(reference, prompt, 30)
+    for why, job in poisoned.items():
+        assert job.out[-1][1] == "error", why
+    assert "NaN or infinite" in poisoned["NaN logits"].out[-1][0] and "vocabulary" in poisoned[
+        "token ids outside the vocabulary"].out[-1][0]
+    assert leaver.cancelled and leaver.generated == 1
+    assert "".join(text for text, _ in tiny_top_p.out) == answer_alone(reference, prompts[2], 20)  # the top token
+    assert batcher.engine.steps_checked > 30
+
+
+def test_a_row_whose_own_logits_turn_nan_ends_alone(reference):
+    """A damaged position embedding poisons only the rows that reach that position."""
+    damaged = copy.deepcopy(reference.model)
+    with torch.no_grad():
+        damaged.transformer.wpe.weight[100] = float("nan")
+    short, long = prompts_of(2)[0], tokenizer.render_prompt([], "a much longer question " * 12)
+    assert len(short) + 30 < 100 < len(long) + 60
+    batcher = engine.Batcher(engine.Engine(damaged), max_batch=4)
+    jobs = [recorded(short, 30), recorded(long, 60), recorded(short[:-3] + short[-2:], 30)]
+    run_jobs(batcher, [(job, 0) for job in jobs])
+    assert jobs[1].out[-1][1] == "error" and "NaN" in jobs[1].out[-1][0]
+    assert "".join(text for text, _ in jobs[0].out) == answer_alone(reference, short, 30)
+    assert "".join(text for text, _ in jobs[2].out) == answer_alone(reference, short[:-3] + short[-2:], 30)
 
 
 def test_a_model_failure_ends_every_job_with_an_error(reference):
@@ -380,6 +515,7 @@ BAD_REQUESTS = [  # (name, path, body (bytes are sent as they are), status, para
     ("negative seed", "/v1/chat/completions", {"messages": ask("hi"), "seed": -1}, 400, "seed"),
     ("empty stop string", "/v1/chat/completions", {"messages": ask("hi"), "stop": [""]}, 400, "stop"),
     ("five stop strings", "/v1/chat/completions", {"messages": ask("hi"), "stop": list("abcde")}, 400, "stop"),
+    ("a stop string too long", "/v1/completions", {"prompt": "hi", "stop": ["ab", "a" * 200_000]}, 400, "stop"),
     ("n above 1", "/v1/chat/completions", {"messages": ask("hi"), "n": 2}, 400, "n"),
     ("logprobs", "/v1/chat/completions", {"messages": ask("hi"), "logprobs": True}, 400, "logprobs"),
     ("no messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -539,6 +675,152 @@ def test_requests_beyond_the_queue_limit_get_503(model_dir):
         assert waiting.result(timeout=10).choices[0].finish_reason == "length"  # the queued one ran next
 
 
+def test_a_request_whose_top_p_vanishes_in_float32_does_not_touch_the_streams_beside_it(slow_server, reference):
+    """top_p=1e-300 is 0 in float32: once every token was masked and the whole batch failed."""
+    questions, client = [f"question {i} about rivers" for i in range(3)], slow_server.client()
+
+    def stream(question):
+        chunks = client.chat.completions.create(model="tiny", messages=ask(question), max_tokens=30, temperature=0,
+                                                stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream, q) for q in questions]
+        slow_server.wait_until(lambda h: h["busy"] >= 2)
+        odd = client.chat.completions.create(model="tiny", messages=ask("hello"), max_tokens=12, temperature=0.9,
+                                             top_p=1e-300)
+        for question, answer in zip(questions, streams):
+            assert answer.result() == solo(reference, ask(question), 30)[0]
+    assert odd.choices[0].message.content == solo(reference, ask("hello"), 12)[0]  # the nucleus: its top token
+
+
+# ----------------------------------------------------------------------------- hostile connections, stopping
+
+def held_open(port, count, request=b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+    """Sockets that send the start of a request and never finish it."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(request)
+        socks.append(sock)
+    return socks
+
+
+def closed_by_the_server(sock):
+    sock.setblocking(False)
+    try:
+        return sock.recv(1024) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_held_open_connections_are_closed_after_the_request_timeout_while_others_are_answered(model_dir):
+    with running(model_dir, request_timeout=1.5, max_connections=200) as run:
+        port = int(run.url.rsplit(":", 1)[1])
+        socks = held_open(port, 250)  # past max_connections: the oldest half-sent ones make room
+        socks += held_open(port, 3, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                    b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        try:
+            with httpx.Client(base_url=run.url, timeout=10) as fresh:  # new connections, as new clients make
+                assert fresh.get("/health").json()["status"] == "ok"
+                reply = fresh.post("/v1/chat/completions", json={"messages": ask("hi"), "max_tokens": 3})
+                assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+            deadline = time.time() + 20
+            while not all(map(closed_by_the_server, socks)) and time.time() < deadline:
+                time.sleep(0.2)
+            assert all(map(closed_by_the_server, socks))
+            counts = run.server.protocol.counts
+            assert counts["replaced"] >= 50 and counts["closed_for_timeout"] >= 150
+            assert run.health()["status"] == "ok"
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_past_max_connections_a_new_connection_is_refused_when_every_one_is_being_answered(model_dir):
+    with running(model_dir, load=slowed(0.05), max_connections=2) as run:
+        client = run.client()
+        streams = [client.chat.completions.create(model="tiny", messages=ask(q), max_tokens=4000, stream=True)
+                   for q in ("one", "two")]
+        for stream in streams:
+            next(iter(stream))
+        with pytest.raises(httpx.TransportError):
+            httpx.get(run.url + "/health", timeout=5)
+        for stream in streams:
+            stream.close()
+        run.wait_until(lambda h: h["busy"] == 0)
+        assert run.server.protocol.counts["refused"] >= 1
+
+
+def test_prompts_are_rendered_off_the_event_loop(server, monkeypatch):
+    """A long conversation takes a while to render and tokenize: meanwhile the server answers others."""
+    entered, release, threads = threading.Event(), threading.Event(), []
+    render = serve.chat_prompt
+
+    def slow_render(*args):
+        threads.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(10)
+        return render(*args)
+
+    monkeypatch.setattr(serve, "chat_prompt", slow_render)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.http.post, "/v1/chat/completions", json={"messages": ask("hi"), "max_tokens": 2})
+        assert entered.wait(10)
+        assert server.http.get("/health", timeout=5).json()["status"] == "ok"  # the loop is free
+        release.set()
+        assert pending.result(timeout=10).status_code == 200
+    assert threads[0].startswith("grafito-prompt")
+
+
+def stream_events(url, body):
+    """The data of every server-sent event of a streamed request, as sent."""
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_stop_signal_refuses_new_requests_lets_short_answers_finish_and_ends_the_rest_with_an_error(model_dir):
+    with running(model_dir, load=slowed(0.02), drain_seconds=2.5) as run:
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(stream_events, run.url, {"messages": ask("talk at length"), "max_tokens": 4000})
+            short = pool.submit(stream_events, run.url, {"messages": ask("be brief"), "max_tokens": 6})
+            run.wait_until(lambda h: h["busy"] == 2)
+            run.server.handle_exit(signal.SIGTERM, None)
+            refused = run.http.post("/v1/chat/completions", json={"messages": ask("one more")})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert run.http.get("/health").json() == {"status": "shutting down"}
+            long_events, short_events = long.result(timeout=30), short.result(timeout=30)
+    assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length" and short_events[-1] == "[DONE]"
+    error = json.loads(long_events[-2])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "server_error" and long_events[-1] == "[DONE]"
+    assert len(long_events) > 8  # it ran on for the drain time
+
+
+def test_repeated_log_messages_are_written_once_with_a_count():
+    import io
+    import logging
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(serve.RepeatsCounted(handler, window=0.5))
+    log = logging.getLogger("grafito-test-repeats")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for _ in range(1000):
+            log.error("socket.accept() out of system resource")
+            log.error("another message")
+        time.sleep(0.6)
+        log.error("socket.accept() out of system resource")
+    finally:
+        log.removeHandler(handler)
+    assert out.getvalue().splitlines() == ["socket.accept() out of system resource", "another message",
+                                           "(the next message was also logged 999 more times, not shown)",
+                                           "socket.accept() out of system resource"]
+
+
 # ----------------------------------------------------------------------------- the command
 
 def free_port():
@@ -568,6 +850,51 @@ def test_the_command_prints_the_page_url_and_serves_with_the_env_api_key(model_d
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
+
+
+def start_command(model_dir, *options):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", f"--init_from={model_dir}", f"--port={port}",
+                                "--device=cpu", "--dtype=float32", "--log_level=warning", *options], cwd=ROOT,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"serve.py did not start: {process.communicate()[1][-2000:]}")
+
+
+def test_sigterm_ends_a_long_stream_with_an_error_event_and_done_then_exits_0(model_dir):
+    process, url = start_command(model_dir, "--drain_seconds=0.5")
+    try:
+        events = []
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+                "messages": ask("talk at length"), "max_tokens": 4000, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 3:
+                        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down" and events[-1] == "[DONE]"
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_a_second_server_on_a_busy_port_stops_with_one_error_line_before_serving(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "serve.py", f"--init_from={model_dir}", f"--port={port}",
+                                 "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: port {port} on 127.0.0.1 is already in use (another server?): "
+                                          f"stop that one or choose another --port"]
 
 
 def test_a_model_that_cannot_load_stops_the_command_with_one_error_line(tmp_path):
