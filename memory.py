@@ -211,18 +211,18 @@ def format_plan(table, config, lora, rows, block_size, dtype, world, micro_batch
         name = strategy + (" + checkpointing" if checkpointing else "")
         mark = " <- this run" if (strategy, checkpointing) == chosen else ""
         sizes = ", ".join(map(str, fits(m.total))) or "none of " + "/".join(map(str, GPU_SIZES))
-        lines.append(f"{name:24}" + "".join(f"{v / GIB:>{w}.1f}" for v, w in
+        lines.append(f"{name:24}" + "".join(f"{v / GIB:>{w}.2f}" for v, w in
                                              ((m.weights, 10), (m.gradients, 11), (m.optimizer, 11),
                                               (m.activations, 13), (m.total, 10)))
                      + f"  {sizes}{mark}")
-    lines.append(f"GiB per GPU. total: the step's peak (the backward frees activations as it makes gradients); "
-                 f"'fits' leaves {GPU_RESERVED / GIB:.0f} GiB\nfor the CUDA context and allocator slack. ddp: every "
-                 f"GPU holds the whole model; fsdp: --fsdp=True under torchrun; checkpointing:\n"
-                 f"--activation_checkpointing=True. memory.py says what each part counts.")
+    lines.append(f"GiB per GPU. total: the step's peak (the backward frees activations as it makes gradients).\n"
+                 f"'fits' leaves {GPU_RESERVED / GIB:.0f} GiB for the CUDA context and allocator slack. ddp: every GPU "
+                 f"holds the whole model;\nfsdp: --fsdp=True under torchrun; checkpointing: "
+                 f"--activation_checkpointing=True.\nmemory.py says what each part counts.")
     if world > 1 and micro_batches > 1 and not reduce_every_micro_batch:
         whole = 4 * (p.adapters if lora is not None else p.total)
         lines.append(f"fsdp keeps whole float32 gradients ({whole / GIB:.1f} GiB) between a GPU's {micro_batches} "
-                     f"micro-batches; --fsdp_reduce_every_micro_batch=True reduces each at once (more traffic).")
+                     f"micro-batches;\n--fsdp_reduce_every_micro_batch=True reduces each at once (more traffic).")
     return "\n".join(lines)
 
 

@@ -31,6 +31,13 @@ def run_script(*args, timeout=300):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def train_here(*args):
+    """One process, in this one (a subprocess would cost seconds of start-up): the runs FSDP is held to."""
+    config = train.load_train_config(list(map(str, args)))
+    train.check_config(config)
+    train.train(config)
+
+
 def succeeded(result):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
@@ -54,9 +61,9 @@ def same_weights(a, b, tolerance=1e-5):
 def straight(tmp_path_factory, tiny_dataset):
     """One process and two FSDP processes, 4 uninterrupted steps each (float32, no dropout)."""
     out = tmp_path_factory.mktemp("straight")
-    args = [ROOT / "train.py", *TINY, f"--dataset={tiny_dataset}", "--max_iters=4", *STEPS]
-    succeeded(run_script(*args, f"--out_dir={out / 'one'}"))
-    succeeded(run_script(*TORCHRUN, *args, "--fsdp=true", f"--out_dir={out / 'fsdp'}"))
+    args = [*TINY, f"--dataset={tiny_dataset}", "--max_iters=4", *STEPS]
+    train_here(*args, f"--out_dir={out / 'one'}")
+    succeeded(run_script(*TORCHRUN, ROOT / "train.py", *args, "--fsdp=true", f"--out_dir={out / 'fsdp'}"))
     return out
 
 
@@ -105,10 +112,10 @@ def test_dpo_under_fsdp_equals_one_process(tmp_path, kind):
     write_sums(tmp_path / "sums")
     base = random_gpt_folder(tmp_path / "base", n_embd=32, block_size=64)
     extra = ["--lora_r=4", "--lora_targets=q,v,mlp_fc", "--lora_dropout=0", "--learning_rate=2e-2"] if kind == "lora" else []
-    args = [ROOT / "train.py", *DPO_TINY, f"--dataset={tmp_path / 'sums'}", f"--init_from={base}", "--max_iters=4",
-            "--eval_interval=2", "--gradient_accumulation_steps=2", *extra]
-    succeeded(run_script(*args, f"--out_dir={tmp_path / 'one'}"))
-    succeeded(run_script(*TORCHRUN, *args, "--fsdp=true", f"--out_dir={tmp_path / 'fsdp'}"))
+    args = [*DPO_TINY, f"--dataset={tmp_path / 'sums'}", f"--init_from={base}", "--max_iters=4", "--eval_interval=2",
+            "--gradient_accumulation_steps=2", *extra]
+    train_here(*args, f"--out_dir={tmp_path / 'one'}")
+    succeeded(run_script(*TORCHRUN, ROOT / "train.py", *args, "--fsdp=true", f"--out_dir={tmp_path / 'fsdp'}"))
     same_logs(tmp_path / "one", tmp_path / "fsdp", keys=("train_loss", "train_reward_margin", "val_loss"))
     assert logged(tmp_path / "one", "train_loss")[4] != logged(tmp_path / "one", "train_loss")[1]
     best = tmp_path / "fsdp" / checkpoint.BEST
@@ -266,16 +273,15 @@ def test_the_activations_grow_linearly_with_the_context():
     assert at[2] - at[1] == at[1] - at[0] > 0  # past the 1024-row logits chunk
 
 
-def test_plan_prints_every_strategy_without_loading_weights(tmp_path):
+def test_plan_prints_every_strategy_without_loading_weights(tmp_path, capsys):
     """init_from=gpt2-xl offline, with no weights anywhere: the shape is GPT-2's preset."""
-    result = run_script(ROOT / "train.py", ROOT / "config" / "emerald_003.py", "--plan", "--plan_world=4",
-                        "--lora_r=0", "--fsdp=true", "--activation_checkpointing=true", f"--out_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    train.main([str(ROOT / "config" / "emerald_003.py"), "--plan", "--plan_world=4", "--lora_r=0", "--fsdp=true",
+                "--activation_checkpointing=true", f"--out_dir={tmp_path}"])
+    lines = capsys.readouterr().out.splitlines()
     assert "1,557.7M parameters (all trained), bfloat16, 4 rows x 1024 tokens" in lines[0] and "4 GPU(s)" in lines[0]
     rows = {line[:24].strip(): line for line in lines[2:6]}
     assert set(rows) == {"ddp", "ddp + checkpointing", "fsdp", "fsdp + checkpointing"}
     assert rows["fsdp + checkpointing"].endswith("<- this run")
     expected = memory.step_memory(GPTConfig.preset("gpt2-xl"), None, 4, 1024, "bfloat16", 4, "fsdp", checkpointing=True)
-    assert f"{expected.total / 2 ** 30:.1f}" in rows["fsdp + checkpointing"]
+    assert f"{expected.total / 2 ** 30:.2f}" in rows["fsdp + checkpointing"]
     assert not list(tmp_path.iterdir())  # nothing written
