@@ -14,7 +14,7 @@ import lora
 import memory
 import train
 from common import GrafitoError
-from conftest import ROOT
+from conftest import ROOT, random_gpt_folder
 from model import GPT, GPTConfig
 from test_dpo import TINY as DPO_TINY
 from test_dpo import write_sums
@@ -106,13 +106,16 @@ def test_an_fsdp_run_killed_while_saving_resumes_exactly_from_its_last_whole_che
 @pytest.mark.parametrize("kind", ["lora", "full_stored"])
 def test_dpo_under_fsdp_equals_one_process(tmp_path, kind):
     """LoRA: adapters trained beside the sharded frozen base, the reference is the sharded model with its
-    adapters off. Full: the starting model's log-probabilities, computed by every rank, stored by rank 0."""
-    from conftest import random_gpt_folder
-
+    adapters off. Full: the starting model's log-probabilities, computed by every rank, stored by rank 0, on
+    a mixture of two datasets (the stored reference holds a tensor for each)."""
     write_sums(tmp_path / "sums")
+    dataset = str(tmp_path / "sums")
+    if kind == "full_stored":
+        write_sums(tmp_path / "more_sums", seed=1)
+        dataset += f",{tmp_path / 'more_sums'}"
     base = random_gpt_folder(tmp_path / "base", n_embd=32, block_size=64)
     extra = ["--lora_r=4", "--lora_targets=q,v,mlp_fc", "--lora_dropout=0", "--learning_rate=2e-2"] if kind == "lora" else []
-    args = [*DPO_TINY, f"--dataset={tmp_path / 'sums'}", f"--init_from={base}", "--max_iters=4", "--eval_interval=2",
+    args = [*DPO_TINY, f"--dataset={dataset}", f"--init_from={base}", "--max_iters=4", "--eval_interval=2",
             "--gradient_accumulation_steps=2", *extra]
     train_here(*args, f"--out_dir={tmp_path / 'one'}")
     succeeded(run_script(*TORCHRUN, ROOT / "train.py", *args, "--fsdp=true", f"--out_dir={tmp_path / 'fsdp'}"))
