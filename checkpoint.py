@@ -17,13 +17,21 @@ A training run's out_dir holds
                                                    with a fingerprint when it is a local folder)
         train_state.pt                             optimizer, grad scaler, step, sampler position,
                                                    every rank's RNG states, best val loss (weights_only)
-    best/               the weights (same files, no train_state.pt) with the lowest val loss
+      an FSDP run's (--fsdp) instead, written by every rank, no rank holding the whole model:
+        config.json                                full fine-tuning: the model's shape, no weights
+        adapter_config.json + adapter.safetensors  LoRA: the adapter, as above (it is small)
+        shards/                                    torch.distributed.checkpoint: each rank's shard
+                                                   of the trained weights and of their AdamW state
+        train_state.pt                             as above, without the optimizer
+    best/               the weights (same files, no train_state.pt) with the lowest val loss;
+                        always a plain folder (an FSDP run gathers it on rank 0's CPU)
     merged/             LoRA runs with lora_merge=True: base + adapter as one GPT-2 folder
     .lock               held by the run's first process while it trains: a second run is refused
 
 Every folder is written to a temporary sibling and renamed into place (common.atomic_dir),
 so an interrupted save never leaves a half-written checkpoint; best/ is written before
-ckpt/, so a resume never knows of a best/ that is not there.
+ckpt/, so a resume never knows of a best/ that is not there. An FSDP run's ckpt/ is renamed
+by rank 0 only once every rank has written its shards into the temporary folder.
 """
 
 import hashlib
@@ -32,6 +40,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,9 +49,12 @@ import torch
 import hub
 import lora
 from common import GrafitoError, atomic_dir, current_version, remove_stale_temporaries
-from model import GPT, PRESETS, WEIGHT_FILES, shard_names, weight_files
+from distributed import every_rank_agrees, gather_full_weights, on_first_rank, reshard, share_from_first_rank
+from model import (GPT, PRESETS, WEIGHT_FILES, GPTConfig, config_from_hf, hf_config, read_json, shard_names,
+                   weight_files)
 
 TRAIN_STATE = "train_state.pt"
+SHARDS = "shards"  # an FSDP run's ckpt/: torch.distributed.checkpoint's files
 LATEST, BEST, MERGED = "ckpt", "best", "merged"
 STATE_FORMAT = "grafito-train-2"
 HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
@@ -140,13 +152,21 @@ def weights_folder(source):
     raise unavailable or GrafitoError(f"hub repo {source.repo_id!r} holds none of {', '.join(WEIGHT_FILES)}")
 
 
-def load_model(source, merge=True, adapters_above=(), **overrides):
+def load_model(source, merge=True, adapters_above=(), sharded=False, **overrides):
     """A GPT from any source. An adapter is applied to its base (itself any source) and, with
     merge=True, folded into it (lora.fold_lora): a plain GPT for inference and export.
     overrides go to GPT.from_pretrained (block_size, dropout, bias); adapters_above: the
-    adapter folders whose bases are being loaded (a chain that loops is an error)."""
+    adapter folders whose bases are being loaded (a chain that loops is an error).
+    sharded=True: a fully fine-tuned FSDP checkpoint gives its shape only, the weights on the
+    meta device (load_sharded fills them once the model is sharded); without it, an error."""
     source = source if isinstance(source, Source) else resolve(source)
     folder = weights_folder(source)
+    if not (folder / lora.ADAPTER_CONFIG).is_file() and (folder / SHARDS).is_dir():
+        if not sharded:
+            raise GrafitoError(f"{folder} is a sharded checkpoint of an FSDP run: its weights are split into the "
+                               f"run's shards, read only when the run resumes (--init_from=resume --fsdp=True). "
+                               f"Load the run's best/ instead, a plain Hugging Face folder")
+        return _shape_only(folder, **overrides)
     if not (folder / lora.ADAPTER_CONFIG).is_file():
         return GPT.from_pretrained(folder, **overrides)
     meta = lora.read_adapter_config(folder)
@@ -161,6 +181,29 @@ def load_model(source, merge=True, adapters_above=(), **overrides):
                            f"(different weights); restore that base, or train the adapter again")
     lora.load_adapter(model, folder)
     return lora.fold_lora(model) if merge else model
+
+
+def _shape_only(folder, **overrides):
+    """The GPT a sharded checkpoint's config.json describes, its weights on the meta device."""
+    config = config_from_hf(read_json(folder / "config.json", "model config"), where=str(folder / "config.json"))
+    for key, value in overrides.items():  # a resume's dropout, and bias=False for a model saved with zero biases
+        setattr(config, key, value)
+    config.check(where=str(folder))
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def model_config(source):
+    """The GPTConfig of a source's model, read without its weights (a hub model: config.json only)."""
+    if source.kind == "hub":
+        if source.name in PRESETS:
+            return GPTConfig.preset(source.name)
+        path = hub.download(source.repo_id, "config.json", local_hint=OFFLINE_HINT)
+        return config_from_hf(read_json(path, "model config"), where=f"{source.repo_id}: config.json")
+    folder = weights_folder(source)
+    if (folder / lora.ADAPTER_CONFIG).is_file():
+        return model_config(resolve(lora.read_adapter_config(folder)["base_model"]))
+    return config_from_hf(read_json(folder / "config.json", "model config"), where=str(folder / "config.json"))
 
 
 def weights_fingerprint(folder):
@@ -212,12 +255,153 @@ def save_checkpoint(out_dir, name, model, base_name=None, base_fingerprint=None,
             torch.save(train_state, tmp / TRAIN_STATE)
 
 
+# ----------------------------------------------------------------------------- an FSDP run's checkpoints
+
+def trained_names(model):
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def whole_copy(model, weights):
+    """A CPU GPT shaped like model (sharded) holding weights, the gathered whole tensors by
+    name: what save_weights writes. What was not gathered (a LoRA base) stays on the meta device."""
+    with torch.device("meta"):
+        copy = GPT(model.config)
+        if lora.lora_layers(model):
+            lora.apply_lora(copy, model.lora_config)
+    copy.load_state_dict(weights, strict=False, assign=True)
+    copy.lm_head.weight = copy.transformer.wte.weight  # tied again: assign replaced the token embedding
+    return copy
+
+
+def save_gathered(out_dir, name, model, base_name, base_fingerprint, rank, world, device):
+    """out_dir/name (best/) as a plain folder from a sharded model: its trained weights gathered
+    whole onto rank 0's CPU, one tensor at a time, and written there. Every rank calls it."""
+    weights = gather_full_weights(model, trained_names(model), rank)
+    on_first_rank(lambda: save_checkpoint(out_dir, name, whole_copy(model, weights), base_name, base_fingerprint),
+                  rank, world, device)
+
+
+def _sharded_state(model, optimizer):
+    """{'model': this rank's shards of the trained weights, 'optimizer': of their AdamW state}, by name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    reshard(model)
+    trained = trained_names(model)  # the tied output layer once (as the token embedding), no frozen base
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in trained}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded(out_dir, model, optimizer, base_name, base_fingerprint, train_state, rank, world, device):
+    """out_dir/ckpt of a sharded model: every rank writes its shards (torch.distributed.checkpoint),
+    rank 0 the files that say what the model is, and train_state.pt. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    state = _sharded_state(model, optimizer)
+    adapter = gather_full_weights(model, trained_names(model), rank) if lora.lora_layers(model) else None
+
+    def write(tmp):
+        dcp.save(state, checkpoint_id=tmp / SHARDS)
+        if rank == 0:
+            if adapter is not None:
+                save_weights(whole_copy(model, adapter), tmp, base_name, base_fingerprint)
+            else:
+                (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+            torch.save(train_state, tmp / TRAIN_STATE)
+
+    write_on_every_rank(Path(out_dir) / LATEST, write, rank, device)
+
+
+def save_run(out_dir, model, optimizer, train_state, improved, base_name, base_fingerprint, rank, world, device,
+             sharded=False):
+    """An evaluation's saves: best/ (when improved) then ckpt/ with train_state and the optimizer.
+    Rank 0 alone, or with a sharded model every rank (best/ gathered, ckpt/ sharded)."""
+    if not sharded:
+        if improved:
+            save_checkpoint(out_dir, BEST, model, base_name, base_fingerprint)
+        save_checkpoint(out_dir, LATEST, model, base_name, base_fingerprint,
+                        {**train_state, "optimizer": optimizer.state_dict()})
+        return
+    if improved:
+        save_gathered(out_dir, BEST, model, base_name, base_fingerprint, rank, world, device)
+    save_sharded(out_dir, model, optimizer, base_name, base_fingerprint, train_state, rank, world, device)
+
+
+def restore(train_state, out_dir, model, optimizer, scaler, sharded=False):
+    """A resume's optimizer and grad scaler (and a sharded model's trained weights) from out_dir's ckpt/."""
+    if sharded:
+        load_sharded(latest(out_dir), model, optimizer)
+    else:
+        optimizer.load_state_dict(train_state["optimizer"])
+    scaler.load_state_dict(train_state["scaler"])
+
+
+def load_sharded(folder, model, optimizer):
+    """Every rank: its shards of the trained weights and of their AdamW state, from folder's shards/."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    shards = current_version(folder) / SHARDS
+    if not (shards / ".metadata").is_file():
+        raise GrafitoError(f"cannot resume: {shards} is not a complete sharded checkpoint (no .metadata); was the "
+                           f"run trained with --fsdp?")
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=shards)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def write_on_every_rank(final_dir, write, rank, device):
+    """write(tmp) on every rank into one temporary sibling of final_dir that rank 0 then renames
+    into place, by atomic_dir's rules: a kill at any moment leaves the previous final_dir whole.
+    Rank 0 makes the folder and tells the others its name, renames it only once every rank has
+    said its part is written, and tells them whether the rename worked; a failure anywhere
+    stops every rank with a message."""
+    final_dir = Path(final_dir)
+
+    def write_and_agree(tmp):
+        error = None
+        try:
+            write(tmp)
+        except Exception as err:
+            error = err
+        if not every_rank_agrees(error is None, device):
+            raise error or GrafitoError(f"rank {rank}: stopping, another rank failed to write its part of "
+                                        f"{final_dir} (see its message); the previous {final_dir.name}/ is kept")
+
+    if rank != 0:
+        name = share_from_first_rank(None)
+        if name is None:
+            raise GrafitoError(f"rank {rank}: stopping, rank 0 could not start writing {final_dir} (see its message)")
+        write_and_agree(Path(name))
+        if not share_from_first_rank(None):
+            raise GrafitoError(f"rank {rank}: stopping, rank 0 failed to put {final_dir} in place (see its message)")
+        return
+    stack = ExitStack()
+    try:
+        tmp = stack.enter_context(atomic_dir(final_dir))
+    except BaseException:
+        share_from_first_rank(None)
+        raise
+    written = False
+    try:
+        with stack:  # leaving it renames tmp into place
+            share_from_first_rank(str(tmp))
+            write_and_agree(tmp)
+            written = True
+    except BaseException:
+        if written:  # every rank wrote; the rename failed
+            share_from_first_rank(False)
+        raise
+    share_from_first_rank(True)
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 # settings a resumed run must share with the run it continues, or it would not continue the same way
 RESUME_FIXED = ("dataset", "dataset_weights", "block_size", "batch_size", "gradient_accumulation_steps", "tokens_per_step", "seed",
                 "eval_iters", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n_layer", "n_head",
-                "n_embd", "bias")
+                "n_embd", "bias", "fsdp")  # fsdp: the checkpoint's format (whole or sharded)
 RUN_FILES = (LATEST, BEST, MERGED, "log.jsonl", "loss.png")
 
 

@@ -322,23 +322,6 @@ def check_memory(needed, device, what, advice):
                            f"of memory on {device}; {advice}")
 
 
-def training_memory(config, batch_size, block_size, lora=False, frozen_bytes=4):
-    """A lower bound on a training step's bytes in one process: weights, gradients, AdamW state
-    and the activations autograd keeps.
-
-    Full fine-tuning keeps float32 weights, gradients and AdamW's two moments: 16 bytes a
-    parameter. LoRA keeps the frozen block matrices as stored (frozen_bytes each: 2 once cast
-    to a 16-bit autocast dtype) and float32 embeddings; its adapters are negligible. Activations:
-    34 bytes per token, channel and layer in 16 bits (Korthikanti et al., 2022) without their
-    attention-score term, which the fused attention kernels never store.
-    """
-    matrices = config.n_layer * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_width)
-    embeddings = (config.padded_vocab_size + config.block_size) * config.n_embd
-    state = matrices * frozen_bytes + embeddings * 4 if lora else 16 * (matrices + embeddings)
-    activations = 34 * config.n_layer * batch_size * block_size * config.n_embd
-    return state + activations
-
-
 def training_flops(config, n_tokens, n_supervised, seq_len, lora=False):
     """Matmul FLOPs of a forward+backward over n_tokens, logits at n_supervised positions.
 

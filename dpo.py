@@ -51,28 +51,46 @@ def dataset_fingerprint(dataset):
     return digest.hexdigest()[:32]
 
 
-def store_reference(out_dir, fingerprint, resume, model, train_splits, val_splits, block_size, batch_size, device,
-                    dtype):
-    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
-    describes: kept when it does (a resume, or a new run on the same model and data), computed
-    from model and written otherwise; a resume never recomputes (its reference is gone).
-    One dataset's values are tensors; a mixture's are lists of them, one per dataset."""
+def reference_needed(out_dir, fingerprint, resume):
+    """Whether out_dir/reference_logps.pt must be computed: not when it holds the values
+    `fingerprint` describes (a resume, or a new run on the same model and data); a resume never
+    recomputes (its reference is gone), so there a missing or different file is an error."""
     path = out_dir / REFERENCE_FILE
     stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
     found = stored.get("fingerprint", {}) if isinstance(stored, dict) else {}
     if found == fingerprint:
-        print(f"reference: the starting model's log-probabilities in {path}")
-        return
+        return False
     if resume:
         differs = sorted(k for k in set(found) | set(fingerprint) if found.get(k) != fingerprint.get(k))
         raise GrafitoError(f"cannot resume: {path} " + ("is missing" if stored is None else
                            f"was made from another {' and '.join(differs)} than this run's") + " (the dataset changed "
                            "since the run started, or the file was replaced); start a new run")
+    return True
+
+
+def reference_values(model, train_splits, val_splits, block_size, batch_size, device, dtype):
+    """The starting model's answer log-probabilities, one (pairs, 2) tensor per dataset:
+    {"train": [...], "val": [...]}."""
+    return {"train": [every_pair_log_probs(model, split, block_size, batch_size, device, dtype)
+                      for split in train_splits],
+            # val batched as evaluations batch it: step 0's val rewards are exactly 0
+            "val": [pair_log_probs(model, data.pair_eval_batches(split, block_size, batch_size), device, dtype)[0]
+                    for split in val_splits]}
+
+
+def store_reference(out_dir, fingerprint, resume, model, train_splits, val_splits, block_size, batch_size, device,
+                    dtype, values=None):
+    """Make sure out_dir/reference_logps.pt holds the reference log-probabilities `fingerprint`
+    describes: kept when it does, else written from values (reference_values, computed from model
+    when not given). One dataset's values are stored as tensors; a mixture's as lists of them."""
+    path = out_dir / REFERENCE_FILE
+    if not reference_needed(out_dir, fingerprint, resume):
+        print(f"reference: the starting model's log-probabilities in {path}")
+        return
     started = time.perf_counter()
-    train = [every_pair_log_probs(model, split, block_size, batch_size, device, dtype) for split in train_splits]
-    # val batched as evaluations batch it: step 0's val rewards are exactly 0
-    val = [pair_log_probs(model, data.pair_eval_batches(split, block_size, batch_size), device, dtype)[0]
-           for split in val_splits]
+    if values is None:
+        values = reference_values(model, train_splits, val_splits, block_size, batch_size, device, dtype)
+    train, val = values["train"], values["val"]
     one = len(train) == 1
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"fingerprint": fingerprint, "train": train[0] if one else train, "val": val[0] if one else val}, tmp)
@@ -111,8 +129,9 @@ class Reference:
     then rejected rows) and for a dataset's val pairs (val(): (pairs, 2)).
 
     LoRA (stored=None): model with its adapters switched off, through forward, the compiled but
-    not DDP-wrapped callable returning each row's answer log-probability. Full fine-tuning:
-    stored, load_reference's values, or the run folder holding them (read at the first use).
+    not DDP-wrapped callable returning each row's answer log-probability (with FSDP it runs
+    the sharded model, every rank taking part). Full fine-tuning: stored, load_reference's
+    values, or the run folder holding them (read at the first use).
     Items are pair indices, or (dataset, pair) for a mixture of datasets."""
 
     def __init__(self, model, forward, device, dtype, stored=None):
@@ -193,7 +212,7 @@ class DPO(Objective):
         self.val_sets = {name: data.pair_eval_batches(split, config["block_size"], config["batch_size"],
                                                       config["eval_iters"])
                          for name, split in zip(self.names, self.val_splits) if split.num_pairs}
-        self.reference, self.fingerprint, self.lora = None, None, False
+        self.reference, self.fingerprint, self.lora, self.values = None, None, False, None
 
     def check_model(self, model):
         for split in self.train_splits + self.val_splits:
@@ -216,12 +235,16 @@ class DPO(Objective):
             self.fingerprint = reference_fingerprint(resume_state, run.base_name, run.init_source, dtype,
                                                      self.config["dataset"])
         self.reference = Reference(model, forward, device, dtype, stored=run.out_dir if stored else None)
+        if stored and run.config.get("fsdp") and reference_needed(run.out_dir, self.fingerprint, run.resume):
+            # a sharded model's forward passes need every rank: all compute now, rank 0 writes in start()
+            self.values = reference_values(model, self.train_splits, self.val_splits, self.config["block_size"],
+                                           self.config["batch_size"], device, dtype)
 
     def start(self, out_dir, resume):
         if self.fingerprint is not None:
             store_reference(out_dir, self.fingerprint, resume, self.reference.model, self.train_splits,
                             self.val_splits, self.config["block_size"], self.config["batch_size"],
-                            self.reference.device, self.reference.dtype)
+                            self.reference.device, self.reference.dtype, self.values)
 
     def run_state(self):
         return {"reference_fingerprint": self.fingerprint}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import loss
 from common import GrafitoError
@@ -144,6 +145,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    activation_checkpointing = False  # True: training recomputes each block's activations in the backward
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -187,8 +190,11 @@ class GPT(nn.Module):
         else:
             positions, mask = cache.layout(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, cache, mask)
+            # checkpointed: the block keeps its input only, and runs again in the backward with the
+            # random state it had (the same dropout masks), so the gradients are those of the plain run
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, x):

@@ -5,13 +5,14 @@ import math
 import torch
 
 
-def make_optimizer(model, learning_rate, weight_decay, betas, device):
+def make_optimizer(model, learning_rate, weight_decay, betas, device, fused=True):
     """AdamW over the trainable parameters; matrices decay, biases and LayerNorms do not.
-    PyTorch's fused kernel (one kernel for the whole update) on CUDA and CPUs."""
+    PyTorch's fused kernel (one kernel for the whole update) on CUDA and CPUs, unless fused=False
+    (sharded float16 training: the fused kernel cannot take the sharded grad scaler's verdict)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.startswith(("cuda", "cpu"))
+    fused = fused and device.startswith(("cuda", "cpu"))
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 

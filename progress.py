@@ -1,6 +1,7 @@
-"""What a training run reports as it goes: the sums of a log window (summed over processes),
-the progress bar's figures (loss, lr, tokens/s, MFU), and log.jsonl's rows (one per logged step
-and per evaluation; checkpoint.open_log opens the file, checkpoint.plot_log draws it)."""
+"""What a training run reports as it goes: what it will do (announce), the sums of a log window
+(summed over processes), the progress bar's figures (loss, lr, tokens/s, MFU), and log.jsonl's
+rows (one per logged step and per evaluation; checkpoint.open_log opens the file,
+checkpoint.plot_log draws it)."""
 
 import json
 import math
@@ -9,7 +10,29 @@ import time
 import torch
 
 import checkpoint
+import lora
 from common import GrafitoError
+from configurator import format_config
+
+
+def announce(run, objective, model, per_step, max_iters):
+    """Rank 0, as the run starts: its config, model, processes, data and steps."""
+    config = run.config
+    print("config:\n" + format_config(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
+          f"{', LoRA' if lora.lora_layers(model) else ''}), device {run.device}, dtype {run.dtype}, "
+          f"{run.world} process(es){', sharded (FSDP)' if config.get('fsdp') else ''}"
+          f"{', activation checkpointing' if config.get('activation_checkpointing') else ''}")
+    wanted = config["gradient_accumulation_steps"] if not config["tokens_per_step"] else None
+    if wanted is not None and wanted != run.accumulation:
+        print(f"note: {wanted} micro-batches per step rounded up to {run.accumulation}, a multiple of the "
+              f"{run.world} processes (every process runs the same number)")
+    for line in objective.describe_data(per_step, run.accumulation, max_iters):
+        print(line)
+    n_val = sum(len(batches) for batches in objective.val_sets.values())
+    print(f"val: {n_val} batches" if n_val else
+          "val: none (no val split: evaluations only save, and best/ follows the latest)")
 
 
 def write_log(run, row):

@@ -5,24 +5,27 @@ or on preference pairs (DPO), or train a small model from scratch.
     python train.py config/cpu_tiny.py                           # the whole loop on 2 CPU cores, minutes
     python train.py config/ruby_002.py --init_from=resume        # continue out_dir's last checkpoint
     torchrun --standalone --nproc_per_node=8 train.py config/obsidian_000.py   # DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/emerald_003.py --fsdp=True   # sharded (FSDP)
+    python train.py config/emerald_003.py --plan --plan_world=8  # memory per GPU, loading no weights
 
 The design, top to bottom:
 1. set-up: the processes and device (distributed.py); the run folder, started or resumed
    (checkpoint.py: nothing of an earlier run is deleted until the new one is known to start);
    the objective, which owns the data and the loss (objective.py: sft.SFT for the answers of
-   conversations, dpo.DPO for preference pairs); the model and AdamW.
+   conversations, dpo.DPO for preference pairs); the model (checked against the memory plan,
+   memory.py; DDP's copies or FSDP's shards) and AdamW.
 2. the loop (train()): each step takes the objective's next items, gives every process its
    share in micro-batches, weighs every supervised token (or pair) alike wherever it landed,
    and steps the optimizer. It never asks which objective it runs.
-3. every eval_interval steps, rank 0 evaluates and saves (evaluate_and_save): best/ when the
-   val loss improved, then ckpt/, enough to resume exactly.
+3. every eval_interval steps, rank 0 evaluates and saves (evaluate_and_save; with FSDP every
+   rank, each holding a shard): best/ when the val loss improved, then ckpt/, enough to resume exactly.
 Options and defaults are DEFAULTS below (python train.py --help lists them).
 """
 
 import json
 import math
+import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +35,18 @@ from tqdm import tqdm
 
 import checkpoint
 import lora
-from common import (DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, to_device, training_memory,
-                    trim_cpu_memory)
-from configurator import SEED, check_options, format_config, integer, invalid, load_config, not_empty, number, one_of
-from distributed import (check_shared_folder, close_distributed, gather_rng_states, on_first_rank, set_rng_state,
-                         setup_distributed, wrap_ddp)
+import memory
+from common import DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, to_device, trim_cpu_memory
+from configurator import SEED, check_options, integer, invalid, load_config, not_empty, number, one_of
+from distributed import (check_shared_folder, close_distributed, gather_rng_states, grad_scaler, gradient_sync,
+                         model_work, on_first_rank, set_rng_state, setup_distributed, share_from_first_rank,
+                         shard_model, wrap_ddp)
 from dpo import DPO
 from lm import LM
 from model import GPT, GPTConfig
 from objective import dataset_names, mixture_weights
 from optim import learning_rate, make_optimizer
-from progress import Window, log_window, write_log
+from progress import Window, announce, log_window, write_log
 from sft import SFT
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO, "lm": LM}
@@ -101,7 +105,13 @@ DEFAULTS = dict(
     dtype="auto",  # auto (bf16 on CPUs and Ampere+ GPUs, fp16 on older GPUs) | bfloat16 | float16 | float32
     compile=False,  # torch.compile the model
     seed=1337,
-    backend="auto",  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend="auto",  # DDP/FSDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # memory (memory.py): --plan prints what each GPU needs, loading no weights, and exits
+    fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the processes instead of DDP's copies
+    fsdp_reduce_every_micro_batch=False,  # fsdp: reduce gradients after each micro-batch (less memory, more traffic)
+    activation_checkpointing=False,  # recompute each block's activations in the backward (less memory, more compute)
+    plan=False,
+    plan_world=0,  # --plan for this many processes; 0: torchrun's WORLD_SIZE, else 1
 )
 AT_LEAST_1, AT_LEAST_0 = integer(1), integer(0)
 RULES = {
@@ -116,6 +126,7 @@ RULES = {
     "dropout": number(0.0, 1.0, high_open=True), "backend": one_of("auto", "nccl", "gloo"), "seed": SEED,
     "objective": one_of("sft", "dpo", "lm"), "beta": (lambda v: v > 0, "positive"),
     "label_smoothing": number(0.0, 0.5, high_open=True), "dpo_reference": one_of("auto", "stored"),
+    "plan_world": integer(0, 1 << 20),
 }
 
 
@@ -150,6 +161,15 @@ def lora_settings(config):
 def scratch_config(config):
     return GPTConfig(block_size=config["block_size"], n_layer=config["n_layer"], n_head=config["n_head"],
                      n_embd=config["n_embd"], dropout=config["dropout"], bias=config["bias"])
+
+
+def print_plan(config):
+    """--plan: each GPU's memory for this config's step, by strategy; reads the model's shape, no weights."""
+    world = config["plan_world"] or int(os.environ.get("WORLD_SIZE", 1))
+    source = checkpoint.model_source(config["init_from"], config["out_dir"], latest_checkpoint=True)
+    shape = scratch_config(config) if source is None else checkpoint.model_config(source)
+    print(memory.describe_run(config, shape, lora_settings(config) if config["lora_r"] else None,
+                              OBJECTIVES[config["objective"]].rows_per_item, world, accumulation_steps(config, world)))
 
 
 def accumulation_steps(config, world):
@@ -214,14 +234,18 @@ def start_or_resume(config, rank, world, device, dtype):
 
 def build_model(run):
     """The model to train, LoRA applied when lora_r > 0 (or restored on resume), checked
-    against this device's memory before it is moved there."""
-    config, advice = run.config, "choose a smaller model, batch_size or block_size"
+    against this device's memory (memory.py's plan for this run) before it is moved there;
+    with FSDP left where it is, for shard_model to move each rank's shard."""
+    config, advice = run.config, "choose a smaller model, batch_size or block_size (or see --plan)"
+    rows_per_item = OBJECTIVES[config["objective"]].rows_per_item
+    needs = lambda shape, adapters: memory.for_run(config, shape, adapters, rows_per_item, run.world, run.accumulation,
+                                                   run.dtype).total
     if run.resume:  # a scratch run without biases was saved with zero biases: rebuilt without
         no_bias = {"bias": False} if run.base_name == "scratch" and not config["bias"] else {}
-        model = checkpoint.load_model(run.init_source, merge=False, dropout=config["dropout"], **no_bias)
+        model = checkpoint.load_model(run.init_source, merge=False, sharded=config["fsdp"], dropout=config["dropout"],
+                                      **no_bias)
     elif run.init_source is None:
-        check_memory(training_memory(scratch_config(config), config["batch_size"], config["block_size"]),
-                     run.device, "this model", advice)
+        check_memory(needs(scratch_config(config), None), run.device, "this model", advice)
         model = GPT(scratch_config(config))
     else:  # a GPT-2 name, a hub id, a folder or an earlier run (its adapters folded in)
         model = checkpoint.load_model(run.init_source, dropout=config["dropout"])
@@ -230,14 +254,13 @@ def build_model(run):
     if config["block_size"] > model.config.block_size:
         raise invalid("block_size", config["block_size"], f"at most the model's context ({model.config.block_size})")
     is_lora, half = bool(lora.lora_layers(model)), run.dtype in ("bfloat16", "float16")
-    rows = config["batch_size"] * OBJECTIVES[config["objective"]].rows_per_item
-    check_memory(training_memory(model.config, rows, config["block_size"], lora=is_lora,
-                                 frozen_bytes=2 if half else 4), run.device, "a training step", advice)
+    check_memory(needs(model.config, model.lora_config if is_lora else None), run.device, "a training step", advice)
     if is_lora and not run.resume:
         run.base_fingerprint = checkpoint.base_fingerprint(run.init_source)
-    if is_lora and half:
+    if is_lora and half and not config["fsdp"]:  # FSDP gathers every weight in the 16-bit dtype itself
         lora.cast_frozen_linears(model, DTYPES[run.dtype])
-    return model.to(run.device)
+    model.activation_checkpointing = config["activation_checkpointing"]
+    return model if config["fsdp"] else model.to(run.device)
 
 
 def start_run(run, objective, model, per_step, max_iters):
@@ -253,31 +276,15 @@ def start_run(run, objective, model, per_step, max_iters):
     run.log = checkpoint.open_log(run.out_dir, run.step)
 
 
-def announce(run, objective, model, per_step, max_iters):
-    config = run.config
-    print("config:\n" + format_config(config))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable"
-          f"{', LoRA' if lora.lora_layers(model) else ''}), device {run.device}, dtype {run.dtype}, "
-          f"{run.world} process(es)")
-    wanted = config["gradient_accumulation_steps"] if not config["tokens_per_step"] else None
-    if wanted is not None and wanted != run.accumulation:
-        print(f"note: {wanted} micro-batches per step rounded up to {run.accumulation}, a multiple of the "
-              f"{run.world} processes (every process runs the same number)")
-    for line in objective.describe_data(per_step, run.accumulation, max_iters):
-        print(line)
-    n_val = sum(len(batches) for batches in objective.val_sets.values())
-    print(f"val: {n_val} batches" if n_val else
-          "val: none (no val split: evaluations only save, and best/ follows the latest)")
-
-
 # ----------------------------------------------------------------------------- evaluating, saving, logging
 
 def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, train_loss=None):
-    """Rank 0: evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
+    """Rank 0 (with FSDP every rank): evaluate, write best/ (on improvement) then ckpt/; 1 means stop early."""
     improved = run.step > 0
     if objective.val_sets:
         metrics = objective.validate(model, run.device, run.dtype)
+        if run.config["fsdp"]:  # every rank evaluated: rank 0's figures decide for all
+            metrics = share_from_first_rank(metrics)
         val_loss = metrics["loss"]
         if not math.isfinite(val_loss):
             raise GrafitoError(f"validation loss became {val_loss} at step {run.step}; stopped without saving")
@@ -286,23 +293,24 @@ def evaluate_and_save(run, objective, model, optimizer, scaler, rng_states, trai
             run.best_val, run.evals_without_gain = val_loss, 0
         elif run.step > 0:
             run.evals_without_gain += 1
-        run.bar.write(f"step {run.step}: {objective.describe(metrics)}"
-                      + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
-                      + (" (best)" if improved else ""))
-        write_log(run, {"step": run.step, **{f"val_{k}": v for k, v in metrics.items()}})
+        if run.rank == 0:
+            run.bar.write(f"step {run.step}: {objective.describe(metrics)}"
+                          + (f", train loss {train_loss:.4f}" if train_loss is not None else "")
+                          + (" (best)" if improved else ""))
+            write_log(run, {"step": run.step, **{f"val_{k}": v for k, v in metrics.items()}})
     if run.step > 0:
-        state = {"format": checkpoint.STATE_FORMAT, "step": run.step, "optimizer": optimizer.state_dict(),
+        state = {"format": checkpoint.STATE_FORMAT, "step": run.step,
                  "scaler": scaler.state_dict(), "sampler": objective.state_dict(), "rng": rng_states,
                  "best_val": run.best_val, "evals_without_gain": run.evals_without_gain, "config": run.config,
                  "base_model": run.base_name, "base_fingerprint": run.base_fingerprint,
                  "accumulation": run.accumulation, "world": run.world, "resolved_dtype": run.dtype,
                  **objective.run_state()}
-        if improved:
-            checkpoint.save_checkpoint(run.out_dir, checkpoint.BEST, model, run.base_name, run.base_fingerprint)
-        checkpoint.save_checkpoint(run.out_dir, checkpoint.LATEST, model, run.base_name, run.base_fingerprint, state)
+        checkpoint.save_run(run.out_dir, model, optimizer, state, improved, run.base_name, run.base_fingerprint,
+                            run.rank, run.world, run.device, sharded=run.config["fsdp"])
     patience = run.config["early_stop_patience"]
     if patience and run.evals_without_gain >= patience:
-        run.bar.write(f"early stop: no better val loss in {patience} evaluations")
+        if run.rank == 0:
+            run.bar.write(f"early stop: no better val loss in {patience} evaluations")
         return 1
     return 0
 
@@ -323,7 +331,7 @@ def finish(run, objective, model):
 # ----------------------------------------------------------------------------- the training loop
 
 def train(config):
-    """Train as config says; returns the trained model (unwrapped)."""
+    """Train as config says; returns the trained model (unwrapped; with FSDP this rank's shards of it)."""
     # 1. processes and device, the run folder (checked, nothing deleted yet), the objective's data
     rank, local_rank, world, device, dtype = setup_distributed(config)
     run = start_or_resume(config, rank, world, device, dtype)
@@ -334,24 +342,25 @@ def train(config):
     max_iters = (math.ceil(config["epochs"] * objective.items_per_epoch / per_step) if config["epochs"] > 0
                  else config["max_iters"])
 
-    # 2. the model, what the objective trains of it (compiled, DDP-wrapped), the optimizer, the resumed state
+    # 2. the model, what the objective trains of it (sharded, compiled, DDP-wrapped), the optimizer, the resumed state
     raw_model = build_model(run)
     objective.check_model(raw_model)
-    is_lora = bool(lora.lora_layers(raw_model))
+    is_lora, sharded = bool(lora.lora_layers(raw_model)), config["fsdp"]
+    model = objective.trained_module(raw_model)
+    if sharded:  # before the optimizer: its parameters are the shards
+        shard_model(raw_model, model, device, dtype, world)
     optimizer = make_optimizer(raw_model, config["learning_rate"], config["weight_decay"],
-                               (config["beta1"], config["beta2"]), device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
-    if run.resume:
-        optimizer.load_state_dict(run.resume_state["optimizer"])
-        scaler.load_state_dict(run.resume_state["scaler"])
+                               (config["beta1"], config["beta2"]), device, fused=not (sharded and dtype == "float16"))
+    scaler = grad_scaler(device, dtype, sharded)
+    if run.resume:  # with FSDP also the trained weights' shards
+        checkpoint.restore(run.resume_state, run.out_dir, raw_model, optimizer, scaler, sharded)
         objective.load_state_dict(run.resume_state["sampler"])
         if rank < len(run.resume_state["rng"]):  # a rank the saved run did not have keeps its fresh seed
             set_rng_state(run.resume_state["rng"][rank])
-    model = objective.trained_module(raw_model)
     if config["compile"]:
         model = torch.compile(model)
     objective.prepare(run, raw_model, model, device, dtype)  # e.g. DPO's reference (never through DDP)
-    if world > 1:
+    if world > 1 and not sharded:
         model = wrap_ddp(model, device, local_rank)
 
     # 3. the run begins: rank 0 takes out_dir (old files go only now), the starting model is evaluated
@@ -360,8 +369,8 @@ def train(config):
         run.bar = tqdm(total=max_iters, initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
         window, peak = Window(len(objective.stats), device), peak_flops(device, dtype)
         if run.step == 0:
-            on_first_rank(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler, None), rank,
-                          world, device)
+            model_work(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler, None), rank, world,
+                       device, sharded)
         while run.step < max_iters:
             # 4. the learning rate of this step
             lr = learning_rate(run.step, config, max_iters)
@@ -378,10 +387,11 @@ def train(config):
             if world > 1:
                 torch.distributed.all_reduce(weight)
             scale = world / weight.clamp(min=1)
-            # 7. forward and backward; DDP averages the gradients in the last micro-batch's backward
+            # 7. forward and backward; DDP (FSDP) averages the gradients in the last micro-batch's backward
             for i, (chunk, x, y) in enumerate(micro_batches):
                 supervised = np.flatnonzero(y >= 0)
-                with model.no_sync() if world > 1 and i < len(micro_batches) - 1 else nullcontext():
+                sync = world == 1 or i == len(micro_batches) - 1 or config["fsdp_reduce_every_micro_batch"]
+                with gradient_sync(model, sync):
                     positions = to_device(supervised, device)
                     torch._dynamo.maybe_mark_dynamic(positions, 0)  # a new length every batch: one graph for all
                     with autocast(device, dtype):
@@ -406,11 +416,11 @@ def train(config):
             if run.step % config["log_interval"] == 0 or at_eval:
                 trim_cpu_memory()
                 train_loss = log_window(run, objective, window, lr, raw_model.config, is_lora, peak)
-            # 10. evaluate and save on rank 0; the others wait for its verdict (stop early, go on, or fail)
+            # 10. evaluate and save on rank 0 (FSDP: every rank); the others wait for its verdict (stop, go on, fail)
             if at_eval:
                 rng_states = gather_rng_states(world)
-                stop = on_first_rank(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler,
-                                                               rng_states, train_loss), rank, world, device)
+                stop = model_work(lambda: evaluate_and_save(run, objective, raw_model, optimizer, scaler, rng_states,
+                                                            train_loss), rank, world, device, sharded)
                 window.start = time.perf_counter()  # evaluation time is not training throughput
                 if stop == 1:
                     break
@@ -426,6 +436,8 @@ def train(config):
 def main(argv=None):
     config = load_train_config(argv)
     check_config(config)
+    if config["plan"]:
+        return print_plan(config)
     try:
         train(config)
     finally:

@@ -1,4 +1,6 @@
 # diamond-001: OpenAI's gpt2-large (774M) adapted to grafito-25k with LoRA (the README's model table says why these values).
+# Memory: one GPU, one process (no --fsdp, no activation checkpointing), the frozen base in bf16; the plan
+# (python train.py config/diamond_001.py --plan) puts a step at 8.1 GiB: a 16 GB GPU and up.
 out_dir = "out/diamond_001"
 init_from = "gpt2-large"
 dataset = "grafito25k"

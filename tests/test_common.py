@@ -1,4 +1,5 @@
-"""common.py: device and precision set-up, the GPU peak table, the options checker."""
+"""common.py: device and precision set-up, the GPU peak table, the options checker (the memory plan:
+test_fsdp.py)."""
 
 import pytest
 import torch
@@ -47,26 +48,3 @@ def test_options_are_checked_with_one_message_format():
         with pytest.raises(GrafitoError) as err:
             check_options(values, rules)
         assert message in str(err.value)
-
-
-@pytest.mark.parametrize("config_file,preset", [("diamond_001", "gpt2-large"), ("emerald_003", "gpt2-xl")])
-def test_the_lora_configs_fit_a_24_gb_gpu_and_full_fine_tuning_of_gpt2_xl_does_not(config_file, preset):
-    from configurator import read_config_file
-    from conftest import ROOT
-    from model import GPTConfig
-
-    config, shape = read_config_file(ROOT / "config" / f"{config_file}.py"), GPTConfig.preset(preset)
-    assert config["lora_r"] > 0 and config["dtype"] == "auto"  # bf16 on every 24 GB GPU of today: frozen at 2 bytes
-    estimate = common.training_memory(shape, config["batch_size"], config["block_size"], lora=True, frozen_bytes=2)
-    assert estimate < 24e9
-    if preset == "gpt2-xl":  # 16 bytes a parameter before any activation
-        assert common.training_memory(shape, 1, 1, lora=False) > 24e9
-
-
-def test_the_memory_estimate_grows_linearly_with_the_context():
-    """SDPA's kernels never store the (heads x T x T) attention scores: no quadratic term."""
-    from model import GPTConfig
-
-    shape = GPTConfig.preset("gpt2")
-    at = [common.training_memory(shape, 4, block) for block in (0, 1024, 2048)]
-    assert at[2] - at[1] == at[1] - at[0] > 0

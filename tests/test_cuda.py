@@ -190,6 +190,112 @@ def test_dpo_runs_compiled_on_the_gpu(tmp_path, lora_args, gpt2_bpe):
     assert val[30]["val_loss"] < val[0]["val_loss"] and val[30]["val_reward_accuracy"] > 0.5
 
 
+# ----------------------------------------------------------------------------- past one GPU's memory (test_fsdp.py)
+
+def test_fsdp_with_one_rank_trains_saves_and_resumes_on_the_gpu(tmp_path, synthetic_dataset):
+    import checkpoint
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    args = [str(ROOT / "train.py"), "--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=64",
+            "--block_size=128", "--batch_size=4", "--gradient_accumulation_steps=2", f"--dataset={synthetic_dataset}",
+            "--device=cuda", "--dtype=auto", "--eval_interval=4", "--log_interval=1", "--plot=false", "--learning_rate=3e-3",
+            "--lr_decay_iters=8", "--fsdp=true", f"--out_dir={tmp_path / 'out'}"]
+    first = subprocess.run([*torchrun, *args, "--max_iters=4"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "out" / checkpoint.LATEST / checkpoint.SHARDS / ".metadata").is_file()
+    second = subprocess.run([*torchrun, *args, "--max_iters=8", "--init_from=resume",
+                             "--activation_checkpointing=true"], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    losses = {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1]
+    checkpoint.load_model(tmp_path / "out")  # best/: a plain folder
+
+
+def peak_of_steps(model, rows, block_size, steps=2, optimizer=True):
+    """Peak bytes allocated while taking AdamW steps (or only forward and backward) on random masked rows,
+    above what was allocated before the model was built (the caller passes that as model.base)."""
+    from optim import make_optimizer
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    adamw = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cuda") if optimizer else None
+    x, y = masked_batch(rows, block_size)
+    supervised = (y.flatten() >= 0).nonzero().squeeze(1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=HALF):
+            _, loss = model(x, y, reduction="sum", supervised=supervised)
+        loss.backward()
+        if adamw is not None:
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            adamw.step()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - model.base
+
+
+def fresh_gpt(config, lora_config=None):
+    """A random GPT built on the GPU (fast even for gpt2-xl), LoRA'd as train.py does it; .base: the bytes
+    allocated before it."""
+    import gc
+
+    import lora
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        model = GPT(config)
+        if lora_config is not None:
+            lora.apply_lora(model, lora_config)
+            lora.cast_frozen_linears(model, HALF)
+    model.base = base
+    return model
+
+
+def test_activation_checkpointing_lowers_the_peak_by_what_the_plan_says():
+    import memory
+
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # gpt2's shape, 8 rows of 1024
+    peaks = {}
+    for checkpointing in (False, True):
+        model = fresh_gpt(config)
+        model.activation_checkpointing = checkpointing
+        peaks[checkpointing] = peak_of_steps(model, 8, 1024, steps=1, optimizer=False)
+        del model
+    planned = [memory.step_memory(config, None, 8, 1024, AUTO, 1, "ddp", checkpointing=c).activations
+               for c in (False, True)]
+    measured_drop, planned_drop = peaks[False] - peaks[True], planned[0] - planned[1]
+    print(f"activation checkpointing: peak {peaks[False] / 2 ** 30:.2f} -> {peaks[True] / 2 ** 30:.2f} GiB, "
+          f"planned activations {planned[0] / 2 ** 30:.2f} -> {planned[1] / 2 ** 30:.2f} GiB")
+    assert peaks[True] < 0.6 * peaks[False]
+    assert abs(measured_drop - planned_drop) < 0.2 * planned_drop, (measured_drop, planned_drop)
+
+
+@pytest.mark.parametrize("case", ["gpt2-xl LoRA (emerald-003)", "gpt2-xl full", "gpt2-xl full, checkpointed",
+                                  "gpt2-medium full"])
+def test_the_memory_plan_against_the_measured_peak(case):
+    """A training step (two, so AdamW's state exists) at 4 x 1024 tokens, one GPU, dtype=auto."""
+    import lora
+    import memory
+
+    shape = GPTConfig.preset(case.split()[0])
+    lora_config = lora.LoRAConfig(r=16, alpha=32.0, dropout=0.05, targets=("q", "v")) if "LoRA" in case else None
+    checkpointing = "checkpointed" in case
+    plan = memory.step_memory(shape, lora_config, 4, 1024, AUTO, 1, "ddp", checkpointing=checkpointing,
+                              dropout=0.0)
+    if plan.total + memory.GPU_RESERVED > torch.cuda.get_device_properties(0).total_memory:
+        pytest.skip(f"the plan says {plan.total / 2 ** 30:.1f} GiB: more than this GPU has")
+    model = fresh_gpt(shape, lora_config)
+    model.activation_checkpointing = checkpointing
+    peak = peak_of_steps(model, 4, 1024)
+    print(f"{case}: planned {plan.total / 2 ** 30:.2f} GiB (weights {plan.weights / 2 ** 30:.2f}, gradients "
+          f"{plan.gradients / 2 ** 30:.2f}, optimizer {plan.optimizer / 2 ** 30:.2f}, activations "
+          f"{plan.activations / 2 ** 30:.2f}), measured peak {peak / 2 ** 30:.2f} GiB")
+    assert abs(peak - plan.total) < 0.15 * plan.total, (case, peak, plan)
+
+
 @pytest.fixture
 def float32_matmuls():
     """float32 references computed in float32, not TF32, whatever set-up ran before."""
