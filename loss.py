@@ -9,6 +9,8 @@ positions, and in row chunks whose softmax becomes its gradient on the spot: no
 model.forward(..., fused=False) is the plain F.cross_entropy reference it is tested against.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +20,22 @@ CHUNK_ROWS = 1024  # rows of logits alive at once: bounds memory whatever the ba
 # d loss / d logits lies in [-1, 1]; scaled by 2^15 it stays below float16's largest value (65504)
 # while probabilities down to about 1e-12 keep a gradient (float16's smallest number is 6e-8)
 FLOAT16_GRADIENT_SCALE = 2.0 ** 15
+
+
+def not_compiled(fn):
+    """fn, run eagerly when called from a compiled model (torch.compiler.disable), the mark made
+    at the first compiled call: making it at import would import torch._dynamo, a second of
+    every command's start-up, though only compiled runs need it."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 MM_WRITES_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8: torch.mm(..., out_dtype=torch.float32)
 
 
-@torch.compiler.disable  # the supervised count changes every batch: compiled, it would recompile
+@not_compiled  # the supervised count changes every batch: compiled, it would recompile
 def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=None):
     """Summed cross-entropy of logits = hidden @ weight[:vocab_size].T against targets, over
     the positions whose target is not negative.
@@ -191,7 +205,7 @@ def masked_val_loss(model, batches, device, dtype):
 
 # ----------------------------------------------------------------------------- preference tuning (DPO)
 
-@torch.compiler.disable  # the supervised count changes every batch: compiled, it would recompile
+@not_compiled  # the supervised count changes every batch: compiled, it would recompile
 def answer_log_probs(hidden, weight, targets, vocab_size, supervised=None):
     """Each row's summed log-probability of its supervised tokens (its answer), (B,) float32.
 
