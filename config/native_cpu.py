@@ -1,5 +1,6 @@
-# native-cpu: a small GPT trained from scratch on the Brown Corpus, on 2 CPU cores in about
-# ten minutes: the whole native chain (text -> base -> chat -> preferences) without a GPU.
+# native-cpu: a small GPT trained from scratch on the Brown Corpus on 2 CPU cores (1.6M tokens;
+# docs/results.md has the measured time): the whole native chain (text -> base -> chat ->
+# preferences) without a GPU, the README's commands.
 #   python prepare/text.py --input=../shared/data/brown/brown.jsonl.gz --out_dir=data/brown
 #   python train.py config/native_cpu.py
 # 1.3M tokens teach a model this size the shape of English (spelling, punctuation, common
