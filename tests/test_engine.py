@@ -115,7 +115,7 @@ def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
     model = tiny_gpt(vocab_size=30)
     prompts = torch.randint(0, 30, (3, 4)).tolist()
     free = list(Engine(model).generate(prompts, 20, GREEDY))
-    stop = free[2][0]
+    stop = free[5][0]
     stopped = list(Engine(model).generate(prompts, 20, GREEDY, stop_ids=[stop]))
     for row in range(3):
         tokens = rows_of(free, row)
@@ -123,6 +123,9 @@ def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
             first = tokens.index(stop)
             assert rows_of(stopped, row) == tokens[:first + 1]
             assert all(step[row] is None for step in stopped[first + 1:])
+        else:  # a row that never produces the stop token runs on, whoever else stopped
+            assert rows_of(stopped, row) == tokens
+    assert sum(stop in rows_of(free, row) for row in range(3)) in (1, 2)  # rows of both kinds
 
 
 def test_vocab_limit_keeps_tokens_the_tokenizer_can_decode():
