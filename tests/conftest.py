@@ -97,6 +97,48 @@ def tiny_pretrained(tmp_path_factory):
     return random_gpt_folder(tmp_path_factory.mktemp("model") / "base", n_embd=64, block_size=128)
 
 
+TAUGHT = [  # what the tiny model learns by heart, so that its greedy answers are clear-cut
+    [("what is the capital of france", "Paris is the capital of France.")],
+    [("hi", "Hello! How can I help?"), ("what is 2+2", "4, because 2 + 2 = 4.")],
+]
+
+
+@pytest.fixture(scope="session")
+def taught_model():
+    """A tiny GPT (GPT-2's real vocabulary) trained on TAUGHT until it knows the answers by heart:
+    its greedy answers differ by prompt and end with end-of-text, where a random model's repeat
+    one token until max_new_tokens."""
+    import torch
+
+    import tokenizer
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    rows = [tokenizer.render(c) for c in TAUGHT]
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), tokenizer.EOT)
+    y = torch.full((len(rows), width), -1)
+    for i, (ids, mask) in enumerate(rows):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    flushed = torch.set_flush_denormal(True)  # the unused vocabulary's vanishing gradients: slow denormals
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from a second core, and wait long when it is busy
+    try:
+        for _ in range(100):
+            loss = model(x, y)[1]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
+    return model.eval()
+
+
 @pytest.fixture
 def emulated_gpu(monkeypatch):
     """Factory: make this CPU build of torch report one CUDA GPU (capability, name, memory).

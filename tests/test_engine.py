@@ -69,15 +69,36 @@ def test_greedy_generation_equals_the_uncached_reference_and_transformers(hf_che
         assert rows_of(steps, row) == naive_generate(model, prompts[row].tolist(), 40) == theirs[row].tolist()
 
 
+NO_REPEATS = Sampling(temperature=0, repetition_penalty=100.0)  # greedy among the tokens not seen yet
+
+
+def no_repeats_reference(model, context, n, seen):
+    """NO_REPEATS without a cache: a full forward over `context` and the tokens added so far, every step."""
+    context, seen, tokens = list(context), set(seen), []
+    for _ in range(n):
+        mask = torch.zeros(1, model.config.vocab_size, dtype=torch.bool)
+        mask[0, list(seen)] = True
+        with torch.no_grad():
+            token = int(sample(model(torch.tensor([context]))[0][:, -1], NO_REPEATS, mask))
+        context.append(token), seen.add(token), tokens.append(token)
+    return tokens
+
+
 def test_a_row_past_the_context_restarts_from_its_recent_tokens_without_changing_the_others():
+    # greedy answers of a random tiny model soon repeat one token, and a repeated token hides what a
+    # restart keeps (a token fed twice changes nothing); barring repeats makes every token count
     model = tiny_gpt(block_size=16)
     long_prompt, short_prompt = torch.randint(0, 60, (12,)).tolist(), [3]
-    steps = list(Engine(model).generate([long_prompt, short_prompt], 10, GREEDY))
-    assert len(rows_of(steps, 0)) == 10  # went on past the 16-token context
-    # the short row never filled its context: exactly its greedy continuation, as if alone
-    assert rows_of(steps, 1) == naive_generate(model, short_prompt, 10)
-    # the long row, within the context, is its greedy continuation too
-    assert rows_of(steps, 0)[:4] == naive_generate(model, long_prompt, 4)
+    steps = list(Engine(model).generate([long_prompt, short_prompt], 10, NO_REPEATS))
+    # the short row never filled its context: exactly its continuation, as if alone
+    assert rows_of(steps, 1) == no_repeats_reference(model, short_prompt, 10, short_prompt)
+    # the long row: its continuation while its 12 + 4 tokens fit the context; its 5th token finds the
+    # context full with 5 tokens to go, so it restarts from its last 16 - 5 = 11 tokens (as many as leave
+    # room for the rest of the answer) and goes on as a full forward over those alone
+    long_row = rows_of(steps, 0)
+    assert long_row[:5] == no_repeats_reference(model, long_prompt, 5, long_prompt)
+    so_far = long_prompt + long_row[:5]
+    assert long_row[5:] == no_repeats_reference(model, so_far[-11:], 5, so_far)
 
 
 def test_generation_memory_follows_the_context_not_max_new_tokens():
@@ -94,7 +115,7 @@ def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
     model = tiny_gpt(vocab_size=30)
     prompts = torch.randint(0, 30, (3, 4)).tolist()
     free = list(Engine(model).generate(prompts, 20, GREEDY))
-    stop = free[2][0]
+    stop = free[5][0]
     stopped = list(Engine(model).generate(prompts, 20, GREEDY, stop_ids=[stop]))
     for row in range(3):
         tokens = rows_of(free, row)
@@ -102,6 +123,9 @@ def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
             first = tokens.index(stop)
             assert rows_of(stopped, row) == tokens[:first + 1]
             assert all(step[row] is None for step in stopped[first + 1:])
+        else:  # a row that never produces the stop token runs on, whoever else stopped
+            assert rows_of(stopped, row) == tokens
+    assert sum(stop in rows_of(free, row) for row in range(3)) in (1, 2)  # rows of both kinds
 
 
 def test_vocab_limit_keeps_tokens_the_tokenizer_can_decode():

@@ -27,12 +27,17 @@ def run_script(*args):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
-def test_batched_answers_equal_each_prompt_alone(tiny_model_dir):
-    model_engine = engine.Engine(GPT.from_pretrained(tiny_model_dir))
-    queries = ["hi", "what is the capital of france, in one word", "2+2?"]  # prompts of different lengths
-    batched = grafito_eval.greedy_answers(model_engine, queries, 10, batch_size=3)
-    alone = [grafito_eval.greedy_answers(model_engine, [q], 10, batch_size=1)[0] for q in queries]
-    assert batched == alone and any(alone)
+def test_batched_answers_equal_each_prompt_alone(taught_model):
+    # a taught model: its answers differ and some end early (end-of-text) while others run on, so a
+    # row that stopped with its neighbour, or took its text, would show; a random model's would not
+    model_engine = engine.Engine(taught_model)
+    queries = ["hi", "what is the capital of france", "tell me a story", "what is 2+2"]  # prompts of different lengths
+    batched = grafito_eval.greedy_answers(model_engine, queries, 24, batch_size=4)
+    alone = [grafito_eval.greedy_answers(model_engine, [q], 24, batch_size=1)[0] for q in queries]
+    assert batched == alone
+    assert alone[1] == "Paris is the capital of France." and len(set(alone)) == 4  # its 8th token is end-of-text
+    story = engine.answers(model_engine, [tokenizer.render_prompt([], queries[2])], 24, engine.Sampling(temperature=0))
+    assert story[1] == 24  # steps: this one runs on to max_new_tokens
 
 
 def test_eval_cells_follow_the_readme():

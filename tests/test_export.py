@@ -18,15 +18,11 @@ import engine
 import lora
 import tokenizer
 from common import GrafitoError
-from conftest import GRAFITO_25K, ROOT, needs_shared
+from conftest import GRAFITO_25K, ROOT, TAUGHT, needs_shared
 from model import GPT, GPTConfig
 
 GREEDY = engine.Sampling(temperature=0.0)
 NEW_TOKENS = 24
-TAUGHT = [  # what the tiny model learns by heart, so that its greedy answers are clear-cut
-    [("what is the capital of france", "Paris is the capital of France.")],
-    [("hi", "Hello! How can I help?"), ("what is 2+2", "4, because 2 + 2 = 4.")],
-]
 CONVERSATIONS = {  # chat messages -> grafito's turns through tokenizer.turns_from_messages
     "one turn": [{"role": "user", "content": "what is the capital of france"}],
     "multi-turn": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
@@ -50,33 +46,10 @@ def greedy_answer(model, history, instruction):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, taught_model):
     """A training run as train.py leaves it: best/, train_config.json, log.jsonl, and eval.py's
     report; its tiny model (GPT-2's real vocabulary) knows TAUGHT's answers."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
-    rows = [tokenizer.render(c) for c in TAUGHT]
-    width = max(len(ids) for ids, _ in rows) - 1
-    x = torch.full((len(rows), width), tokenizer.EOT)
-    y = torch.full((len(rows), width), -1)
-    for i, (ids, mask) in enumerate(rows):
-        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        y[i, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    flushed = torch.set_flush_denormal(True)  # the unused vocabulary's vanishing gradients: slow denormals
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small gain nothing from a second core, and wait long when it is busy
-    try:
-        for _ in range(100):
-            loss = model(x, y)[1]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-        if flushed:
-            torch.set_flush_denormal(False)
-    model.eval()
+    model = taught_model
     assert greedy_answer(model, [], TAUGHT[0][0][0]) == TAUGHT[0][0][1]  # learned: answers are clear-cut
 
     out_dir = tmp_path_factory.mktemp("runs") / "ruby_002"
