@@ -20,6 +20,7 @@ import torch
 
 import data
 import engine
+import quantize
 import tokenizer
 from common import GrafitoError, read_text, run_cli
 from configurator import SEED, check_options, integer, load_config
@@ -34,13 +35,14 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",  # weights are cast to this for decoding: bfloat16 halves the memory traffic
     compile=False,  # torch.compile the one-token decode step (a one-off compile, then faster tokens)
+    quantize="",  # int8: int8 weights on a CPU (quantize.py), about half the bytes a token reads
     raw=False,  # plain continuation of start, no chat template
     chat=False,  # interactive multi-turn chat on stdin
     shots="",  # few-shot examples before every prompt: a .jsonl file of {"instruction", "answer"}, or a number N
     shots_dataset="grafito25k",  # where --shots=N draws its examples from (train split)
     verbose=False,  # print tokens/s
 )
-RULES = {"num_samples": integer(1, 1024), "max_new_tokens": integer(1, 1 << 20), "seed": SEED}
+RULES = {"num_samples": integer(1, 1024), "max_new_tokens": integer(1, 1 << 20), "seed": SEED, **quantize.RULES}
 
 
 def sampling_of(config):
