@@ -300,17 +300,19 @@ class Engine:
 def native_one_row_is_faster(rows, cols, dtype):
     """Whether one row times a (rows, cols) half-precision weight runs clearly faster on this
     CPU with oneDNN off (PyTorch's own matrix-vector kernel, which streams the weight once)
-    than through oneDNN's GEMM, timed once per shape in this process, in a few milliseconds:
-    which one wins depends on the CPU. (The two may round differently in the last bits, so
-    bf16 answers can differ by machine.)"""
-    weight, x = torch.full((rows, cols), 0.01, dtype=dtype), torch.full((1, cols), 0.5, dtype=dtype)  # no RNG draws
+    than through oneDNN's GEMM, timed once per shape in this process, in a few tens of
+    milliseconds: which one wins depends on the CPU. (The two may round differently in the
+    last bits, so bf16 answers can differ by machine.)"""
+    copies = max(2, (48 << 20) // (rows * cols * dtype.itemsize))  # more bytes than a cache holds, as in decoding
+    weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(min(copies, 16))]  # no RNG draws
+    x = torch.full((1, cols), 0.5, dtype=dtype)
     best = {True: math.inf, False: math.inf}
     with torch.no_grad():
-        for _ in range(3):  # alternating rounds, the best of each: a busy moment hurts both alike
+        for _ in range(6):  # alternating rounds, the best of each: a busy moment hurts both alike
             for native in best:
                 with onednn_off(native):
                     start = time.perf_counter()
-                    for _ in range(8):
+                    for weight in weights:
                         F.linear(x, weight)
                     best[native] = min(best[native], time.perf_counter() - start)
     return best[True] < 0.9 * best[False]  # a clear win only
