@@ -300,8 +300,8 @@ class Engine:
 def native_one_row_is_faster(rows, cols, dtype):
     """Whether one row times a (rows, cols) half-precision weight runs clearly faster on this
     CPU with oneDNN off (PyTorch's own matrix-vector kernel, which streams the weight once)
-    than through oneDNN's GEMM, timed once per shape in this process, in a few tens of
-    milliseconds: which one wins depends on the CPU. (The two may round differently in the
+    than through oneDNN's GEMM, timed once per shape in this process, in a fraction of a
+    second: which one wins depends on the CPU. (The two may round differently in the
     last bits, so bf16 answers can differ by machine.)"""
     copies = max(2, (48 << 20) // (rows * cols * dtype.itemsize))  # more bytes than a cache holds, as in decoding
     weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(min(copies, 16))]  # no RNG draws
@@ -320,7 +320,8 @@ def native_one_row_is_faster(rows, cols, dtype):
 
 @contextlib.contextmanager
 def onednn_off(off=True):
-    """oneDNN disabled inside (process-wide: only the thread that generates runs products then)."""
+    """oneDNN disabled inside; the switch is process-wide, so it wraps only the generating
+    thread's decode steps (serve.py's other threads run no products)."""
     if not off:
         yield
         return
@@ -352,8 +353,9 @@ def load_engine(options):
                            "a hub id or a folder)")
     source = checkpoint.model_source(options["init_from"], options["out_dir"])
     device, dtype = setup(options["device"], options["dtype"])
-    quantize.check(options["quantize"], device, options["compile"])
-    model = quantize.quantize(checkpoint.load_model(source).eval(), options["quantize"], DTYPES[dtype])
+    method = options.get("quantize", "")  # optional: callers that never quantize need not say so
+    quantize.check(method, device, options["compile"])
+    model = quantize.quantize(checkpoint.load_model(source).eval(), method, DTYPES[dtype])
     return Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=options["compile"])
 
 

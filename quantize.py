@@ -3,7 +3,8 @@
 Every linear layer, the tied output layer included, keeps its weight as int8 with one scale
 per output row (the row's largest |weight| / 127, stored in the model's dtype) and multiplies
 through PyTorch's int8 weight-only kernel (torch._weight_int8pack_mm): a decode step then
-reads half the bytes of bf16. Activations stay in the model's dtype. The token embedding
+reads half the bytes of bf16 (whether it is faster then depends on how fast the CPU runs
+that kernel: docs/performance.md). Activations stay in the model's dtype. The token embedding
 stays as it was (a lookup reads one row). Nothing here trains: the weights are buffers.
 """
 

@@ -4,6 +4,7 @@
     python sample.py --init_from=gpt2 --raw --start="Once upon a time"  # GPT-2 continues text
     python sample.py --out_dir=out/ruby_002 --chat                   # multi-turn chat (/clear, /quit)
     python sample.py --init_from=gpt2 --shots=3 --start="who wrote hamlet"   # few-shot prompting
+    python sample.py --out_dir=out/ruby_002 --quantize=int8          # int8 weights (CPUs: quantize.py)
 
 The model comes from init_from: 'resume' (the run in out_dir: its best/ weights, a LoRA
 adapter merged into its base), a GPT-2 name, a hub repo id, or a local model folder.
