@@ -47,10 +47,11 @@ import data
 import dpo
 import engine
 import lora
+import quantize
 import tokenizer
 from benchmarks import PEERS
-from benchmarks.measure import (RowReport, StepClock, StepTimer, interleaved, measured_peak, peak_memory_mb,
-                                reset_peak_memory, timed)
+from benchmarks.measure import (RowReport, StepClock, StepTimer, interleaved, measured_copy_bandwidth, measured_peak,
+                                peak_memory_mb, reset_peak_memory, timed)
 from benchmarks.serve_load import print_serve_table, serve_rows, with_serve_ratios
 from common import DTYPES, GrafitoError, autocast, run_cli, setup, training_flops
 from configurator import SEED, check_options, integer, load_config, number, one_of
@@ -81,7 +82,8 @@ DEFAULTS = dict(
     decode_batch=8,  # the "batch N" decode row
     rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve, dpo
     configs="ruby_002,obsidian_000,lazuli_001",  # rows=configs: the codename configs' own shapes
-    compare="",  # the peer timed beside grafito: hf (transformers; serve: transformers serve) | trl (dpo rows)
+    compare="",  # the peer timed beside grafito: hf (transformers; serve: transformers serve) | trl (dpo rows) | llamacpp
+    quantize="",  # int8: decode rows for grafito with int8 weights too (quantize.py; CPUs)
     serve_clients="1,4,16",  # the serve rows: concurrent streaming clients (1 = the requests one at a time)
     serve_requests=16,  # requests per serve row, shared among its clients
     serve_tokens=48,  # new tokens each request asks for (greedy)
@@ -96,7 +98,7 @@ RULES = {
     "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
     "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
     "decode_batch": integer(1, 4096), "seed": SEED, "serve_requests": integer(1, 1 << 16),
-    "serve_tokens": integer(1, 1 << 16),
+    "serve_tokens": integer(1, 1 << 16), **quantize.RULES,
 }
 
 
@@ -281,41 +283,63 @@ def dpo_rows(config, gpt_config, device, dtype, x, y, batch_note, peer):
 
 # ----------------------------------------------------------------------------- generation
 
-def decode_rows(config, gpt_config, device, dtype, peer):
-    torch.manual_seed(0)
-    ours = engine.Engine(GPT(gpt_config).to(device=device, dtype=DTYPES[dtype]), compile=config["compile"])
+def decode_rows(config, gpt_config, device, dtype, peer, copy_bandwidth):
+    """Prefill and decode rows at batch 1 and N: grafito in its dtype, also with --quantize's
+    weights, and the peer's ways of running. A decode row's weights_gb_s is the bytes of the
+    weight matrices a step reads times steps per second, beside the machine's copy bandwidth."""
+    engines = {}
+    for impl, method in [("grafito", ""), (f"grafito {config['quantize']}", config["quantize"])][:1 + bool(config["quantize"])]:
+        torch.manual_seed(0)
+        model = quantize.quantize(GPT(gpt_config).eval(), method, DTYPES[dtype])
+        engines[impl] = engine.Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=config["compile"])
     P, N = config["prompt_tokens"], config["decode_tokens"]
     if P + N > gpt_config.block_size:
         raise GrafitoError(f"prompt_tokens + decode_tokens = {P + N} exceed block_size {gpt_config.block_size}")
     greedy = engine.Sampling(temperature=0)
 
-    def ours_generate(prompts):
+    def ours_generate(ours, prompts):
         clock = StepClock(device)
         clock.put(prompts)  # as transformers' streamer is given the prompt first
         for _ in ours.generate(prompts, N, greedy):
             clock.put(None)
         return clock.first_token_and_decode()
 
+    weight_bytes = {impl: decode_weight_bytes(ours.model) for impl, ours in engines.items()}
     for batch in sorted({1, config["decode_batch"]}):
         prompts = torch.randint(0, tokenizer.VOCAB_SIZE, (batch, P)).tolist()
-        timers = [("grafito", lambda prompts=prompts: ours_generate(prompts))]
-        theirs = peer.generate_timer(f"generate {batch}", prompts, N) if peer is not None else None
-        if theirs is not None:
-            timers.append((peer.name, theirs))
+        timers = [(impl, lambda ours=ours, prompts=prompts: ours_generate(ours, prompts)) for impl, ours in engines.items()]
+        theirs = peer.generate_timers(f"generate {batch}", prompts, N) if peer is not None else []
+        timers += theirs
+        if theirs:
             peer.reset_memory()
         reset_peak_memory(device)
         times = interleaved(timers, config["repeats"], 1)
-        memory = {"grafito": peak_memory_mb(device)}
-        if theirs is not None:
-            memory[peer.name] = peer.memory_mb()
+        memory = {impl: peak_memory_mb(device) for impl in engines}  # one process: the largest of them
+        memory.update({impl: peer.memory_mb(impl) for impl, _ in theirs})
+        weight_bytes.update({impl: peer.decode_weight_bytes(impl) for impl, _ in theirs})
         for who in memory:
             first = statistics.median(t[0] for t in times[who])
             decode = statistics.median(t[1] for t in times[who])
+            steps_per_s = (N - 1) / decode
+            weights_gb_s = weight_bytes[who] * steps_per_s / 1e9 if weight_bytes[who] else None
             yield {"row": f"prefill, batch {batch}", "impl": who, "batch": f"{batch}x{P} prompt",
                    "tokens_per_s": batch * P / first, "step_ms": first * 1e3, "mfu": None, "memory_mb": memory[who]}
             yield {"row": f"decode, batch {batch}", "impl": who, "batch": f"{batch}x{N - 1} new tokens",
-                   "tokens_per_s": batch * (N - 1) / decode, "step_ms": decode / (N - 1) * 1e3, "mfu": None,
-                   "memory_mb": memory[who]}
+                   "tokens_per_s": batch * steps_per_s, "step_ms": 1e3 / steps_per_s, "mfu": None,
+                   "memory_mb": memory[who], "weights_gb_s": weights_gb_s,
+                   "of_copy_bandwidth": weights_gb_s / copy_bandwidth if weights_gb_s else None}
+
+
+def decode_weight_bytes(model):
+    """Bytes of the weight matrices one decode step reads: every linear layer's (the tied output
+    layer once); the embeddings are looked up, one row each."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, quantize.Int8Linear):
+            total += module.weight_int8.nbytes + module.scales.nbytes
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.nbytes
+    return total
 
 
 # ----------------------------------------------------------------------------- the report
@@ -324,9 +348,9 @@ def with_ratios(rows):
     """Ours over the peer's on every row that has both, and LoRA over our full masked step."""
     by_key = {(r["row"], r["impl"]): r for r in rows}
     for r in rows:
-        if r["impl"] == "grafito":
+        if r["impl"].startswith("grafito"):
             for other in rows:
-                if other["row"] == r["row"] and other["impl"] != "grafito":
+                if other["row"] == r["row"] and not other["impl"].startswith("grafito"):
                     r[f"ratio_vs_{other['impl']}"] = r["tokens_per_s"] / other["tokens_per_s"]
     pairs = [("train LoRA, masked SFT", "train full, masked SFT")]
     pairs += [(r["row"], r["row"].replace(" LoRA", " as full")) for r in rows if r["row"].endswith(" LoRA")]
@@ -339,16 +363,21 @@ def with_ratios(rows):
 
 def print_table(rows, header):
     print(header)
-    print("| row | impl | batch | tokens/s | ms/step (per token for decode) | MFU | ours/peer | peak memory MB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    bandwidth = any(r.get("weights_gb_s") for r in rows)
+    print("| row | impl | batch | tokens/s | ms/step (per token for decode) | MFU | ours/peer | peak memory MB |"
+          + " weights read GB/s (of copy) |" * bandwidth)
+    print("|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * bandwidth)
     for r in rows:
-        ratios = [f"{v:.2f}x" for k, v in r.items() if k.startswith("ratio_vs_") and k != "ratio_vs_full"]
+        peers = [k for k in r if k.startswith("ratio_vs_") and k != "ratio_vs_full"]
+        ratios = [f"{r[k]:.2f}x" + (f" {k[len('ratio_vs_'):]}" if len(peers) > 1 else "") for k in peers]
         ratios += [f"{r['ratio_vs_full']:.2f}x our full step"] if r.get("ratio_vs_full") else []
         ratios += [f"step time {r['dpo_cost_vs_sft']:.2f}x SFT's"] if r.get("dpo_cost_vs_sft") else []
         ratio = "; ".join(ratios)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
         memory = f"{r['memory_mb']:,.0f}" if r["memory_mb"] is not None else ""
-        print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['step_ms']:,.1f} | {mfu} | {ratio} | {memory} |")
+        reads = f"{r['weights_gb_s']:,.1f} ({r['of_copy_bandwidth']:.0%})" if r.get("weights_gb_s") else ""
+        print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['step_ms']:,.1f} | {mfu} | {ratio} | {memory} |"
+              + f" {reads} |" * bandwidth)
 
 
 def main():
@@ -360,14 +389,16 @@ def main():
     if not all(c.strip().isdigit() and int(c) >= 1 for c in config["serve_clients"].split(",")):
         raise GrafitoError(f"--serve_clients={config['serve_clients']}: expected client counts such as 1,4,16")
     device, dtype = setup(config["device"], config["dtype"])
+    quantize.check(config["quantize"], device, config["compile"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
     peak, peak_source = measured_peak(device, dtype)
+    copy_bandwidth = measured_copy_bandwidth(device)
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (f"grafito bench: {config['model']} shape ({sum(p.numel() for p in GPT(gpt_config).parameters()) / 1e6:.0f}M), "
               f"{dtype}{', compiled' if config['compile'] else ''}, {device} ({machine}), torch {torch.__version__}; "
-              f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}")
+              f"peak {peak / 1e12:.2f} TFLOP/s {peak_source}; copy {copy_bandwidth:.1f} GB/s (read + written)")
     report = RowReport(config["jsonl"])
     report.record(header=header, rows=config["rows"], device=device, dtype=dtype, machine=machine)
     rng = np.random.default_rng(config["seed"])
@@ -377,7 +408,7 @@ def main():
         if "serve" in wanted:  # first: nothing else loaded
             served = [report.row(r) for r in serve_rows(config, gpt_config, device, dtype, peer)]
         if "decode" in wanted:  # before the training rows: its memory figures are then its own
-            rows += [report.row(r) for r in decode_rows(config, gpt_config, device, dtype, peer)]
+            rows += [report.row(r) for r in decode_rows(config, gpt_config, device, dtype, peer, copy_bandwidth)]
         if {"train", "masked", "lora"} & set(wanted):
             rows += [report.row(r) for r in train_rows(config, gpt_config, device, dtype, peak, rng, peer)]
         if "configs" in wanted:
@@ -400,7 +431,8 @@ def main():
         print(header if not rows else "")
         print_serve_table(with_serve_ratios(served))
     print(json.dumps({"config": config, "device": device, "machine": machine, "torch": torch.__version__,
-                      "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "rows": rows,
+                      "dtype": dtype, "peak_flops": peak, "peak_source": peak_source, "copy_gb_s": copy_bandwidth,
+                      "rows": rows,
                       "serve_rows": served, "dpo_loss_check": loss_check}))
 
 

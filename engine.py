@@ -10,6 +10,7 @@ naive_generate() is the reference the tests hold this loop equal to.
 """
 
 import collections
+import contextlib
 import copy
 import functools
 import math
@@ -19,10 +20,10 @@ import traceback
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import quantize
 import tokenizer
 from common import DTYPES, GrafitoError, check_memory, setup
 from configurator import check_options, integer, number
@@ -89,19 +90,6 @@ class KVCache:
         self.keys[layer][slots, :, self.positions] = k[:, :, 0]
         self.values[layer][slots, :, self.positions] = v[:, :, 0]
         return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
-
-
-class MatVecLinear(nn.Linear):
-    """nn.Linear whose single-row half-precision products on a CPU go through torch.mv: on
-    some CPUs oneDNN's GEMM streams the weights more slowly for one row than the matrix-vector
-    kernel, on others faster (matvec_is_faster decides). Batch-1 decoding only."""
-
-    def forward(self, x):
-        if x.numel() == x.shape[-1] and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            y = torch.mv(self.weight, x.reshape(-1))
-            y = y if self.bias is None else y + self.bias
-            return y.view(*x.shape[:-1], y.shape[0])
-        return super().forward(x)
 
 
 # how a chat model answers unless told otherwise: sample.py's, serve.py's and exported models' defaults
@@ -192,9 +180,10 @@ class Engine:
         self.model = model.eval()
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        if (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16) and not compile
-                and matvec_is_faster(model.config.mlp_width, model.config.n_embd, self.dtype)):  # an MLP input layer
-            _use_matvec(model)
+        # one-row steps on a CPU in half precision: PyTorch's own matrix-vector kernel where it wins
+        self.native_one_row = (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+                               and not compile and native_one_row_is_faster(model.config.mlp_width,
+                                                                            model.config.n_embd, self.dtype))
         self.compiled = compile
         self._step = self._decode_step
         if compile and self.device.type == "cuda":  # CUDA graphs: small decode steps are launch-bound
@@ -238,7 +227,8 @@ class Engine:
         if any(n >= cache.max_len for n, on in zip(cache.lengths, active or [True] * cache.batch_size) if on):
             raise ValueError(f"a KV cache slot is full ({cache.max_len} tokens)")
         cache.window = cache.max_len if self.compiled else max(cache.lengths) + 1
-        logits = self._step(torch.as_tensor(tokens, device=self.device), cache)
+        with onednn_off(self.native_one_row and cache.batch_size == 1):
+            logits = self._step(torch.as_tensor(tokens, device=self.device), cache)
         step = torch.tensor(active, device=self.device) if active is not None else 1
         cache.positions += step
         for row in range(cache.batch_size):
@@ -307,27 +297,40 @@ class Engine:
 
 
 @functools.cache
-def matvec_is_faster(rows, cols, dtype):
-    """Whether torch.mv beats nn.Linear for one row times a (rows, cols) weight on this CPU,
-    timed once per shape in this process, in a few milliseconds: which one wins depends on the
-    CPU. (The two round differently in the last bits, so bf16 answers can differ by machine.)"""
-    weight, x = torch.full((rows, cols), 0.01, dtype=dtype), torch.full((1, cols), 0.5, dtype=dtype)  # no RNG draws
-    candidates = {"mv": lambda: torch.mv(weight, x[0]), "linear": lambda: F.linear(x, weight)}
-    best = dict.fromkeys(candidates, math.inf)
+def native_one_row_is_faster(rows, cols, dtype):
+    """Whether one row times a (rows, cols) half-precision weight runs clearly faster on this
+    CPU with oneDNN off (PyTorch's own matrix-vector kernel, which streams the weight once)
+    than through oneDNN's GEMM, timed once per shape in this process, in a fraction of a
+    second: which one wins depends on the CPU. (The two may round differently in the
+    last bits, so bf16 answers can differ by machine.)"""
+    copies = max(2, (48 << 20) // (rows * cols * dtype.itemsize))  # more bytes than a cache holds, as in decoding
+    weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(min(copies, 16))]  # no RNG draws
+    x = torch.full((1, cols), 0.5, dtype=dtype)
+    best = {True: math.inf, False: math.inf}
     with torch.no_grad():
-        for _ in range(3):  # alternating rounds, the best of each: a busy moment hurts both alike
-            for name, product in candidates.items():
-                start = time.perf_counter()
-                for _ in range(8):
-                    product()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best["mv"] < 0.9 * best["linear"]  # a clear win only
+        for _ in range(6):  # alternating rounds, the best of each: a busy moment hurts both alike
+            for native in best:
+                with onednn_off(native):
+                    start = time.perf_counter()
+                    for weight in weights:
+                        F.linear(x, weight)
+                    best[native] = min(best[native], time.perf_counter() - start)
+    return best[True] < 0.9 * best[False]  # a clear win only
 
 
-def _use_matvec(model):
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = MatVecLinear  # the same module and parameters: weight tying is kept
+@contextlib.contextmanager
+def onednn_off(off=True):
+    """oneDNN disabled inside; the switch is process-wide, so it wraps only the generating
+    thread's decode steps (serve.py's other threads run no products)."""
+    if not off:
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def naive_generate(model, prompt, max_new_tokens):
@@ -344,13 +347,15 @@ def naive_generate(model, prompt, max_new_tokens):
 def load_engine(options):
     """An Engine for the model options sample.py and serve.py share: init_from ('resume' is the
     training run in out_dir: its best weights, adapters merged), device, dtype (the weights
-    are cast to it), compile."""
+    are cast to it), compile, quantize (quantize.py: '' or int8, applied to the loaded weights)."""
     if options["init_from"] == "scratch":
         raise GrafitoError("init_from=scratch: generation needs a trained model (a run's out_dir, a GPT-2 name, "
                            "a hub id or a folder)")
     source = checkpoint.model_source(options["init_from"], options["out_dir"])
     device, dtype = setup(options["device"], options["dtype"])
-    model = checkpoint.load_model(source)
+    method = options.get("quantize", "")  # optional: callers that never quantize need not say so
+    quantize.check(method, device, options["compile"])
+    model = quantize.quantize(checkpoint.load_model(source).eval(), method, DTYPES[dtype])
     return Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=options["compile"])
 
 

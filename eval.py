@@ -34,6 +34,7 @@ import checkpoint
 import data
 import engine
 import hellaswag
+import quantize
 import tokenizer
 from common import DTYPES, GrafitoError, read_text, run_cli, setup
 from configurator import check_options, integer, load_config
@@ -64,6 +65,7 @@ DEFAULTS = dict(
     batch_size=8,
     device="auto",
     dtype="auto",
+    quantize="",  # int8: int8 weights (quantize.py) for the val loss, the answers and everything else; CPUs only
 )
 CELL = 33  # the README's column width
 
@@ -211,8 +213,9 @@ def val_batches(name, block_size, config):
 def evaluate_model(label, source, config, queries, questions, datasets, pairs_datasets=(), hellaswag_items=None):
     device, dtype = setup(config["device"], config["dtype"])
     started = time.perf_counter()
-    model = checkpoint.load_model(source).eval().to(device)
-    result = {"label": label, "source": str(source), "dtype": dtype, "val": {}, "preference": {}}
+    model = quantize.quantize(checkpoint.load_model(source).eval(), config["quantize"], DTYPES[dtype]).to(device)
+    result = {"label": label, "source": str(source), "dtype": dtype, "quantize": config["quantize"], "val": {},
+              "preference": {}}
     for name in datasets:  # float32 weights under autocast, as train.py evaluates: the same numbers
         block = min(model.config.block_size, data.load_meta(name).get("block_size", model.config.block_size))
         batches = val_batches(name, block, config)
@@ -258,14 +261,15 @@ def metrics_table(results, datasets, pairs_datasets=()):
 
 
 RULES = {"max_new_tokens": integer(1, 1 << 16), "batch_size": integer(1, 1 << 12), "eval_iters": integer(0),
-         "accuracy_samples": integer(0), "hellaswag_limit": integer(0)}
+         "accuracy_samples": integer(0), "hellaswag_limit": integer(0), **quantize.RULES}
 
 
 def check_config(config):
     check_options(config, RULES)
     if config["hellaswag_limit"] and not config["hellaswag"]:
         raise GrafitoError("--hellaswag_limit needs --hellaswag=FILE (or hub): the HellaSwag items to score")
-    setup(config["device"], config["dtype"])  # an unavailable device or unknown dtype: said before any work
+    device, _ = setup(config["device"], config["dtype"])  # an unavailable device or unknown dtype: said before any work
+    quantize.check(config["quantize"], device)
 
 
 def prepare_out(out):

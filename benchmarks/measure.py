@@ -111,6 +111,15 @@ def measured_peak(device, dtype):
     return 2 * size ** 3 / best, f"measured ({size}^3 {dtype} matmul)"
 
 
+def measured_copy_bandwidth(device, megabytes=256):
+    """Bytes read and written per second by the best of a few copies of a large tensor: the
+    memory bandwidth a decode step, which streams every weight once, is measured against."""
+    source = torch.ones(megabytes << 20, dtype=torch.uint8, device=device)
+    target = torch.zeros_like(source)
+    best = min(timed(lambda: target.copy_(source), device) for _ in range(6))
+    return 2 * source.numel() / best / 1e9
+
+
 class RowReport:
     """Each row the moment it is measured: one line on stderr and, when a file is given, one JSON
     line appended to it, so that a run stopped by a time limit still leaves its finished rows."""
@@ -134,6 +143,8 @@ class RowReport:
             figures.append(f"first token p50 {row['ttft_p50_s']:.3f} s, p95 {row['ttft_p95_s']:.3f} s")
         if row.get("memory_mb") is not None:
             figures.append(f"peak {row['memory_mb']:,.0f} MB")
+        if row.get("weights_gb_s"):
+            figures.append(f"weights read {row['weights_gb_s']:,.1f} GB/s ({row['of_copy_bandwidth']:.0%} of copy)")
         print(f"row: {row['row']} | {row['impl']} | {row['batch']} | {', '.join(figures)}", file=sys.stderr, flush=True)
         self.record(**row)
         return row

@@ -39,6 +39,16 @@ class Peer:
         """Greedy generation of new_tokens after each prompt (lists of token ids), as one batch."""
         return None
 
+    def generate_timers(self, name, prompts, new_tokens):
+        """[(impl, timer)]: the generation timers, one per way the peer runs (a peer with several
+        formats overrides this; by default its one generate_timer, under its name)."""
+        timer = self.generate_timer(name, prompts, new_tokens)
+        return [] if timer is None else [(self.name, timer)]
+
+    def decode_weight_bytes(self, impl):
+        """Bytes of the weight matrices one decode step of `impl` reads, or None if unknown."""
+        return None
+
     def dpo_timer(self, kind, x, y, beta, lora_r):
         """A DPO step ('LoRA' or 'full') on pair batch (x, y): chosen rows, then rejected rows."""
         return None
@@ -55,8 +65,9 @@ class Peer:
     def reset_memory(self):
         pass
 
-    def memory_mb(self):
-        """Peak memory since reset_memory(), as measure.peak_memory_mb reports grafito's."""
+    def memory_mb(self, impl=None):
+        """Peak memory since reset_memory() (of impl, for a peer with several), as measure.peak_memory_mb
+        reports grafito's."""
         return None
 
     def close(self):
@@ -96,7 +107,7 @@ class WorkerPeer(Peer):
         if self.process is not None:
             self.ask(reset_memory=True)
 
-    def memory_mb(self):
+    def memory_mb(self, impl=None):
         return self.ask(memory=True)["mb"] if self.process is not None else None
 
     def close(self):

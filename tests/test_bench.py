@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=2", "--repeats=2", "--warmup=1",
@@ -71,3 +73,46 @@ bench.run_cli(bench.main)
     assert lines[0]["header"].startswith("grafito bench: gpt2 shape") and lines[0]["dtype"] == "float32"
     assert [(r["row"], r["impl"]) for r in lines[1:]] == [("train full, plain LM", "grafito")]
     assert lines[1]["tokens_per_s"] > 0 and lines[1]["mfu"] > 0
+
+
+def test_llamacpp_rows_sit_beside_grafito_s_bf16_and_int8_rows_with_the_bandwidth_they_reach():
+    pytest.importorskip("llama_cpp")  # an optional benchmark dependency
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench.py"), *TINY[:-2], "--dtype=bfloat16", "--device=cpu", "--rows=decode",
+         "--prompt_tokens=8", "--decode_tokens=6", "--decode_batch=2", "--compare=llamacpp", "--quantize=int8"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["copy_gb_s"] > 0
+    rows = {(r["row"], r["impl"]): r for r in report["rows"]}
+    for impl in ("grafito", "grafito int8", "llama.cpp f16", "llama.cpp q8_0"):
+        assert rows[("decode, batch 1", impl)]["weights_gb_s"] > 0, impl
+    assert ("decode, batch 2", "grafito int8") in rows and ("decode, batch 2", "llama.cpp f16") not in rows  # batch 1 only
+    c, vocab = 64, 50257  # the four matrices of 2 layers and the tied output layer
+    matrices = 2 * 12 * c * c + vocab * c
+    f16 = rows[("decode, batch 1", "llama.cpp f16")]
+    assert f16["weights_gb_s"] == pytest.approx(2 * matrices * f16["tokens_per_s"] / 1e9)
+    ours = rows[("decode, batch 1", "grafito")]
+    assert ours["ratio_vs_llama.cpp f16"] == pytest.approx(ours["tokens_per_s"] / f16["tokens_per_s"])
+    int8 = rows[("decode, batch 1", "grafito int8")]
+    assert int8["weights_gb_s"] / int8["tokens_per_s"] < 0.6 * ours["weights_gb_s"] / ours["tokens_per_s"]
+
+
+def test_without_llama_cpp_its_rows_are_left_out_with_a_note():
+    argv = ["bench.py", *TINY, "--rows=decode", "--prompt_tokens=4", "--decode_tokens=3", "--decode_batch=1",
+            "--compare=llamacpp"]
+    without = f"""
+import sys
+
+import pytest
+import benchmarks.llamacpp_peer as peer
+peer.available = lambda: False
+import bench
+sys.argv = {argv!r}
+bench.run_cli(bench.main)
+"""
+    result = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("no llama.cpp rows: llama_cpp is not importable") == 1
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {r["impl"] for r in report["rows"]} == {"grafito"}

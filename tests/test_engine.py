@@ -245,28 +245,32 @@ def test_a_compiled_batcher_has_one_graph_per_power_of_two_and_a_recompile_limit
     assert engine.Batcher(Engine(tiny_gpt()), max_batch=5).sizes == [1, 2, 3, 4, 5]  # eager: any count
 
 
-def test_one_row_matrix_vector_path_equals_the_linear_layer():
+def test_one_row_products_with_onednn_off_equal_onednn_s():
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
     x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = layer(x).float()
-        layer.__class__ = engine.MatVecLinear
-        assert torch.allclose(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+        with engine.onednn_off():
+            assert not torch.backends.mkldnn.enabled
+            native = layer(x).float()
+    assert torch.backends.mkldnn.enabled  # restored
+    assert torch.allclose(native, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_bf16_cpu_engine_uses_matrix_vector_layers_where_faster_and_keeps_the_tied_weight(monkeypatch):
-    monkeypatch.setattr(engine, "matvec_is_faster", lambda rows, cols, dtype: False)
-    plain = tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)
-    Engine(plain)
-    assert not any(isinstance(m, engine.MatVecLinear) for m in plain.modules())
-    monkeypatch.setattr(engine, "matvec_is_faster", lambda rows, cols, dtype: True)
-    model = tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)
-    model_engine = Engine(model)
-    assert isinstance(model.lm_head, engine.MatVecLinear) and model.lm_head.weight is model.transformer.wte.weight
+def test_bf16_cpu_engine_turns_onednn_off_for_one_row_steps_where_faster(monkeypatch):
+    monkeypatch.setattr(engine, "native_one_row_is_faster", lambda rows, cols, dtype: False)
+    assert not Engine(tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16)).native_one_row
+    monkeypatch.setattr(engine, "native_one_row_is_faster", lambda rows, cols, dtype: True)
+    model_engine = Engine(tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16))
+    assert model_engine.native_one_row
+    seen = []
+    step = model_engine._step
+    model_engine._step = lambda tokens, cache: seen.append(torch.backends.mkldnn.enabled) or step(tokens, cache)
     prompt = [1, 2, 3, 4, 5]
-    two_rows = list(model_engine.generate([prompt, prompt], 20, GREEDY))  # matrix products
-    one_row = list(model_engine.generate([prompt], 20, GREEDY))  # matrix-vector products
+    two_rows = list(model_engine.generate([prompt, prompt], 20, GREEDY))  # oneDNN's GEMM
+    one_row = list(model_engine.generate([prompt], 20, GREEDY))  # the matrix-vector kernel
+    assert seen == [True] * 20 + [False] * 20 and torch.backends.mkldnn.enabled
     assert rows_of(one_row, 0) == rows_of(two_rows, 0)
 
 
