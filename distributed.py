@@ -8,8 +8,10 @@ whether it failed; with FSDP (--fsdp) no process holds the whole model, so every
 part in each forward pass, evaluation and checkpoint (checkpoint.py writes the sharded ones).
 """
 
+import gc
 import inspect
 import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -92,9 +94,26 @@ def check_shared_folder(folder, rank, world, device, wait=None):
                            f"'Several machines'")
 
 
-def close_distributed():
+def close_distributed(finished=False):
+    """End the process group. finished: every rank got here without an error, so they first wait
+    for each other (the last collectives done everywhere) and the model's references to the
+    group are collected while Python still runs."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
+        gc.collect()
         torch.distributed.destroy_process_group()
+
+
+def leave_torchrun_process():
+    """End a torchrun process that finished well without Python's shutdown, its output flushed:
+    during that shutdown a gloo worker thread can still drop the last reference to a
+    collective's tensor, which needs the interpreter, and the process aborts (SIGABRT,
+    'terminate called without an active exception') after all its work is done and saved."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for every process it starts
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def wrap_ddp(model, device, local_rank):

@@ -1,5 +1,5 @@
-"""Train a grafito chat model: fine-tune GPT-2 fully or with LoRA, on chat conversations (SFT)
-or on preference pairs (DPO), or train a small model from scratch.
+"""Train a grafito model: fine-tune GPT-2 fully or with LoRA on chat conversations (SFT) or
+preference pairs (DPO), or train on every token of raw text (LM), from scratch or not.
 
     python train.py config/ruby_002.py                           # gpt2 124M on grafito-25k
     python train.py config/cpu_tiny.py                           # the whole loop on 2 CPU cores, minutes
@@ -12,8 +12,8 @@ The design, top to bottom:
 1. set-up: the processes and device (distributed.py); the run folder, started or resumed
    (checkpoint.py: nothing of an earlier run is deleted until the new one is known to start);
    the objective, which owns the data and the loss (objective.py: sft.SFT for the answers of
-   conversations, dpo.DPO for preference pairs); the model (checked against the memory plan,
-   memory.py; DDP's copies or FSDP's shards) and AdamW.
+   conversations, dpo.DPO for preference pairs, lm.LM for raw text); the model (checked
+   against the memory plan, memory.py; DDP's copies or FSDP's shards) and AdamW.
 2. the loop (train()): each step takes the objective's next items, gives every process its
    share in micro-batches, weighs every supervised token (or pair) alike wherever it landed,
    and steps the optimizer. It never asks which objective it runs.
@@ -39,8 +39,8 @@ import memory
 from common import DTYPES, GrafitoError, autocast, check_memory, peak_flops, run_cli, to_device, trim_cpu_memory
 from configurator import SEED, check_options, integer, invalid, load_config, not_empty, number, one_of
 from distributed import (check_shared_folder, close_distributed, gather_rng_states, grad_scaler, gradient_sync,
-                         model_work, on_first_rank, set_rng_state, setup_distributed, share_from_first_rank,
-                         shard_model, wrap_ddp)
+                         leave_torchrun_process, model_work, on_first_rank, set_rng_state, setup_distributed,
+                         share_from_first_rank, shard_model, wrap_ddp)
 from dpo import DPO
 from lm import LM
 from model import GPT, GPTConfig
@@ -440,9 +440,12 @@ def main(argv=None):
         return print_plan(config)
     try:
         train(config)
-    finally:
+    except BaseException:
         close_distributed()
+        raise
+    close_distributed(finished=True)
 
 
 if __name__ == "__main__":
     run_cli(main)
+    leave_torchrun_process()
