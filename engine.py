@@ -47,6 +47,7 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = None  # the slots a prefill fills; None during a decode step
         self.window = max_len  # keys a decode step attends over (the longest slot's, or all)
+        self.masked = True  # False: every slot of this decode step holds window - 1 tokens (no mask needed)
         self.static = False  # tensors marked static for CUDA graphs (their views too)
         self._views = {}
 
@@ -71,26 +72,35 @@ class KVCache:
             self._views[n] = view
         return self._views[n]
 
+    @property
+    def prefilling(self):
+        return self.rows is not None
+
     def layout(self, T):
         """(positions, attention mask) for the T tokens of the forward about to run."""
         if self.rows is not None:
             return torch.arange(T, device=self.device), None
+        if not self.masked:  # every slot at position window - 1: each attends to all window keys
+            return self.positions[:, None], None
         key_position = torch.arange(self.window, device=self.device)
         mask = key_position[None, :] <= self.positions[:, None]
         return self.positions[:, None], mask[:, None, None, :]
 
     def update(self, layer, k, v):
         """Store this forward's keys and values (B, H, T, D); return those attention reads."""
+        keys, values = self.keys[layer], self.values[layer]
         if self.rows is not None:
-            self.keys[layer][self.rows, :, :k.shape[2]] = k
-            self.values[layer][self.rows, :, :v.shape[2]] = v
+            keys[self.rows, :, :k.shape[2]] = k.to(keys.dtype)
+            values[self.rows, :, :v.shape[2]] = v.to(values.dtype)
             return k, v
-        # indexed writes, not scatter_: on a CPU scatter_'s time grows with the whole cache
-        slots = torch.arange(k.shape[0], device=self.device)
-        self.keys[layer][slots, :, self.positions] = k[:, :, 0]
-        self.values[layer][slots, :, self.positions] = v[:, :, 0]
-        return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
-
+        if not self.masked:  # one position for all: a plain slice write
+            keys[:, :, self.window - 1] = k[:, :, 0]
+            values[:, :, self.window - 1] = v[:, :, 0]
+        else:  # indexed writes, not scatter_: on a CPU scatter_'s time grows with the whole cache
+            slots = torch.arange(k.shape[0], device=self.device)
+            keys[slots, :, self.positions] = k[:, :, 0].to(keys.dtype)
+            values[slots, :, self.positions] = v[:, :, 0].to(values.dtype)
+        return keys[:, :, :self.window], values[:, :, :self.window]
 
 # how a chat model answers unless told otherwise: sample.py's, serve.py's and exported models' defaults
 CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, top_p=1.0, repetition_penalty=1.0)
@@ -181,9 +191,12 @@ class Engine:
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
         # one-row steps on a CPU in half precision: PyTorch's own matrix-vector kernel where it wins
-        self.native_one_row = (self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
-                               and not compile and native_one_row_is_faster(model.config.mlp_width,
-                                                                            model.config.n_embd, self.dtype))
+        half_on_cpu = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+        self.native_one_row = half_on_cpu and not compile and native_one_row_is_faster(
+            model.config.mlp_width, model.config.n_embd, self.dtype)
+        # the cache's dtype: a CPU's half-precision attention kernels run a decode step's few
+        # queries several times slower than its float32 ones (docs/performance.md)
+        self.cache_dtype = torch.float32 if half_on_cpu else self.dtype
         self.compiled = compile
         self._step = self._decode_step
         if compile and self.device.type == "cuda":  # CUDA graphs: small decode steps are launch-bound
@@ -196,10 +209,11 @@ class Engine:
         if self.compiled:  # few distinct shapes, few compilations
             tokens = math.ceil(tokens / 256) * 256
         config = self.model.config
-        needed = 2 * config.n_layer * batch_size * min(tokens, config.block_size) * config.n_embd * self.dtype.itemsize
+        needed = (2 * config.n_layer * batch_size * min(tokens, config.block_size) * config.n_embd
+                  * self.cache_dtype.itemsize)
         check_memory(needed, str(self.device), f"a KV cache for {batch_size} rows", "generate fewer rows at once")
         cache = KVCache(self.model.config, batch_size, min(tokens, self.model.config.block_size), self.device,
-                        self.dtype)
+                        self.cache_dtype)
         if self.compiled and self.device.type == "cuda":
             cache.mark_static()
         return cache
@@ -226,7 +240,9 @@ class Engine:
         """Logits (B, vocab) after feeding one token per slot; slots not `active` (B bools) stay where they are."""
         if any(n >= cache.max_len for n, on in zip(cache.lengths, active or [True] * cache.batch_size) if on):
             raise ValueError(f"a KV cache slot is full ({cache.max_len} tokens)")
-        cache.window = cache.max_len if self.compiled else max(cache.lengths) + 1
+        lengths = cache.lengths[:cache.batch_size]
+        cache.window = cache.max_len if self.compiled else max(lengths) + 1
+        cache.masked = self.compiled or min(lengths) != max(lengths)
         with onednn_off(self.native_one_row and cache.batch_size == 1):
             logits = self._step(torch.as_tensor(tokens, device=self.device), cache)
         step = torch.tensor(active, device=self.device) if active is not None else 1

@@ -104,18 +104,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
 
     def forward(self, x, cache=None, mask=None):
-        """mask None: causal attention over this call's tokens (training, a prefill); else
-        attention over the cache's keys with mask (B, 1, T, keys) (a decode step)."""
+        """Causal attention over this call's tokens (training, a prefill), or a decode step's
+        attention over the cache's keys, with mask (B, 1, T, keys) or, where every key counts, None."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        causal = cache is None or cache.prefilling
+        if cache is not None:  # a decode step's keys may be held in float32 (engine.Engine.cache_dtype)
             k, v = cache.update(self.layer_idx, k, v)
         # CPUs skip attention-probability dropout: no CPU kernel fuses it, so it would build and draw B*H*T*T
         # probabilities per layer; residual and embedding dropout still apply (docs/performance.md)
         dropout = self.dropout if self.training and q.device.type != "cpu" else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C).to(q.dtype)
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -279,3 +279,45 @@ def test_kv_cache_slots_hold_their_own_lengths():
     cache = KVCache(model.config, 3, 16, "cpu", torch.float32)
     Engine(model).prefill(cache, [0, 2], [[1, 2, 3], []])
     assert cache.lengths == [3, 0, 0] and cache.positions.tolist() == [3, 0, 0]
+
+
+class AlwaysMaskedCache(KVCache):
+    """Every decode step through the general path: a mask and per-slot indexed writes."""
+    masked = property(lambda self: True, lambda self, value: None)
+
+
+def test_slots_of_one_length_decode_unmasked_exactly_as_with_the_mask(monkeypatch):
+    model = tiny_gpt(n_layer=3, n_head=4, n_embd=64, block_size=48, vocab_size=80)
+    idx = torch.randint(0, 80, (2, 40)).tolist()
+
+    def decode_all():
+        model_engine = Engine(model)
+        cache = model_engine.new_cache(2, 48)
+        model_engine.prefill(cache, [0, 1], [row[:9] for row in idx])
+        return torch.stack([model_engine.decode(cache, [row[t] for row in idx]) for t in range(9, 40)])
+
+    unmasked = decode_all()
+    monkeypatch.setattr(engine, "KVCache", AlwaysMaskedCache)
+    assert torch.equal(unmasked, decode_all())
+
+
+def test_a_half_precision_cpu_engine_attends_in_float32_and_matches_the_full_forward():
+    """A CPU's float32 attention kernels are much faster for a decode step's one query, so the
+    cache holds float32 keys; the steps must still give the logits of the model's own forward."""
+    model = tiny_gpt(n_layer=3, n_head=4, n_embd=64, block_size=48, vocab_size=80).to(torch.bfloat16)
+    model_engine = Engine(model)
+    idx = torch.randint(0, 80, (2, 40))
+    lengths = [40, 23]  # the second row stops early: later steps mix lengths (masked)
+    cache = model_engine.new_cache(2, 48)
+    assert cache.keys[0].dtype == cache.values[0].dtype == torch.float32
+    model_engine.prefill(cache, [0, 1], idx[:, :7].tolist())
+    steps = [model_engine.decode(cache, idx[:, t].tolist(), [t < n for n in lengths]) for t in range(7, 40)]
+    with torch.no_grad():
+        full, _ = model(idx)
+    decoded = torch.stack(steps, dim=1).float()
+    for row, n in enumerate(lengths):
+        error = (decoded[row, :n - 7] - full[row, 7:n].float()).abs().max().item()
+        assert error < 0.05 * full[row].float().abs().max().item()
+    # float32 attention leaves only the products' bf16 rounding: closer than the bf16 forward's own
+    exact, _ = tiny_gpt(n_layer=3, n_head=4, n_embd=64, block_size=48, vocab_size=80).to(torch.bfloat16).float()(idx)
+    assert (decoded[0] - exact[0, 7:]).abs().max() <= (full[0, 7:].float() - exact[0, 7:]).abs().max() * 1.5
