@@ -102,6 +102,7 @@ def handle(message, state, jobs):
         llm, prompt, n = state["llm"], message["prompt"], message["new_tokens"]
 
         def generate():
+            llm.reset()  # otherwise generate() reuses the previous run's cache for the prompt's common prefix
             clock = StepClock("cpu")
             clock.put(prompt)
             for made, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True), 1):
