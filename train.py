@@ -17,9 +17,8 @@ The design, top to bottom:
 2. the loop (train()): each step takes the objective's next items, gives every process its
    share in micro-batches, weighs every supervised token (or pair) alike wherever it landed,
    and steps the optimizer. It never asks which objective it runs.
-3. every eval_interval steps, rank 0 evaluates and saves (evaluate_and_save; with FSDP every
-   rank, each holding a shard): best/ when the val loss improved, then ckpt/, enough to resume exactly.
-Options and defaults are DEFAULTS below (python train.py --help lists them).
+3. every eval_interval steps, rank 0 (with FSDP every rank, each holding a shard) evaluates and saves
+   (evaluate_and_save): best/ when the val loss improved, then ckpt/, enough to resume exactly.
 """
 
 import json
@@ -51,7 +50,7 @@ from sft import SFT
 
 OBJECTIVES = {"sft": SFT, "dpo": DPO, "lm": LM}
 
-DEFAULTS = dict(
+DEFAULTS = dict(  # every option and its default: python train.py --help lists them, --key=value sets one
     # where things go and how often
     out_dir="out",
     overwrite=False,  # start a new run in an out_dir that holds one: its checkpoints, merged/ and log are deleted first
