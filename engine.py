@@ -135,41 +135,61 @@ def sample(logits, sampling, seen=None, generators=None):
     on its neighbours), or None (torch's global one). A row whose logits are NaN or infinite
     (from the model, or after its penalty and temperature) gets BAD_LOGITS instead of a token:
     the caller ends that row alone. Every step is row-wise, so a row's token is the same
-    whatever else is in the batch.
+    whatever else is in the batch: rows that keep their top_k tokens are drawn among those
+    candidates only (a pass over the vocabulary instead of several), each top_k in its own
+    group; the others (greedy ones, top_k 0) over the whole vocabulary.
     """
     B, V = logits.shape
     rows = sampling if isinstance(sampling, list) else [sampling] * B
-    per_row = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
     logits = logits.float()
     penalties = [s.repetition_penalty for s in rows]
     if seen is not None and any(p != 1.0 for p in penalties):  # CTRL-style; a penalty of 1 changes nothing exactly
-        penalty = per_row(penalties)
+        penalty = torch.tensor(penalties, device=logits.device)[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     greedy = [s.temperature == 0 for s in rows]
+    # one uniform draw per row, greedy rows too, before any grouping: each generator advances alike
+    draws = None if all(greedy) else uniforms(generators, B, logits.device)
+    groups = {}
+    for row, (s, g) in enumerate(zip(rows, greedy)):
+        groups.setdefault(0 if g else min(s.top_k, V), []).append(row)
+    if len(groups) == 1:
+        (top_k, _), = groups.items()
+        return _sample_rows(logits, rows, top_k, draws)
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+    for top_k, members in groups.items():
+        index = torch.tensor(members, device=logits.device)
+        tokens[index] = _sample_rows(logits[index], [rows[row] for row in members], top_k,
+                                     None if draws is None else draws[index])
+    return tokens
+
+
+def _sample_rows(logits, rows, top_k, draws):
+    """sample() for rows that share top_k (0: the whole vocabulary, greedy rows included)."""
+    per_row = lambda values: torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
+    greedy = [s.temperature == 0 for s in rows]
+    if top_k:  # the candidates, most likely first
+        logits, candidates = torch.topk(logits, top_k, dim=-1)
     if not all(greedy):
         logits = logits / per_row([s.temperature or 1.0 for s in rows])
-    best, tokens = logits.max(dim=-1)  # the greedy tokens; NaN propagates into best
+    best, tokens = logits.max(dim=-1) if not top_k else (logits[:, 0], candidates[:, 0])  # NaN propagates into best
     bad = ~torch.isfinite(best)
     if all(greedy):
         return tokens.masked_fill(bad, BAD_LOGITS)
-    top_k = [min(s.top_k, V) if not g else 0 for s, g in zip(rows, greedy)]
-    if any(top_k):
-        k = per_row(top_k, torch.long)
-        kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0))
-        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
     top_p = [s.top_p if not g and s.top_p < 1 else 2.0 for s, g in zip(rows, greedy)]  # 2: keeps every token
     if any(p < 1 for p in top_p):  # the smallest set of most likely tokens whose mass reaches top_p
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = (logits, None) if top_k else torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         outside = torch.cumsum(probs, dim=-1) - probs >= per_row(top_p)
         outside[:, 0] = False  # a top_p that rounds to 0 in float32 keeps the most likely token
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    # inverse transform sampling: one uniform draw per row, looked up in the row's cumulative distribution
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = sorted_logits if top_k else torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    # inverse transform sampling: the row's uniform draw looked up in its cumulative distribution
     cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
     total = cdf[:, -1:]
-    target = torch.minimum(uniforms(generators, B, logits.device)[:, None] * total,
+    target = torch.minimum(draws[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))  # below the total: a token of mass > 0
-    drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+    drawn = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # a NaN row: any, flagged
+    drawn = candidates.gather(1, drawn)[:, 0] if top_k else drawn[:, 0]
     tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
     return tokens.masked_fill(bad, BAD_LOGITS)
 

@@ -165,11 +165,18 @@ def test_samples_follow_the_distribution_and_temperature_sharpens_it():
     cold = sample(probs.log().expand(20000, 5), Sampling(temperature=0.5), generators=torch.Generator().manual_seed(0))
     sharpened = probs[0] ** 2 / (probs[0] ** 2).sum()
     assert (torch.bincount(cold, minlength=5) / 20000 - sharpened).abs().max() < 0.015
+    # top_k: drawn among the k candidates only (their own pass), renormalised; top_p on top of it
+    shuffled = torch.tensor([[0.15, 0.05, 0.5, 0.0, 0.3]]).log().expand(20000, 5)  # token ids not in order of mass
+    kept = sample(shuffled, Sampling(top_k=3), generators=torch.Generator().manual_seed(0))
+    assert (torch.bincount(kept, minlength=5) / 20000 - torch.tensor([0.15, 0, 0.5, 0, 0.3]) / 0.95).abs().max() < 0.015
+    nucleus = sample(shuffled, Sampling(top_k=3, top_p=0.7), generators=torch.Generator().manual_seed(0))
+    assert (torch.bincount(nucleus, minlength=5) / 20000 - torch.tensor([0, 0, 0.625, 0, 0.375])).abs().max() < 0.015
 
 
 MIXED = [Sampling(temperature=0), Sampling(temperature=0.8, top_k=5), Sampling(temperature=1.2, top_p=0.7),
          Sampling(temperature=1.0, repetition_penalty=1.5), Sampling(temperature=0, repetition_penalty=1.3),
-         Sampling(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=0.8), Sampling(temperature=2.0)]
+         Sampling(temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=0.8), Sampling(temperature=2.0),
+         Sampling(temperature=0.8, top_k=5), Sampling(temperature=0.8, top_k=5, top_p=0.8)]  # groups of one top_k
 
 
 def test_one_batched_call_gives_every_row_the_token_it_gets_alone():
@@ -194,6 +201,11 @@ def test_a_row_with_non_finite_logits_is_flagged_alone():
     logits[3, 7] = 1e36  # finite, but overflows once divided by its temperature
     rows = [Sampling(temperature=0.7), Sampling(temperature=0.7), Sampling(), Sampling(temperature=0.001),
             Sampling(temperature=0.9, top_p=1e-300)]  # top_p is 0 in float32: the nucleus keeps the top token
+    tokens = sample(logits, rows, generators=[torch.Generator().manual_seed(i) for i in range(5)]).tolist()
+    assert tokens[1:4] == [engine.BAD_LOGITS] * 3
+    assert 0 <= tokens[0] < 30 and tokens[4] == int(logits[4].argmax())
+    # the same through the top_k candidates' pass
+    rows = [Sampling(temperature=t, top_k=5, top_p=p) for t, p in ((0.7, 1), (0.7, 1), (1, 1), (0.001, 1), (0.9, 1e-300))]
     tokens = sample(logits, rows, generators=[torch.Generator().manual_seed(i) for i in range(5)]).tolist()
     assert tokens[1:4] == [engine.BAD_LOGITS] * 3
     assert 0 <= tokens[0] < 30 and tokens[4] == int(logits[4].argmax())
