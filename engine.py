@@ -212,7 +212,7 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         # one-row steps on a CPU in half precision: PyTorch's own matrix-vector kernel where it wins
         half_on_cpu = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
-        self.native_one_row = half_on_cpu and not compile and native_one_row_is_faster(
+        self.native_one_row = half_on_cpu and native_one_row_is_faster(
             model.config.mlp_width, model.config.n_embd, self.dtype)
         # the cache's dtype: a CPU's half-precision attention kernels run a decode step's few
         # queries several times slower than its float32 ones (docs/performance.md)
@@ -221,8 +221,8 @@ class Engine:
         self._step = self._decode_step
         if compile and self.device.type == "cuda":  # CUDA graphs: small decode steps are launch-bound
             self._step = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead")
-        elif compile:  # frozen weights: the CPU backend pre-packs them for its matmul kernels
-            self._step = torch.compile(self._decode_step, dynamic=False, options={"freezing": True})
+        elif compile:  # not frozen: frozen weights are pre-packed for oneDNN, slow for one row
+            self._step = torch.compile(self._decode_step, dynamic=False)
 
     def new_cache(self, batch_size, tokens):
         """A cache for batch_size rows of up to `tokens` tokens (at most the context)."""

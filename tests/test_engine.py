@@ -276,6 +276,7 @@ def test_bf16_cpu_engine_turns_onednn_off_for_one_row_steps_where_faster(monkeyp
     monkeypatch.setattr(engine, "native_one_row_is_faster", lambda rows, cols, dtype: True)
     model_engine = Engine(tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16))
     assert model_engine.native_one_row
+    assert Engine(tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16), compile=True).native_one_row  # compiled too
     seen = []
     step = model_engine._step
     model_engine._step = lambda tokens, cache: seen.append(torch.backends.mkldnn.enabled) or step(tokens, cache)
