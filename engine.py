@@ -135,9 +135,10 @@ def sample(logits, sampling, seen=None, generators=None):
     on its neighbours), or None (torch's global one). A row whose logits are NaN or infinite
     (from the model, or after its penalty and temperature) gets BAD_LOGITS instead of a token:
     the caller ends that row alone. Every step is row-wise, so a row's token is the same
-    whatever else is in the batch: rows that keep their top_k tokens are drawn among those
-    candidates only (a pass over the vocabulary instead of several), each top_k in its own
-    group; the others (greedy ones, top_k 0) over the whole vocabulary.
+    whatever else is in the batch. A row with a top_k is drawn among its candidates only (every
+    token at least as likely as its top_k-th, ties with it kept): one pass over the vocabulary
+    finds them, the rest works on those few; rows are grouped by their number of candidates.
+    Greedy rows and top_k 0 work on the whole vocabulary.
     """
     B, V = logits.shape
     rows = sampling if isinstance(sampling, list) else [sampling] * B
@@ -149,47 +150,59 @@ def sample(logits, sampling, seen=None, generators=None):
     greedy = [s.temperature == 0 for s in rows]
     # one uniform draw per row, greedy rows too, before any grouping: each generator advances alike
     draws = None if all(greedy) else uniforms(generators, B, logits.device)
+    top_k = [0 if g else min(s.top_k, V) for s, g in zip(rows, greedy)]
+    widths, kth, top = [0] * B, None, None
+    if any(top_k):
+        values = torch.topk(logits, max(top_k), dim=-1).values  # exact copies: a row's values never depend on others
+        index = torch.tensor([max(k, 1) - 1 for k in top_k], device=logits.device)[:, None]
+        top, kth = values[:, :1], values.gather(1, index)  # top: NaN first, as max would propagate it
+        counts = (logits >= kth).sum(dim=-1).tolist()
+        widths = [n if k else 0 for k, n in zip(top_k, counts)]  # 0 where the k-th is NaN: the full pass flags it
     groups = {}
-    for row, (s, g) in enumerate(zip(rows, greedy)):
-        groups.setdefault(0 if g else min(s.top_k, V), []).append(row)
+    for row, width in enumerate(widths):
+        groups.setdefault(width, []).append(row)
     if len(groups) == 1:
-        (top_k, _), = groups.items()
-        return _sample_rows(logits, rows, top_k, draws)
+        return _sample_rows(logits, rows, widths[0], draws, kth, top)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
-    for top_k, members in groups.items():
+    for width, members in groups.items():
         index = torch.tensor(members, device=logits.device)
-        tokens[index] = _sample_rows(logits[index], [rows[row] for row in members], top_k,
-                                     None if draws is None else draws[index])
+        pick = lambda t: None if t is None else t[index]
+        tokens[index] = _sample_rows(logits[index], [rows[row] for row in members], width, pick(draws), pick(kth),
+                                     pick(top))
     return tokens
 
 
-def _sample_rows(logits, rows, top_k, draws):
-    """sample() for rows that share top_k (0: the whole vocabulary, greedy rows included)."""
+def _sample_rows(logits, rows, width, draws, kth, top):
+    """sample() for one group of rows: width 0, the whole vocabulary (greedy rows among them); else
+    each row's `width` candidates, the tokens at least as likely as its kth, its most likely `top`."""
     per_row = lambda values: torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
     greedy = [s.temperature == 0 for s in rows]
-    if top_k:  # the candidates, most likely first
-        logits, candidates = torch.topk(logits, top_k, dim=-1)
+    if width:  # the candidates in id order, then most likely first with ties still in id order
+        ids = (logits >= kth).nonzero()[:, 1].view(-1, width)
+        logits, order = logits.gather(1, ids).sort(dim=-1, descending=True, stable=True)
+        candidates = ids.gather(1, order)
+    scale = per_row([s.temperature or 1.0 for s in rows])
     if not all(greedy):
-        logits = logits / per_row([s.temperature or 1.0 for s in rows])
-    best, tokens = logits.max(dim=-1) if not top_k else (logits[:, 0], candidates[:, 0])  # NaN propagates into best
+        logits = logits / scale
+    best, tokens = ((top / scale)[:, 0], candidates[:, 0]) if width else logits.max(dim=-1)  # NaN propagates into best
     bad = ~torch.isfinite(best)
     if all(greedy):
         return tokens.masked_fill(bad, BAD_LOGITS)
     top_p = [s.top_p if not g and s.top_p < 1 else 2.0 for s, g in zip(rows, greedy)]  # 2: keeps every token
     if any(p < 1 for p in top_p):  # the smallest set of most likely tokens whose mass reaches top_p
-        sorted_logits, order = (logits, None) if top_k else torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = (logits, None) if width else torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         outside = torch.cumsum(probs, dim=-1) - probs >= per_row(top_p)
         outside[:, 0] = False  # a top_p that rounds to 0 in float32 keeps the most likely token
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = sorted_logits if top_k else torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        logits = sorted_logits if width else torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     # inverse transform sampling: the row's uniform draw looked up in its cumulative distribution
     cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
     total = cdf[:, -1:]
     target = torch.minimum(draws[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))  # below the total: a token of mass > 0
     drawn = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # a NaN row: any, flagged
-    drawn = candidates.gather(1, drawn)[:, 0] if top_k else drawn[:, 0]
+    drawn = candidates.gather(1, drawn)[:, 0] if width else drawn[:, 0]
     tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
     return tokens.masked_fill(bad, BAD_LOGITS)
 
@@ -325,8 +338,10 @@ class Engine:
                 del history[row][:-block_size]
                 if seen is not None:
                     seen[row, token] = True
-                if token in stop_ids:
+                if token in stop_ids:  # the row's slot is emptied: a full one would push the next step past the context
                     active[row] = False
+                    cache.lengths[row] = 0
+                    cache.positions[row] = 0
             yield out
             if not any(active):
                 return

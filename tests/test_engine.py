@@ -111,6 +111,20 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocating():
         Engine(tiny_gpt()).new_cache(10 ** 8, 64)
 
 
+def test_a_row_that_stops_with_a_full_context_leaves_the_others_going():
+    model = tiny_gpt(block_size=32)
+    for seed in range(50):  # a prompt whose first two greedy tokens differ: the second one stops it
+        torch.manual_seed(seed)
+        full, short = torch.randint(0, 60, (31,)).tolist(), torch.randint(0, 60, (5,)).tolist()
+        first = rows_of(Engine(model).generate([full], 2, GREEDY), 0)
+        if first[0] != first[1]:
+            break
+    stop = {first[1]}  # comes when the row holds all 32 positions
+    both = list(Engine(model).generate([full, short], 10, GREEDY, stop_ids=stop))
+    assert rows_of(both, 0) == first
+    assert rows_of(both, 1) == rows_of(Engine(model).generate([short], 10, GREEDY, stop_ids=stop), 0)
+
+
 def test_stop_ids_end_a_row_and_it_yields_none_afterwards():
     model = tiny_gpt(vocab_size=30)
     prompts = torch.randint(0, 30, (3, 4)).tolist()
@@ -165,6 +179,10 @@ def test_samples_follow_the_distribution_and_temperature_sharpens_it():
     cold = sample(probs.log().expand(20000, 5), Sampling(temperature=0.5), generators=torch.Generator().manual_seed(0))
     sharpened = probs[0] ** 2 / (probs[0] ** 2).sum()
     assert (torch.bincount(cold, minlength=5) / 20000 - sharpened).abs().max() < 0.015
+    # top_k keeps every token tied with its k-th, as masking the others would
+    tied = sample(torch.tensor([[1.0, 0.0, 1.0, 1.0, -1.0]]).expand(30000, 5), Sampling(top_k=2),
+                  generators=torch.Generator().manual_seed(0))
+    assert (torch.bincount(tied, minlength=5) / 30000 - torch.tensor([1, 0, 1, 1, 0]) / 3).abs().max() < 0.015
     # top_k: drawn among the k candidates only (their own pass), renormalised; top_p on top of it
     shuffled = torch.tensor([[0.15, 0.05, 0.5, 0.0, 0.3]]).log().expand(20000, 5)  # token ids not in order of mass
     kept = sample(shuffled, Sampling(top_k=3), generators=torch.Generator().manual_seed(0))
