@@ -74,6 +74,7 @@ class KVCache:
 
     @property
     def prefilling(self):
+        """Whether the forward about to run is a prefill (causal attention over its own tokens)."""
         return self.rows is not None
 
     def layout(self, T):
@@ -101,6 +102,7 @@ class KVCache:
             keys[slots, :, self.positions] = k[:, :, 0].to(keys.dtype)
             values[slots, :, self.positions] = v[:, :, 0].to(values.dtype)
         return keys[:, :, :self.window], values[:, :, :self.window]
+
 
 # how a chat model answers unless told otherwise: sample.py's, serve.py's and exported models' defaults
 CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, top_p=1.0, repetition_penalty=1.0)
@@ -136,8 +138,8 @@ def sample(logits, sampling, seen=None, generators=None):
     (from the model, or after its penalty and temperature) gets BAD_LOGITS instead of a token:
     the caller ends that row alone. Every step is row-wise, so a row's token is the same
     whatever else is in the batch. A row with a top_k is drawn among its candidates only (every
-    token at least as likely as its top_k-th, ties with it kept): one pass over the vocabulary
-    finds them, the rest works on those few; rows are grouped by their number of candidates.
+    token at least as likely as its top_k-th, ties with it kept): two passes over the vocabulary
+    find them, the rest works on those few; rows are grouped by their number of candidates.
     Greedy rows and top_k 0 work on the whole vocabulary.
     """
     B, V = logits.shape
