@@ -153,34 +153,35 @@ def sample(logits, sampling, seen=None, generators=None):
     # one uniform draw per row, greedy rows too, before any grouping: each generator advances alike
     draws = None if all(greedy) else uniforms(generators, B, logits.device)
     top_k = [0 if g else min(s.top_k, V) for s, g in zip(rows, greedy)]
-    widths, kth, top = [0] * B, None, None
+    widths, kept, top = [0] * B, None, None
     if any(top_k):
         values = torch.topk(logits, max(top_k), dim=-1).values  # exact copies: a row's values never depend on others
         index = torch.tensor([max(k, 1) - 1 for k in top_k], device=logits.device)[:, None]
-        top, kth = values[:, :1], values.gather(1, index)  # top: NaN first, as max would propagate it
-        counts = (logits >= kth).sum(dim=-1).tolist()
+        top, kept = values[:, :1], logits >= values.gather(1, index)  # top: NaN first, as max would propagate it
+        counts = kept.sum(dim=-1).tolist()
         widths = [n if k else 0 for k, n in zip(top_k, counts)]  # 0 where the k-th is NaN: the full pass flags it
     groups = {}
     for row, width in enumerate(widths):
         groups.setdefault(width, []).append(row)
     if len(groups) == 1:
-        return _sample_rows(logits, rows, widths[0], draws, kth, top)
+        return _sample_rows(logits, rows, widths[0], draws, kept, top)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     for width, members in groups.items():
         index = torch.tensor(members, device=logits.device)
         pick = lambda t: None if t is None else t[index]
-        tokens[index] = _sample_rows(logits[index], [rows[row] for row in members], width, pick(draws), pick(kth),
+        tokens[index] = _sample_rows(logits[index], [rows[row] for row in members], width, pick(draws), pick(kept),
                                      pick(top))
     return tokens
 
 
-def _sample_rows(logits, rows, width, draws, kth, top):
+def _sample_rows(logits, rows, width, draws, kept, top):
     """sample() for one group of rows: width 0, the whole vocabulary (greedy rows among them); else
-    each row's `width` candidates, the tokens at least as likely as its kth, its most likely `top`."""
+    each row's `width` candidates (kept: True for the tokens at least as likely as its k-th), its
+    most likely value `top`."""
     per_row = lambda values: torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
     greedy = [s.temperature == 0 for s in rows]
     if width:  # the candidates in id order, then most likely first with ties still in id order
-        ids = (logits >= kth).nonzero()[:, 1].view(-1, width)
+        ids = kept.nonzero()[:, 1].view(-1, width)
         logits, order = logits.gather(1, ids).sort(dim=-1, descending=True, stable=True)
         candidates = ids.gather(1, order)
     scale = per_row([s.temperature or 1.0 for s in rows])
