@@ -83,7 +83,7 @@ DEFAULTS = dict(
     rows="train,masked,lora,decode",  # which rows to run; also (not by default) configs, serve, dpo
     configs="ruby_002,obsidian_000,lazuli_001",  # rows=configs: the codename configs' own shapes
     compare="",  # the peer timed beside grafito: hf (transformers; serve: transformers serve) | trl (dpo rows) | llamacpp
-    quantize="",  # int8: decode rows for grafito with int8 weights too (quantize.py; CPUs)
+    quantize="",  # int8, w8a8 or both (int8,w8a8): decode rows for grafito with 8-bit weights too (quantize.py; CPUs)
     serve_clients="1,4,16",  # the serve rows: concurrent streaming clients (1 = the requests one at a time)
     serve_requests=16,  # requests per serve row, shared among its clients
     serve_tokens=48,  # new tokens each request asks for (greedy)
@@ -98,7 +98,9 @@ RULES = {
     "supervised": number(0.0, 1.0), "lora_r": integer(1, 4096), "repeats": integer(1, 1000), "warmup": integer(0, 1000),
     "prompt_tokens": integer(1, 1 << 16), "decode_tokens": integer(2, 1 << 16),  # decode: the tokens after the first
     "decode_batch": integer(1, 4096), "seed": SEED, "serve_requests": integer(1, 1 << 16),
-    "serve_tokens": integer(1, 1 << 16), **quantize.RULES,
+    "serve_tokens": integer(1, 1 << 16),
+    "quantize": (lambda v: not v or all(m in quantize.CHOICES[1:] for m in v.split(",")),
+                 f"'' or a comma list of {', '.join(quantize.CHOICES[1:])}"),
 }
 
 
@@ -288,7 +290,8 @@ def decode_rows(config, gpt_config, device, dtype, peer, copy_bandwidth):
     weights, and the peer's ways of running. A decode row's weights_gb_s is the bytes of the
     weight matrices a step reads times steps per second, beside the machine's copy bandwidth."""
     engines = {}
-    for impl, method in [("grafito", ""), (f"grafito {config['quantize']}", config["quantize"])][:1 + bool(config["quantize"])]:
+    methods = [m for m in config["quantize"].split(",") if m]
+    for impl, method in [("grafito", "")] + [(f"grafito {m}", m) for m in methods]:
         torch.manual_seed(0)
         model = quantize.quantize(GPT(gpt_config).eval(), method, DTYPES[dtype])
         engines[impl] = engine.Engine(model.to(device=device, dtype=DTYPES[dtype]), compile=config["compile"])
@@ -337,6 +340,8 @@ def decode_weight_bytes(model):
     for module in model.modules():
         if isinstance(module, quantize.Int8Linear):
             total += module.weight_int8.nbytes + module.scales.nbytes
+        elif isinstance(module, quantize.W8A8Linear):
+            total += module.weight_uint8.nbytes + module.scales.nbytes
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.nbytes
     return total
@@ -389,7 +394,8 @@ def main():
     if not all(c.strip().isdigit() and int(c) >= 1 for c in config["serve_clients"].split(",")):
         raise GrafitoError(f"--serve_clients={config['serve_clients']}: expected client counts such as 1,4,16")
     device, dtype = setup(config["device"], config["dtype"])
-    quantize.check(config["quantize"], device, config["compile"])
+    for method in config["quantize"].split(","):
+        quantize.check(method, device, config["compile"])
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd") if config[k]}
     gpt_config = GPTConfig.preset(config["model"], block_size=max(1024, config["block_size"]), **shape)
     peak, peak_source = measured_peak(device, dtype)

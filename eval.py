@@ -65,7 +65,7 @@ DEFAULTS = dict(
     batch_size=8,
     device="auto",
     dtype="auto",
-    quantize="",  # int8: int8 weights (quantize.py) for the val loss, the answers and everything else; CPUs only
+    quantize="",  # int8 | w8a8 (quantize.py) for the val loss, the answers and everything else; CPUs only
 )
 CELL = 33  # the README's column width
 

@@ -38,7 +38,8 @@ MM_WRITES_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8: torch.m
 @not_compiled  # the supervised count changes every batch: compiled, it would recompile
 def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=None):
     """Summed cross-entropy of logits = hidden @ weight[:vocab_size].T against targets, over
-    the positions whose target is not negative.
+    the positions whose target is not negative. weight may also be a quantized output layer
+    (evaluation only), which then computes the logits itself.
 
     hidden (B, T, C), targets (B, T). supervised: those positions' flat indices if the caller
     has them (from the host batch: no device-to-host sync here); else found from targets.
@@ -47,6 +48,11 @@ def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=Non
     if supervised is None:
         supervised = (flat_targets >= 0).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised)
+    if isinstance(weight, torch.nn.Module):  # a quantized output layer (quantize.py): its own product, no gradient
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for chunk, chunk_targets in zip(rows.split(CHUNK_ROWS), flat_targets.index_select(0, supervised).split(CHUNK_ROWS)):
+            total = total + F.cross_entropy(weight(chunk)[:, :vocab_size].float(), chunk_targets, reduction="sum")
+        return total
     return linear_cross_entropy(rows, weight, flat_targets.index_select(0, supervised), vocab_size)
 
 

@@ -216,7 +216,8 @@ class GPT(nn.Module):
             return self.logits(x), None
         if fused:
             logits = None
-            total = loss.supervised_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size, supervised)
+            output_layer = self.lm_head.weight if type(self.lm_head) is nn.Linear else self.lm_head  # quantized: itself
+            total = loss.supervised_cross_entropy(x, output_layer, targets, self.config.vocab_size, supervised)
         else:
             logits = self.logits(x)
             total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")

@@ -4,7 +4,7 @@
     python sample.py --init_from=gpt2 --raw --start="Once upon a time"  # GPT-2 continues text
     python sample.py --out_dir=out/ruby_002 --chat                   # multi-turn chat (/clear, /quit)
     python sample.py --init_from=gpt2 --shots=3 --start="who wrote hamlet"   # few-shot prompting
-    python sample.py --out_dir=out/ruby_002 --quantize=int8          # int8 weights (CPUs: quantize.py)
+    python sample.py --out_dir=out/ruby_002 --quantize=w8a8          # 8-bit weights and activations (CPUs: quantize.py)
 
 The model comes from init_from: 'resume' (the run in out_dir: its best/ weights, a LoRA
 adapter merged into its base), a GPT-2 name, a hub repo id, or a local model folder.
@@ -36,7 +36,7 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",  # weights are cast to this for decoding: bfloat16 halves the memory traffic
     compile=False,  # torch.compile the one-token decode step (a one-off compile, then faster tokens)
-    quantize="",  # int8: int8 weights on a CPU (quantize.py), about half the bytes a token reads
+    quantize="",  # int8 | w8a8: 8-bit weights on a CPU, about half the bytes a token reads (quantize.py)
     raw=False,  # plain continuation of start, no chat template
     chat=False,  # interactive multi-turn chat on stdin
     shots="",  # few-shot examples before every prompt: a .jsonl file of {"instruction", "answer"}, or a number N

@@ -55,7 +55,7 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",  # weights are cast to this: bfloat16 halves the memory traffic
     compile=False,  # torch.compile the decode step (one graph per power-of-two count of busy slots)
-    quantize="",  # int8: int8 weights on a CPU (quantize.py), about half the bytes a token reads
+    quantize="",  # int8 | w8a8: 8-bit weights on a CPU, about half the bytes a token reads (quantize.py)
     **engine.CHAT_DEFAULTS,  # a request's defaults: max_new_tokens (its max_tokens), temperature, top_k, top_p, ...
     host="127.0.0.1",  # 0.0.0.0 opens the server to the network: set an api_key
     port=8000,

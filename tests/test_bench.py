@@ -75,17 +75,17 @@ bench.run_cli(bench.main)
     assert lines[1]["tokens_per_s"] > 0 and lines[1]["mfu"] > 0
 
 
-def test_llamacpp_rows_sit_beside_grafito_s_bf16_and_int8_rows_with_the_bandwidth_they_reach():
+def test_llamacpp_rows_sit_beside_grafito_s_bf16_and_8_bit_rows_with_the_bandwidth_they_reach():
     pytest.importorskip("llama_cpp")  # an optional benchmark dependency
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench.py"), *TINY[:-2], "--dtype=bfloat16", "--device=cpu", "--rows=decode",
-         "--prompt_tokens=8", "--decode_tokens=6", "--decode_batch=2", "--compare=llamacpp", "--quantize=int8"],
+         "--prompt_tokens=8", "--decode_tokens=6", "--decode_batch=2", "--compare=llamacpp", "--quantize=int8,w8a8"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["copy_gb_s"] > 0
     rows = {(r["row"], r["impl"]): r for r in report["rows"]}
-    for impl in ("grafito", "grafito int8", "llama.cpp f16", "llama.cpp q8_0"):
+    for impl in ("grafito", "grafito int8", "grafito w8a8", "llama.cpp f16", "llama.cpp q8_0"):
         assert rows[("decode, batch 1", impl)]["weights_gb_s"] > 0, impl
     assert ("decode, batch 2", "grafito int8") in rows and ("decode, batch 2", "llama.cpp f16") not in rows  # batch 1 only
     c, vocab = 64, 50257  # the four matrices of 2 layers and the tied output layer
@@ -94,8 +94,9 @@ def test_llamacpp_rows_sit_beside_grafito_s_bf16_and_int8_rows_with_the_bandwidt
     assert f16["weights_gb_s"] == pytest.approx(2 * matrices * f16["tokens_per_s"] / 1e9)
     ours = rows[("decode, batch 1", "grafito")]
     assert ours["ratio_vs_llama.cpp f16"] == pytest.approx(ours["tokens_per_s"] / f16["tokens_per_s"])
-    int8 = rows[("decode, batch 1", "grafito int8")]
-    assert int8["weights_gb_s"] / int8["tokens_per_s"] < 0.6 * ours["weights_gb_s"] / ours["tokens_per_s"]
+    for method in ("int8", "w8a8"):
+        quantized = rows[("decode, batch 1", f"grafito {method}")]
+        assert quantized["weights_gb_s"] / quantized["tokens_per_s"] < 0.6 * ours["weights_gb_s"] / ours["tokens_per_s"]
 
 
 def test_without_llama_cpp_its_rows_are_left_out_with_a_note():

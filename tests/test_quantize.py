@@ -1,5 +1,6 @@
-"""quantize.py: int8 layers stay close to the float ones, a quantized engine mostly keeps bf16's greedy
-tokens, and --quantize reaches sample.py, serve.py and eval.py with one clear error where it cannot run."""
+"""quantize.py: int8 and w8a8 layers stay close to the float ones (w8a8: equal to its block-quantized
+reference), a quantized engine mostly keeps bf16's greedy tokens, and --quantize reaches sample.py,
+serve.py and eval.py with one clear error where it cannot run."""
 
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import data
 import engine
 import eval as grafito_eval
+import native
 import quantize
 import serve
 import tokenizer
@@ -18,7 +20,7 @@ from conftest import ROOT
 from engine import Engine, Sampling
 from loss import masked_val_loss
 from model import GPT
-from quantize import Int8Linear
+from quantize import Int8Linear, W8A8Linear
 from test_engine import tiny_gpt
 
 
@@ -54,6 +56,83 @@ def test_int8_layer_output_is_close_to_the_float_layer(dtype, in_features):
                 assert torch.equal(quantized(x[:1, :1]), y[:1, :1])
 
 
+def w8a8_reference(x, layer):
+    """What W8A8Linear computes, in float64 from its definition: x in blocks of 32 (zeros pad the
+    last), each scaled by its largest |value| / 127 and rounded to nearest even; int8 weights times
+    per-row scales; bias."""
+    x = x.float().reshape(-1, x.shape[-1])
+    K = x.shape[1]
+    blocks = torch.nn.functional.pad(x, (0, -K % 32)).view(x.shape[0], -1, 32)
+    scales = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scales > 0, 1 / scales, 0)  # float32, as the kernel: x times 1/scale
+    quantized = (torch.round(blocks * inverse).double() * scales.double()).view(x.shape[0], -1)[:, :K]
+    weight = (layer.weight_uint8 ^ 0x80).view(torch.int8).double() * layer.scales.double()[:, None]
+    bias = 0 if layer.bias is None else layer.bias.double()
+    return quantized @ weight.T + bias
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("in_features", [256, 100])  # 100: the last block of 32 and chunk of 64 padded
+def test_w8a8_layer_equals_its_block_quantized_reference_and_a_row_does_not_depend_on_its_batch(dtype, in_features):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_features, 200)
+    with torch.no_grad():
+        layer.weight[7] = 0
+        quantized = W8A8Linear(layer, dtype).to(dtype)
+    x = torch.randn(16, in_features).to(dtype)
+    x[0, 3] = 30.0  # an outlier: its block gets a coarse scale, the others keep theirs
+    with torch.no_grad():
+        y = quantized(x)
+        reference = w8a8_reference(x, quantized)
+        float_output = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert y.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 4e-3  # bf16: the output's rounding
+        assert ((y.double() - reference).abs().max() / reference.abs().max()).item() < tolerance
+        assert relative_error(y, float_output) < 0.02  # and the quantization itself costs little
+        assert torch.all(y[:, 7].float() == quantized.bias[7].float())  # an all-zero weight row: its bias
+        for rows in (slice(0, 1), slice(5, 6), slice(3, 10)):  # alone, or in a batch of another size
+            assert torch.equal(quantized(x[rows]), y[rows])
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(quantized(x), y)  # nor on the thread count
+        finally:
+            torch.set_num_threads(2)
+
+
+def test_w8a8_vector_and_portable_kernels_give_the_same_bits(monkeypatch):
+    if not quantize.w8a8_library().w8a8_vectorized():
+        pytest.skip("this CPU lacks AVX-512 VNNI: only the portable kernel runs here (the test above checks it)")
+    torch.manual_seed(0)
+    layer = W8A8Linear(torch.nn.Linear(192, 70), torch.float32)
+    x = torch.randn(5, 192)
+    with torch.no_grad():
+        vector = layer(x)
+        portable = quantize.w8a8_library(("-mno-avx512vnni",))
+        assert not portable.w8a8_vectorized()
+        monkeypatch.setattr(quantize, "w8a8_library", lambda extra_flags=(): portable)
+        assert torch.equal(layer(x), vector)
+
+
+def test_w8a8_passes_nan_and_infinity_on():
+    layer = W8A8Linear(torch.nn.Linear(64, 8), torch.float32)
+    x = torch.randn(3, 64)
+    x[1, 40], x[2, 5] = float("nan"), float("inf")
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+
+
+def test_a_quantized_output_layer_computes_the_validation_loss_itself():
+    model = quantize.quantize(tiny_gpt(n_embd=64, vocab_size=90), "w8a8", torch.float32)
+    idx = torch.randint(0, 90, (2, 12))
+    targets = torch.where(torch.rand(2, 12) < 0.5, idx.roll(-1, 1), -1)
+    with torch.no_grad():
+        _, fused = model(idx, targets, reduction="sum")
+        logits, _ = model(idx)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def greedy_agreement(reference_engine, other_engine, prompts, steps):
     """The share of decode steps where other_engine's greedy token equals reference_engine's, both
     fed the reference's tokens (teacher forcing: one early difference does not count twice)."""
@@ -70,19 +149,21 @@ def greedy_agreement(reference_engine, other_engine, prompts, steps):
     return agree / total
 
 
-def test_a_quantized_engine_keeps_most_of_bf16_s_greedy_tokens():
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_a_quantized_engine_keeps_most_of_bf16_s_greedy_tokens(method):
     bf16 = Engine(tiny_gpt(n_embd=64, vocab_size=90).to(torch.bfloat16))
-    int8 = Engine(quantize.quantize(tiny_gpt(n_embd=64, vocab_size=90), "int8", torch.bfloat16).to(torch.bfloat16))
-    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 2 * 4 + 1  # the output layer too
-    assert isinstance(int8.model.transformer.wte.weight, torch.nn.Parameter)  # lookups keep the float embedding
+    model = quantize.quantize(tiny_gpt(n_embd=64, vocab_size=90), method, torch.bfloat16).to(torch.bfloat16)
+    quantized = Engine(model)
+    assert sum(isinstance(m, quantize.LAYERS[method]) for m in model.modules()) == 2 * 4 + 1  # the output layer too
+    assert isinstance(model.transformer.wte.weight, torch.nn.Parameter)  # lookups keep the float embedding
     prompts = [[(7 * i + j) % 90 for j in range(3 + i)] for i in range(8)]
-    agreement = greedy_agreement(bf16, int8, prompts, 24)
-    print(f"int8 vs bf16 greedy agreement: {agreement:.1%}")
+    agreement = greedy_agreement(bf16, quantized, prompts, 24)
+    print(f"{method} vs bf16 greedy agreement: {agreement:.1%}")
     assert agreement >= 0.9
     # and the quantized engine's own answers follow its steps: batched rows equal each alone
-    both = list(int8.generate(prompts[:2], 12, Sampling(temperature=0)))
+    both = list(quantized.generate(prompts[:2], 12, Sampling(temperature=0)))
     for row, prompt in enumerate(prompts[:2]):
-        alone = [step[0] for step in int8.generate([prompt], 12, Sampling(temperature=0))]
+        alone = [step[0] for step in quantized.generate([prompt], 12, Sampling(temperature=0))]
         assert [step[row] for step in both] == alone
 
 
@@ -102,12 +183,34 @@ def test_quantize_is_checked_where_it_cannot_run():
         quantize.check("int8", "cuda:0")
     with pytest.raises(GrafitoError, match="leave out --compile"):
         quantize.check("int8", "cpu", compile=True)
+    with pytest.raises(GrafitoError, match="CPUs only"):
+        quantize.check("w8a8", "cuda:0")
     quantize.check("", "cuda:0", compile=True)  # nothing to check without --quantize
 
 
-def test_sample_quantizes_from_the_command_line(tiny_model_dir):
+def test_w8a8_says_what_it_needs_where_the_cpu_or_the_compiler_lacks_it(monkeypatch, tmp_path):
+    class WithoutVNNI:
+        w8a8_vectorized = staticmethod(lambda: 0)
+    monkeypatch.setattr(quantize, "w8a8_library", lambda extra_flags=(): WithoutVNNI())
+    with pytest.raises(GrafitoError, match="AVX-512 VNNI.*use --quantize=int8"):
+        quantize.check("w8a8", "cpu")
+    monkeypatch.undo()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GRAFITO_KERNEL_CACHE", str(tmp_path / "kernels"))
+    quantize.w8a8_library.cache_clear()
+    native.load.cache_clear()
+    try:
+        with pytest.raises(GrafitoError, match="no C compiler was found: install one"):
+            quantize.check("w8a8", "cpu")
+    finally:
+        quantize.w8a8_library.cache_clear()
+        native.load.cache_clear()
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_sample_quantizes_from_the_command_line(tiny_model_dir, method):
     result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--raw", "--start=Once upon",
-                        "--max_new_tokens=5", "--device=cpu", "--quantize=int8", "--verbose")
+                        "--max_new_tokens=5", "--device=cpu", f"--quantize={method}", "--verbose")
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr
     result = run_script(ROOT / "sample.py", f"--init_from={tiny_model_dir}", "--quantize=int8", "--compile")
