@@ -12,6 +12,7 @@ naive_generate() is the reference the tests hold this loop equal to.
 import collections
 import contextlib
 import copy
+import ctypes
 import functools
 import math
 import threading
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import native
 import quantize
 import tokenizer
 from common import DTYPES, GrafitoError, check_memory, setup
@@ -48,6 +50,8 @@ class KVCache:
         self.rows = None  # the slots a prefill fills; None during a decode step
         self.window = max_len  # keys a decode step attends over (the longest slot's, or all)
         self.masked = True  # False: every slot of this decode step holds window - 1 tokens (no mask needed)
+        self.kernel = None  # decode steps' attention through csrc/decode_attention.c (Engine sets it on CPUs)
+        self.counts = None  # during such a step: the keys each slot attends (its position + 1)
         self.static = False  # tensors marked static for CUDA graphs (their views too)
         self._views = {}
 
@@ -102,6 +106,34 @@ class KVCache:
             keys[slots, :, self.positions] = k[:, :, 0].to(keys.dtype)
             values[slots, :, self.positions] = v[:, :, 0].to(values.dtype)
         return keys[:, :, :self.window], values[:, :, :self.window]
+
+    def attend(self, layer, q):
+        """A decode step's attention (B, H, 1, D) for `layer` through the C kernel: each slot's query
+        over its own first `counts` keys, in float32 (the kernel skips the set-up that dominates
+        PyTorch's attention at one query a head)."""
+        q = q.to(torch.float32).contiguous()
+        out = torch.empty_like(q)
+        keys, values = self.keys[layer], self.values[layer]
+        B, H, _, D = q.shape
+        if self.kernel(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), keys.stride(0),
+                       keys.stride(1), self.counts.data_ptr(), out.data_ptr(), B, H, D, self.window,
+                       1 / math.sqrt(D), torch.get_num_threads()):
+            raise MemoryError("decode_attention: out of memory")
+        return out
+
+
+@functools.cache
+def decode_attention_kernel():
+    """csrc/decode_attention.c's function, or None where it cannot be built (no C compiler):
+    decode steps then attend through PyTorch's scaled_dot_product_attention, equally right."""
+    try:
+        function = native.load("decode_attention").decode_attention
+    except GrafitoError:
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [P, I, I, P, P, I, I, P, P, I, I, I, I, ctypes.c_float, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
 
 
 # how a chat model answers unless told otherwise: sample.py's, serve.py's and exported models' defaults
@@ -234,6 +266,9 @@ class Engine:
         # queries several times slower than its float32 ones (docs/performance.md)
         self.cache_dtype = torch.float32 if half_on_cpu else self.dtype
         self.compiled = compile
+        # eager CPU decode steps attend through the C kernel where it builds (a compiled step cannot call it)
+        self.attention_kernel = (decode_attention_kernel() if self.device.type == "cpu" and not compile
+                                 and self.cache_dtype == torch.float32 else None)
         self._step = self._decode_step
         if compile and self.device.type == "cuda":  # CUDA graphs: small decode steps are launch-bound
             self._step = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead")
@@ -252,6 +287,7 @@ class Engine:
                         self.cache_dtype)
         if self.compiled and self.device.type == "cuda":
             cache.mark_static()
+        cache.kernel = self.attention_kernel
         return cache
 
     @torch.no_grad()
@@ -279,6 +315,7 @@ class Engine:
         lengths = cache.lengths[:cache.batch_size]
         cache.window = cache.max_len if self.compiled else max(lengths) + 1
         cache.masked = self.compiled or min(lengths) != max(lengths)
+        cache.counts = cache.positions + 1 if cache.kernel is not None else None
         with onednn_off(self.native_one_row and cache.batch_size == 1):
             logits = self._step(torch.as_tensor(tokens, device=self.device), cache)
         step = torch.tensor(active, device=self.device) if active is not None else 1
@@ -363,12 +400,12 @@ def native_one_row_is_faster(rows, cols, dtype):
     best = {True: math.inf, False: math.inf}
     with torch.no_grad():
         for _ in range(6):  # alternating rounds, the best of each: a busy moment hurts both alike
-            for native in best:
-                with onednn_off(native):
+            for own_kernel in best:
+                with onednn_off(own_kernel):
                     start = time.perf_counter()
                     for weight in weights:
                         F.linear(x, weight)
-                    best[native] = min(best[native], time.perf_counter() - start)
+                    best[own_kernel] = min(best[own_kernel], time.perf_counter() - start)
     return best[True] < 0.9 * best[False]  # a clear win only
 
 

@@ -3,7 +3,8 @@ Hugging Face layout that OpenAI's checkpoints use.
 
 Numerics follow GPT-2 as transformers implements it: GELU (tanh approximation unless the
 config says otherwise), LayerNorm eps from the config, tied token embedding and output
-weights, attention through scaled_dot_product_attention (flash kernels on GPUs).
+weights, attention through scaled_dot_product_attention (flash kernels on GPUs; an eager CPU
+decode step through engine.py's C kernel where it builds).
 Generation lives in engine.py, the fused output layer + loss in loss.py, and where a model
 comes from (hub, folder, training run) in checkpoint.py.
 """
@@ -114,7 +115,10 @@ class CausalSelfAttention(nn.Module):
         # CPUs skip attention-probability dropout: no CPU kernel fuses it, so it would build and draw B*H*T*T
         # probabilities per layer; residual and embedding dropout still apply (docs/performance.md)
         dropout = self.dropout if self.training and q.device.type != "cpu" else 0.0
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        if cache is not None and not causal and cache.kernel is not None:  # a CPU decode step: engine.py's C kernel
+            y = cache.attend(self.layer_idx, q)
+        else:
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C).to(q.dtype)
         return self.resid_dropout(self.c_proj(y))
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import engine
+import native
 from common import GrafitoError
 from engine import Engine, KVCache, Sampling, naive_generate, sample
 from model import GPT, GPTConfig
@@ -310,6 +311,55 @@ def test_kv_cache_slots_hold_their_own_lengths():
     cache = KVCache(model.config, 3, 16, "cpu", torch.float32)
     Engine(model).prefill(cache, [0, 2], [[1, 2, 3], []])
     assert cache.lengths == [3, 0, 0] and cache.positions.tolist() == [3, 0, 0]
+
+
+def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_not_depend_on_its_batch():
+    kernel = engine.decode_attention_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: decode steps attend through PyTorch (the test below)")
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=60)
+
+    def cache_of(keys, values, counts, window):
+        cache = KVCache(config, keys.shape[0], 32, "cpu", torch.float32)
+        cache.keys[1].copy_(keys)
+        cache.values[1].copy_(values)
+        cache.kernel, cache.window, cache.counts = kernel, window, torch.tensor(counts)
+        return cache
+
+    keys, values = 3 * torch.randn(3, 4, 32, 16), torch.randn(3, 4, 32, 16)  # sharp: a few keys decide
+    q = 3 * torch.randn(3, 4, 1, 16)
+    counts = [20, 7, 1]
+    y = cache_of(keys, values, counts, 20).attend(1, q)
+    mask = (torch.arange(20)[None, :] < torch.tensor(counts)[:, None])[:, None, None, :]
+    reference = torch.nn.functional.scaled_dot_product_attention(q, keys[:, :, :20], values[:, :, :20], attn_mask=mask)
+    assert (y - reference).abs().max() < 1e-5
+    assert not torch.allclose(y[1], torch.nn.functional.scaled_dot_product_attention(q[1:2], keys[1:2, :, :20],
+                                                                                      values[1:2, :, :20])[0])
+    row = 1  # alone, in a cache of another length and window, and on one thread: the same bits
+    alone = cache_of(keys[row:row + 1], values[row:row + 1], [counts[row]], 9).attend(1, q[row:row + 1])
+    assert torch.equal(alone[0], y[row])
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(cache_of(keys, values, counts, 20).attend(1, q), y)
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_without_a_c_compiler_decode_steps_attend_through_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GRAFITO_KERNEL_CACHE", str(tmp_path / "kernels"))
+    engine.decode_attention_kernel.cache_clear()
+    native.load.cache_clear()
+    try:
+        model = tiny_gpt()
+        model_engine = Engine(model)
+        assert model_engine.attention_kernel is None
+        prompt = [1, 2, 3, 4, 5]
+        assert rows_of(list(model_engine.generate([prompt], 20, GREEDY)), 0) == naive_generate(model, prompt, 20)
+    finally:
+        engine.decode_attention_kernel.cache_clear()
+        native.load.cache_clear()
 
 
 class AlwaysMaskedCache(KVCache):
