@@ -51,7 +51,7 @@ class KVCache:
         self.window = max_len  # keys a decode step attends over (the longest slot's, or all)
         self.masked = True  # False: every slot of this decode step holds window - 1 tokens (no mask needed)
         self.kernel = None  # decode steps' attention through csrc/decode_attention.c (Engine sets it on CPUs)
-        self.counts = None  # during such a step: the keys each slot attends (its position + 1)
+        self.counts = None  # the keys each slot attends in a kernel's decode step (its position + 1; layout() sets it)
         self.static = False  # tensors marked static for CUDA graphs (their views too)
         self._views = {}
 
@@ -85,6 +85,8 @@ class KVCache:
         """(positions, attention mask) for the T tokens of the forward about to run."""
         if self.rows is not None:
             return torch.arange(T, device=self.device), None
+        if self.kernel is not None:  # what the C kernel reads instead of a mask
+            self.counts = self.positions + 1
         if not self.masked:  # every slot at position window - 1: each attends to all window keys
             return self.positions[:, None], None
         key_position = torch.arange(self.window, device=self.device)
@@ -111,10 +113,11 @@ class KVCache:
         """A decode step's attention (B, H, 1, D) for `layer` through the C kernel: each slot's query
         over its own first `counts` keys, in float32 (the kernel skips the set-up that dominates
         PyTorch's attention at one query a head)."""
-        q = q.to(torch.float32).contiguous()
-        out = torch.empty_like(q)
+        q = q.to(torch.float32)
         keys, values = self.keys[layer], self.values[layer]
-        B, H, _, D = q.shape
+        B, H, T, D = q.shape
+        assert T == 1 and q.stride(3) == 1 and keys.is_contiguous() and values.is_contiguous(), "the kernel's layout"
+        out = torch.empty(B, H, 1, D)
         if self.kernel(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), keys.stride(0),
                        keys.stride(1), self.counts.data_ptr(), out.data_ptr(), B, H, D, self.window,
                        1 / math.sqrt(D), torch.get_num_threads()):
@@ -315,7 +318,6 @@ class Engine:
         lengths = cache.lengths[:cache.batch_size]
         cache.window = cache.max_len if self.compiled else max(lengths) + 1
         cache.masked = self.compiled or min(lengths) != max(lengths)
-        cache.counts = cache.positions + 1 if cache.kernel is not None else None
         with onednn_off(self.native_one_row and cache.batch_size == 1):
             logits = self._step(torch.as_tensor(tokens, device=self.device), cache)
         step = torch.tensor(active, device=self.device) if active is not None else 1

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -41,11 +42,17 @@ def cpu_description():
 
 
 def compiler():
-    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not found or not shutil.which(found):
+    """The command that compiles: $CC (which may hold arguments, e.g. "ccache gcc"), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        command = shlex.split(os.environ["CC"])
+        if command and shutil.which(command[0]):
+            return command
+        raise GrafitoError(f"CC={os.environ['CC']!r} names no compiler found on this machine: set CC to one (e.g. gcc)")
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not found:
         raise GrafitoError("this option compiles a small C kernel (csrc/) on first use and no C compiler was found: "
                            "install one (e.g. apt-get install gcc) or name it with CC=...")
-    return found
+    return [found]
 
 
 @functools.cache
@@ -54,19 +61,24 @@ def load(name, extra_flags=()):
     (extra_flags: more compiler flags, e.g. a test's build without some instructions)."""
     source = SOURCES / f"{name}.c"
     cc, flags = compiler(), [*FLAGS, *extra_flags]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version, cpu_description()]).encode()).hexdigest()
-    built = cache_folder() / f"{name}-{key[:16]}.so"
-    if not built.exists():
-        built.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=built.parent, suffix=".so.partial")
-        os.close(handle)
-        try:
-            result = subprocess.run([cc, *flags, str(source), "-o", partial, "-lm"], capture_output=True, text=True)
-            if result.returncode:
-                raise GrafitoError(f"compiling {source} with {cc} failed:\n{result.stderr[-2000:]}")
-            os.replace(partial, built)  # whole or absent: processes building at once each write their own file
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return ctypes.CDLL(str(built))
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), *flags, version, cpu_description()]).encode()).hexdigest()
+        built = cache_folder() / f"{name}-{key[:16]}.so"
+        if not built.exists():
+            built.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=built.parent, suffix=".so.partial")
+            os.close(handle)
+            try:
+                result = subprocess.run([*cc, *flags, str(source), "-o", partial, "-lm"], capture_output=True,
+                                        text=True, timeout=300)
+                if result.returncode:
+                    raise GrafitoError(f"compiling {source} with {' '.join(cc)} failed:\n{result.stderr[-2000:]}")
+                os.replace(partial, built)  # whole or absent: processes building at once each write their own file
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+        return ctypes.CDLL(str(built))
+    except (OSError, subprocess.SubprocessError) as err:  # an unwritable or noexec cache folder, a hung compiler
+        raise GrafitoError(f"could not build or load the C kernel {name} in {cache_folder()} ({err}): set "
+                           f"GRAFITO_KERNEL_CACHE to a writable folder") from err

@@ -114,47 +114,43 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._operands = None  # what kernel_operands() made last
+        self._float32 = None  # (scales, its version, bias, its version, their float32 copies): made once
 
     @property
     def weight(self):
         """The dequantized weight (what a float product of this layer would use)."""
         return (self.weight_uint8 ^ 0x80).view(torch.int8).to(self.scales.dtype) * self.scales[:, None]
 
-    def kernel_operands(self):
-        """Pointers to the weight, and to the scales and bias in float32 (copies kept here), made
-        again after .to() or load_state_dict() has replaced or changed them."""
-        if self._operands is None:
-            scales = self.scales.float().contiguous()
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            pointers = (self.weight_uint8.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
-            self._operands = ((scales, bias), pointers)
-        return self._operands[1]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._operands = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._operands = None
-        return super()._load_from_state_dict(*args, **kwargs)
+    def float32_operands(self):
+        """The scales and bias in float32 (the kernel's), copied again only when either was
+        replaced (.to()) or changed in place (load_state_dict)."""
+        scales, bias = self._buffers["scales"], self._parameters.get("bias")  # the dicts: forward's hot path
+        cached = self._float32
+        if (cached is None or cached[0] is not scales or cached[1] != scales._version or cached[2] is not bias
+                or (bias is not None and cached[3] != bias._version)):
+            converted = (scales.float().contiguous(), None if bias is None else bias.detach().float().contiguous())
+            self._float32 = cached = (scales, scales._version, bias, None if bias is None else bias._version, converted)
+        return cached[4]
 
     def forward(self, x):
         dtype = input_dtype(x)
         if x.device.type != "cpu":
             raise GrafitoError("--quantize=w8a8 runs on CPUs only")
-        if dtype not in (torch.float32, torch.bfloat16):  # the kernel reads and writes these two
-            return self.forward(x.float()).to(dtype)
-        if x.dtype != dtype or not x.is_contiguous():
-            x = x.to(dtype).contiguous()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"w8a8 layer: input of {x.shape[-1]} features, expected {self.in_features}")
+        # the kernel reads and writes float32 or bf16; other dtypes go through float32
+        kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if x.dtype != kernel_dtype or not x.is_contiguous():
+            x = x.to(kernel_dtype).contiguous()
         y = x.new_empty(x.shape[:-1] + (self.out_features,))
-        weight, scales, bias = self.kernel_operands()
-        half = dtype == torch.bfloat16
-        if w8a8_library().w8a8_linear(x.data_ptr(), half, weight, scales, bias, y.data_ptr(), half,
-                                      x.numel() // self.in_features, self.out_features, self.in_features,
-                                      torch.get_num_threads()):
-            raise MemoryError(f"w8a8_linear: no memory for {x.numel() // self.in_features} rows of activations")
-        return y
+        scales, bias = self.float32_operands()  # held here while the kernel reads them
+        half, rows = kernel_dtype == torch.bfloat16, x.numel() // self.in_features
+        weight = self._buffers["weight_uint8"]
+        if w8a8_library().w8a8_linear(x.data_ptr(), half, weight.data_ptr(), scales.data_ptr(),
+                                      None if bias is None else bias.data_ptr(), y.data_ptr(), half, rows,
+                                      self.out_features, self.in_features, torch.get_num_threads()):
+            raise MemoryError(f"w8a8_linear: no memory for {rows} rows of activations")
+        return y.to(dtype)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8, scales {self.scales.dtype}"

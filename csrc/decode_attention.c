@@ -47,11 +47,8 @@ int decode_attention(const float *q, int64_t q_b, int64_t q_h, const float *keys
                 p[s] = dot(qi, k + s * D, D) * scale;
                 largest = fmaxf(largest, p[s]);
             }
-            #pragma omp simd reduction(+ : total)
-            for (int64_t s = 0; s < n; s++) {
-                p[s] = expf(p[s] - largest);
-                total += p[s];
-            }
+            for (int64_t s = 0; s < n; s++) p[s] = expf(p[s] - largest);
+            for (int64_t s = 0; s < n; s++) total += p[s];  /* in order: the same sum for any batch */
             for (int64_t d = 0; d < D; d++) o[d] = 0.f;
             for (int64_t s = 0; s < n; s++) {
                 const float *vs = v + s * D;

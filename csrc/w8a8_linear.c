@@ -44,6 +44,14 @@ static void load_block(const void *x, int bf16, int64_t K, int64_t i, float *v) 
         v[j] = i + j >= K ? 0.f : bf16 ? from_bf16(((const uint16_t *)x)[i + j]) : ((const float *)x)[i + j];
 }
 
+/* amax / 127; NaN for a block holding NaN or infinity; 0 where 1 / scale would overflow (every
+ * value below about 1e-36: the block counts as zeros) */
+static float block_scale(float amax, int finite) {
+    if (!finite) return NAN;
+    float d = amax / 127.f;
+    return isinf(1.f / d) ? 0.f : d;
+}
+
 /* A block's scale is its largest |x| / 127, its values x / scale rounded to nearest even; a block
  * holding NaN or infinity gets a NaN scale, so the outputs it touches are NaN as without quantization. */
 static void quantize_row(const void *x, int bf16, int64_t K, Row r) {
@@ -55,8 +63,8 @@ static void quantize_row(const void *x, int bf16, int64_t K, Row r) {
         __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         int finite = !(_mm512_fpclass_ps_mask(lo, 0x99) | _mm512_fpclass_ps_mask(hi, 0x99));  /* NaN or infinity */
-        float d = finite ? amax / 127.f : NAN, inverse = d != 0.f ? 1.f / d : 0.f;
-        __m512 f = _mm512_set1_ps(finite ? inverse : 0.f);
+        float d = block_scale(amax, finite), inverse = d != 0.f && finite ? 1.f / d : 0.f;
+        __m512 f = _mm512_set1_ps(inverse);
         __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, f)));
         __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, f)));
         _mm_storeu_si128((__m128i *)(r.q + b), q0);
@@ -68,8 +76,8 @@ static void quantize_row(const void *x, int bf16, int64_t K, Row r) {
             amax = fmaxf(amax, fabsf(v[i]));
             finite &= isfinite(v[i]) != 0;
         }
-        float d = finite ? amax / 127.f : NAN, inverse = d != 0.f ? 1.f / d : 0.f;
-        for (int i = 0; i < BLOCK; i++) r.q[b + i] = finite ? (int8_t)nearbyintf(v[i] * inverse) : 0;
+        float d = block_scale(amax, finite), inverse = d != 0.f && finite ? 1.f / d : 0.f;
+        for (int i = 0; i < BLOCK; i++) r.q[b + i] = (int8_t)fminf(fmaxf(nearbyintf(v[i] * inverse), -128.f), 127.f);
 #endif
         for (int lane = 0; lane < BLOCK / 4; lane++) {
             int32_t sum = 0;
@@ -124,6 +132,7 @@ static inline __attribute__((always_inline)) void dot_row(const uint8_t *w, int6
  * or bfloat16 as the flags say. Returns 0, or -1 if memory ran out. */
 int w8a8_linear(const void *x, int x_bf16, const uint8_t *w, const float *scale, const float *bias,
                 void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M == 0 || N == 0) return 0;
     int64_t padded = (K + CHUNK - 1) / CHUNK * CHUNK;
     char *scratch = malloc((size_t)M * (padded + 2 * padded));  /* q, then a float and an int32 per 4 values */
     if (!scratch) return -1;

@@ -313,12 +313,13 @@ def test_kv_cache_slots_hold_their_own_lengths():
     assert cache.lengths == [3, 0, 0] and cache.positions.tolist() == [3, 0, 0]
 
 
-def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("head_size", [16, 10])  # 10: not whole vectors, the kernel's other path
+def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_not_depend_on_its_batch(head_size):
     kernel = engine.decode_attention_kernel()
     if kernel is None:
         pytest.skip("no C compiler here: decode steps attend through PyTorch (the test below)")
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=60)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=4 * head_size, block_size=32, vocab_size=60)
 
     def cache_of(keys, values, counts, window):
         cache = KVCache(config, keys.shape[0], 32, "cpu", torch.float32)
@@ -327,8 +328,8 @@ def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_n
         cache.kernel, cache.window, cache.counts = kernel, window, torch.tensor(counts)
         return cache
 
-    keys, values = 3 * torch.randn(3, 4, 32, 16), torch.randn(3, 4, 32, 16)  # sharp: a few keys decide
-    q = 3 * torch.randn(3, 4, 1, 16)
+    keys, values = 3 * torch.randn(3, 4, 32, head_size), torch.randn(3, 4, 32, head_size)  # sharp: a few keys decide
+    q = 3 * torch.randn(3, 4, 1, head_size)
     counts = [20, 7, 1]
     y = cache_of(keys, values, counts, 20).attend(1, q)
     mask = (torch.arange(20)[None, :] < torch.tensor(counts)[:, None])[:, None, None, :]
@@ -336,14 +337,15 @@ def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_n
     assert (y - reference).abs().max() < 1e-5
     assert not torch.allclose(y[1], torch.nn.functional.scaled_dot_product_attention(q[1:2], keys[1:2, :, :20],
                                                                                       values[1:2, :, :20])[0])
-    row = 1  # alone, in a cache of another length and window, and on one thread: the same bits
+    row = 1  # alone, in a cache of another length and window, and on another thread count: the same bits
     alone = cache_of(keys[row:row + 1], values[row:row + 1], [counts[row]], 9).attend(1, q[row:row + 1])
     assert torch.equal(alone[0], y[row])
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
     try:
         assert torch.equal(cache_of(keys, values, counts, 20).attend(1, q), y)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
 
 
 def test_without_a_c_compiler_decode_steps_attend_through_pytorch(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 reference), a quantized engine mostly keeps bf16's greedy tokens, and --quantize reaches sample.py,
 serve.py and eval.py with one clear error where it cannot run."""
 
+import copy
 import subprocess
 import sys
 
@@ -92,19 +93,20 @@ def test_w8a8_layer_equals_its_block_quantized_reference_and_a_row_does_not_depe
         assert torch.all(y[:, 7].float() == quantized.bias[7].float())  # an all-zero weight row: its bias
         for rows in (slice(0, 1), slice(5, 6), slice(3, 10)):  # alone, or in a batch of another size
             assert torch.equal(quantized(x[rows]), y[rows])
-        torch.set_num_threads(1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
         try:
             assert torch.equal(quantized(x), y)  # nor on the thread count
         finally:
-            torch.set_num_threads(2)
+            torch.set_num_threads(threads)
 
 
 def test_w8a8_vector_and_portable_kernels_give_the_same_bits(monkeypatch):
     if not quantize.w8a8_library().w8a8_vectorized():
         pytest.skip("this CPU lacks AVX-512 VNNI: only the portable kernel runs here (the test above checks it)")
     torch.manual_seed(0)
-    layer = W8A8Linear(torch.nn.Linear(192, 70), torch.float32)
-    x = torch.randn(5, 192)
+    layer = W8A8Linear(torch.nn.Linear(200, 70), torch.float32)  # a part chunk; 7 rows: groups of 4 and of 3
+    x = torch.randn(7, 200)
     with torch.no_grad():
         vector = layer(x)
         portable = quantize.w8a8_library(("-mno-avx512vnni",))
@@ -120,6 +122,24 @@ def test_w8a8_passes_nan_and_infinity_on():
     with torch.no_grad():
         y = layer(x)
     assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+
+
+def test_w8a8_follows_autocast_copies_and_changes_and_refuses_a_wrong_width():
+    torch.manual_seed(0)
+    layer = W8A8Linear(torch.nn.Linear(64, 8), torch.bfloat16)  # bf16 scales: the kernel reads float32 copies
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = layer(x)
+        with torch.autocast("cpu", dtype=torch.float16):  # a dtype the kernel lacks: through float32
+            half = layer(x)
+        assert half.dtype == torch.float16 and torch.allclose(half.float(), expected, rtol=2e-3, atol=2e-3)
+        copied = copy.deepcopy(layer)
+        layer.weight_uint8.fill_(128)  # all-zero weights in the original only
+        assert torch.equal(copied(x), expected) and torch.allclose(layer(x), layer.bias.expand(3, 8))
+        copied.scales.mul_(2)  # an in-place change (as load_state_dict makes) is seen
+        assert torch.allclose(copied(x) - copied.bias, 2 * (expected - layer.bias))
+        with pytest.raises(ValueError, match="input of 32 features, expected 64"):
+            layer(torch.randn(3, 32))
 
 
 def test_a_quantized_output_layer_computes_the_validation_loss_itself():
@@ -195,7 +215,8 @@ def test_w8a8_says_what_it_needs_where_the_cpu_or_the_compiler_lacks_it(monkeypa
     with pytest.raises(GrafitoError, match="AVX-512 VNNI.*use --quantize=int8"):
         quantize.check("w8a8", "cpu")
     monkeypatch.undo()
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang to be found
     monkeypatch.setenv("GRAFITO_KERNEL_CACHE", str(tmp_path / "kernels"))
     quantize.w8a8_library.cache_clear()
     native.load.cache_clear()
