@@ -111,16 +111,16 @@ class KVCache:
 
     def attend(self, layer, q):
         """A decode step's attention (B, H, 1, D) for `layer` through the C kernel: each slot's query
-        over its own first `counts` keys, in float32 (the kernel skips the set-up that dominates
-        PyTorch's attention at one query a head)."""
+        over its own first `counts` keys (a float32 or bf16 cache), in float32 (the kernel skips the
+        set-up that dominates PyTorch's attention at one query a head)."""
         q = q.to(torch.float32)
         keys, values = self.keys[layer], self.values[layer]
         B, H, T, D = q.shape
         assert T == 1 and q.stride(3) == 1 and keys.is_contiguous() and values.is_contiguous(), "the kernel's layout"
         out = torch.empty(B, H, 1, D)
-        if self.kernel(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                       keys.stride(1), self.counts.data_ptr(), out.data_ptr(), B, H, D, self.window,
-                       1 / math.sqrt(D), torch.get_num_threads()):
+        if self.kernel(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(),
+                       keys.dtype == torch.bfloat16, keys.stride(0), keys.stride(1), self.counts.data_ptr(),
+                       out.data_ptr(), B, H, D, self.window, 1 / math.sqrt(D), torch.get_num_threads()):
             raise MemoryError("decode_attention: out of memory")
         return out
 
@@ -134,7 +134,7 @@ def decode_attention_kernel():
     except GrafitoError:
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [P, I, I, P, P, I, I, P, P, I, I, I, I, ctypes.c_float, ctypes.c_int]
+    function.argtypes = [P, I, I, P, P, ctypes.c_int, I, I, P, P, I, I, I, I, ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     return function
 
@@ -265,13 +265,17 @@ class Engine:
         half_on_cpu = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         self.native_one_row = half_on_cpu and native_one_row_is_faster(
             model.config.mlp_width, model.config.n_embd, self.dtype)
-        # the cache's dtype: a CPU's half-precision attention kernels run a decode step's few
-        # queries several times slower than its float32 ones (docs/performance.md)
-        self.cache_dtype = torch.float32 if half_on_cpu else self.dtype
         self.compiled = compile
         # eager CPU decode steps attend through the C kernel where it builds (a compiled step cannot call it)
         self.attention_kernel = (decode_attention_kernel() if self.device.type == "cpu" and not compile
-                                 and self.cache_dtype == torch.float32 else None)
+                                 and self.dtype in (torch.float32, torch.bfloat16, torch.float16) else None)
+        # the cache's dtype: the C kernel reads float32 and bf16 caches as they are; without it, a
+        # CPU's half-precision attention kernels run a decode step's few queries several times
+        # slower than its float32 ones (docs/performance.md), so the cache is widened
+        if self.attention_kernel is not None:
+            self.cache_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        else:
+            self.cache_dtype = torch.float32 if half_on_cpu else self.dtype
         self._step = self._decode_step
         if compile and self.device.type == "cuda":  # CUDA graphs: small decode steps are launch-bound
             self._step = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead")

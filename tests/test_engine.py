@@ -313,8 +313,10 @@ def test_kv_cache_slots_hold_their_own_lengths():
     assert cache.lengths == [3, 0, 0] and cache.positions.tolist() == [3, 0, 0]
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_size", [16, 10])  # 10: not whole vectors, the kernel's other path
-def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_not_depend_on_its_batch(head_size):
+def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_not_depend_on_its_batch(head_size,
+                                                                                                       cache_dtype):
     kernel = engine.decode_attention_kernel()
     if kernel is None:
         pytest.skip("no C compiler here: decode steps attend through PyTorch (the test below)")
@@ -322,13 +324,14 @@ def test_the_decode_attention_kernel_equals_pytorch_s_attention_and_a_row_does_n
     config = GPTConfig(n_layer=2, n_head=4, n_embd=4 * head_size, block_size=32, vocab_size=60)
 
     def cache_of(keys, values, counts, window):
-        cache = KVCache(config, keys.shape[0], 32, "cpu", torch.float32)
+        cache = KVCache(config, keys.shape[0], 32, "cpu", cache_dtype)
         cache.keys[1].copy_(keys)
         cache.values[1].copy_(values)
         cache.kernel, cache.window, cache.counts = kernel, window, torch.tensor(counts)
         return cache
 
     keys, values = 3 * torch.randn(3, 4, 32, head_size), torch.randn(3, 4, 32, head_size)  # sharp: a few keys decide
+    keys, values = keys.to(cache_dtype).float(), values.to(cache_dtype).float()  # what the cache holds
     q = 3 * torch.randn(3, 4, 1, head_size)
     counts = [20, 7, 1]
     y = cache_of(keys, values, counts, 20).attend(1, q)
@@ -384,15 +387,22 @@ def test_slots_of_one_length_decode_unmasked_exactly_as_with_the_mask(monkeypatc
     assert torch.equal(unmasked, decode_all())
 
 
-def test_a_half_precision_cpu_engine_attends_in_float32_and_matches_the_full_forward():
-    """A CPU's float32 attention kernels are much faster for a decode step's one query, so the
-    cache holds float32 keys; the steps must still give the logits of the model's own forward."""
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_a_half_precision_cpu_engine_attends_in_float32_and_matches_the_full_forward(c_kernel, monkeypatch):
+    """A decode step of a bf16 engine on a CPU attends in float32: through the C kernel, which
+    reads the bf16 cache as it is, or, without it, through PyTorch's float32 kernel (much faster
+    than its bf16 one for one query) over a cache widened to float32. Either way the steps must
+    give the logits of the model's own forward."""
+    if c_kernel and engine.decode_attention_kernel() is None:
+        pytest.skip("no C compiler here")
+    if not c_kernel:
+        monkeypatch.setattr(engine, "decode_attention_kernel", lambda: None)
     model = tiny_gpt(n_layer=3, n_head=4, n_embd=64, block_size=48, vocab_size=80).to(torch.bfloat16)
     model_engine = Engine(model)
     idx = torch.randint(0, 80, (2, 40))
     lengths = [40, 23]  # the second row stops early: later steps mix lengths (masked)
     cache = model_engine.new_cache(2, 48)
-    assert cache.keys[0].dtype == cache.values[0].dtype == torch.float32
+    assert cache.keys[0].dtype == cache.values[0].dtype == (torch.bfloat16 if c_kernel else torch.float32)
     model_engine.prefill(cache, [0, 1], idx[:, :7].tolist())
     steps = [model_engine.decode(cache, idx[:, t].tolist(), [t < n for n in lengths]) for t in range(7, 40)]
     with torch.no_grad():
