@@ -39,7 +39,7 @@ MM_WRITES_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8: torch.m
 def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=None):
     """Summed cross-entropy of logits = hidden @ weight[:vocab_size].T against targets, over
     the positions whose target is not negative. weight may also be a quantized output layer
-    (evaluation only), which then computes the logits itself.
+    (evaluation only, GPT.output_layer()), which then computes the logits itself.
 
     hidden (B, T, C), targets (B, T). supervised: those positions' flat indices if the caller
     has them (from the host batch: no device-to-host sync here); else found from targets.
@@ -48,12 +48,19 @@ def supervised_cross_entropy(hidden, weight, targets, vocab_size, supervised=Non
     if supervised is None:
         supervised = (flat_targets >= 0).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised)
-    if isinstance(weight, torch.nn.Module):  # a quantized output layer (quantize.py): its own product, no gradient
+    if isinstance(weight, torch.nn.Module):
         total = hidden.new_zeros((), dtype=torch.float32)
-        for chunk, chunk_targets in zip(rows.split(CHUNK_ROWS), flat_targets.index_select(0, supervised).split(CHUNK_ROWS)):
-            total = total + F.cross_entropy(weight(chunk)[:, :vocab_size].float(), chunk_targets, reduction="sum")
+        for logits, chunk_targets in layer_logits(weight, rows, flat_targets.index_select(0, supervised), vocab_size):
+            total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
         return total
     return linear_cross_entropy(rows, weight, flat_targets.index_select(0, supervised), vocab_size)
+
+
+def layer_logits(layer, rows, targets, vocab_size):
+    """(float32 logits, targets) chunk by chunk from a quantized output layer (quantize.py), which
+    computes its own product: evaluation only, no gradient."""
+    for chunk, chunk_targets in zip(rows.split(CHUNK_ROWS), targets.split(CHUNK_ROWS)):
+        yield layer(chunk)[:, :vocab_size].float(), chunk_targets
 
 
 def _output_layer_settings(h, weight):
@@ -223,7 +230,12 @@ def answer_log_probs(hidden, weight, targets, vocab_size, supervised=None):
     if supervised is None:
         supervised = (flat_targets >= 0).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised)
-    token_log_probs = linear_log_probs(rows, weight, flat_targets.index_select(0, supervised), vocab_size)
+    if isinstance(weight, torch.nn.Module):  # a quantized output layer
+        token_log_probs = torch.cat([hidden.new_zeros(0, dtype=torch.float32)] + [
+            F.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None])[:, 0]
+            for logits, chunk_targets in layer_logits(weight, rows, flat_targets.index_select(0, supervised), vocab_size)])
+    else:
+        token_log_probs = linear_log_probs(rows, weight, flat_targets.index_select(0, supervised), vocab_size)
     return token_log_probs.new_zeros(B).index_add(0, supervised // T, token_log_probs)
 
 
@@ -307,7 +319,7 @@ class AnswerLogProbs(torch.nn.Module):
 
     def forward(self, idx, targets, supervised=None):
         gpt = self.gpt
-        return answer_log_probs(gpt.hidden_states(idx), gpt.lm_head.weight, targets, gpt.config.vocab_size, supervised)
+        return answer_log_probs(gpt.hidden_states(idx), gpt.output_layer(), targets, gpt.config.vocab_size, supervised)
 
 
 @torch.no_grad()

@@ -201,6 +201,11 @@ class GPT(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache, mask)
         return self.transformer.ln_f(x)
 
+    def output_layer(self):
+        """What the fused losses multiply by: the output weight, or a quantized output layer
+        (quantize.py) itself, which computes its own logits."""
+        return self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head
+
     def logits(self, x):
         """Output-layer logits over the real vocabulary (padding rows dropped)."""
         return self.lm_head(x)[..., :self.config.vocab_size]
@@ -220,8 +225,7 @@ class GPT(nn.Module):
             return self.logits(x), None
         if fused:
             logits = None
-            output_layer = self.lm_head.weight if type(self.lm_head) is nn.Linear else self.lm_head  # quantized: itself
-            total = loss.supervised_cross_entropy(x, output_layer, targets, self.config.vocab_size, supervised)
+            total = loss.supervised_cross_entropy(x, self.output_layer(), targets, self.config.vocab_size, supervised)
         else:
             logits = self.logits(x)
             total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")

@@ -19,6 +19,7 @@ import tokenizer
 from common import GrafitoError
 from conftest import ROOT
 from engine import Engine, Sampling
+import loss
 from loss import masked_val_loss
 from model import GPT
 from quantize import Int8Linear, W8A8Linear
@@ -142,15 +143,20 @@ def test_w8a8_follows_autocast_copies_and_changes_and_refuses_a_wrong_width():
             layer(torch.randn(3, 32))
 
 
-def test_a_quantized_output_layer_computes_the_validation_loss_itself():
-    model = quantize.quantize(tiny_gpt(n_embd=64, vocab_size=90), "w8a8", torch.float32)
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_a_quantized_output_layer_computes_the_validation_loss_and_answer_log_probs_itself(method):
+    model = quantize.quantize(tiny_gpt(n_embd=64, vocab_size=90), method, torch.float32)
     idx = torch.randint(0, 90, (2, 12))
     targets = torch.where(torch.rand(2, 12) < 0.5, idx.roll(-1, 1), -1)
+    targets[1] = -1  # a row without an answer sums to 0
     with torch.no_grad():
         _, fused = model(idx, targets, reduction="sum")
-        logits, _ = model(idx)
+        logits, _ = model(idx)  # through every quantized layer, the output layer included
+        answers = loss.AnswerLogProbs(model)(idx, targets)
     plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    token_log_probs = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(answers, (token_log_probs * (targets >= 0)).sum(1), atol=1e-5) and answers[1] == 0
 
 
 def greedy_agreement(reference_engine, other_engine, prompts, steps):
